@@ -1,0 +1,128 @@
+//! Types shared by the kernel programs (`agent-ebpf`) and the agent's user space.
+//!
+//! Everything here is `#[repr(C)]` with no implicit padding, so both sides agree on the
+//! byte layout of map keys and values.
+#![no_std]
+#![deny(missing_docs)]
+
+/// Index of the single entry in the `CONFIG` array map.
+pub const CONFIG_INDEX: u32 = 0;
+
+/// What the connect hooks steer, written by user space before the programs are attached.
+///
+/// Addresses and ports are in network byte order, as the kernel presents them in
+/// `bpf_sock_addr`. A zero address disables steering for that family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SteerConfig {
+    /// The IPv4 credential address (169.254.170.23), network order.
+    pub addr4: u32,
+    /// The IPv6 credential address (fd00:ec2::23), as four network-order words.
+    pub addr6: [u32; 4],
+    /// The port pods dial (80), network order in the low 16 bits.
+    pub port: u32,
+    /// The attributed listener's port the connect is rewritten to, network order in the low 16 bits.
+    pub attributed_port: u32,
+}
+
+/// A TCP connection seen from the client: addresses as IPv6 (IPv4 as `::ffff:a.b.c.d`).
+///
+/// The server builds the same key from (peer, local) after accept.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TupleKey {
+    /// Client address, four network-order words.
+    pub client_ip: [u32; 4],
+    /// Server address, four network-order words.
+    pub server_ip: [u32; 4],
+    /// Client port, host order.
+    pub client_port: u16,
+    /// Server port, host order.
+    pub server_port: u16,
+}
+
+/// Maximum number of live attributed connections tracked at once.
+pub const TUPLE_MAP_ENTRIES: u32 = 65_536;
+
+/// Slots of the per-CPU `COUNTERS` array: how far the programs got.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// IPv4 connects steered to the attributed listener.
+    Steered4 = 0,
+    /// IPv6 (and IPv4-mapped) connects steered to the attributed listener.
+    Steered6 = 1,
+    /// Established connections whose tuple was recorded.
+    TupleRecorded = 2,
+    /// Established connections that carried no cgroup mark (not steered by us).
+    NoMark = 3,
+    /// Tuple map inserts that failed (map full).
+    TupleInsertFailed = 4,
+    /// Tuples deleted when their socket closed.
+    TupleDeleted = 5,
+    /// getpeername calls rewritten back to the credential port.
+    PeerNameRewritten = 6,
+    /// Connects that could not store their cgroup mark on the socket.
+    MarkFailed = 7,
+}
+
+impl Counter {
+    /// Every counter, in slot order.
+    pub const ALL: [Counter; 8] = [
+        Counter::Steered4,
+        Counter::Steered6,
+        Counter::TupleRecorded,
+        Counter::NoMark,
+        Counter::TupleInsertFailed,
+        Counter::TupleDeleted,
+        Counter::PeerNameRewritten,
+        Counter::MarkFailed,
+    ];
+
+    /// Stable snake_case name for metrics and logs.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Steered4 => "steered4",
+            Counter::Steered6 => "steered6",
+            Counter::TupleRecorded => "tuple_recorded",
+            Counter::NoMark => "no_mark",
+            Counter::TupleInsertFailed => "tuple_insert_failed",
+            Counter::TupleDeleted => "tuple_deleted",
+            Counter::PeerNameRewritten => "peername_rewritten",
+            Counter::MarkFailed => "mark_failed",
+        }
+    }
+}
+
+/// Number of slots in the `COUNTERS` map.
+pub const COUNTER_SLOTS: u32 = Counter::ALL.len() as u32;
+
+/// Names of the maps and programs in the BPF object, shared so neither side drifts.
+pub mod names {
+    /// Steering configuration (array, one entry).
+    pub const CONFIG: &str = "CONFIG";
+    /// Connection tuple → cgroup id (hash).
+    pub const TUPLES: &str = "TUPLES";
+    /// Per-socket cgroup mark (sk_storage).
+    pub const SK_CGROUP: &str = "SK_CGROUP";
+    /// Per-CPU counters.
+    pub const COUNTERS: &str = "COUNTERS";
+    /// `cgroup/connect4` program.
+    pub const CONNECT4: &str = "connect4";
+    /// `cgroup/connect6` program.
+    pub const CONNECT6: &str = "connect6";
+    /// `cgroup/getpeername4` program.
+    pub const GETPEERNAME4: &str = "getpeername4";
+    /// `cgroup/getpeername6` program.
+    pub const GETPEERNAME6: &str = "getpeername6";
+    /// `sockops` program.
+    pub const SOCK_OPS: &str = "sock_ops";
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data, repr(C), no padding, every bit pattern valid.
+    unsafe impl aya::Pod for super::SteerConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TupleKey {}
+}

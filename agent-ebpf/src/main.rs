@@ -1,0 +1,263 @@
+//! Kernel side of the agent.
+//!
+//! * `connect4` / `connect6` steer TCP connects to the credential address's port to the
+//!   agent's attributed listener (same address, other port) and mark the socket with the
+//!   connecting cgroup id (socket-local storage, freed with the socket).
+//! * `sock_ops` turns that mark into (4-tuple → cgroup id) when the connection is established,
+//!   so the server can look its peer up right after `accept`, and deletes it at close so a
+//!   reused tuple never inherits a stale pod.
+//! * `getpeername4` / `getpeername6` keep the rewrite invisible to the client.
+//!
+//! The programs never deny: every path returns "proceed" (fail open in the kernel, closed in HTTP).
+#![no_std]
+#![no_main]
+
+use core::ptr::{self, read_volatile};
+
+use agent_common::{
+    Counter, SteerConfig, TupleKey, CONFIG_INDEX, COUNTER_SLOTS, TUPLE_MAP_ENTRIES,
+};
+use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE,
+    },
+    btf_maps::SkStorage,
+    helpers::{bpf_get_current_cgroup_id, generated::bpf_sk_storage_get},
+    macros::{btf_map, cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, PerCpuArray},
+    programs::{SockAddrContext, SockOpsContext},
+};
+
+/// cgroup sock_addr programs: 1 lets the syscall proceed.
+const PROCEED: i32 = 1;
+const IPPROTO_TCP: u32 = 6;
+const AF_INET: u32 = 2;
+/// `::ffff:0:0/96` prefix word, network order.
+const V4_MAPPED: u32 = u32::from_be(0x0000_ffff);
+
+#[map]
+static CONFIG: Array<SteerConfig> = Array::with_max_entries(1, 0);
+
+/// Established steered connections: tuple → cgroup id. A plain hash (not LRU): LRU maps evict
+/// fresh entries under churn; entries are deleted at close instead.
+#[map]
+static TUPLES: HashMap<TupleKey, u64> = HashMap::with_max_entries(TUPLE_MAP_ENTRIES, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// The cgroup id that connected this socket; its presence also means "we steered it".
+#[btf_map]
+static SK_CGROUP: SkStorage<u64> = SkStorage::new();
+
+#[inline(always)]
+fn bump(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Rewrites the destination port and marks the socket with the caller's cgroup.
+#[inline(always)]
+fn steer(ctx: &SockAddrContext, cfg: &SteerConfig, counter: Counter) {
+    // SAFETY: ctx.sock_addr is the kernel-provided context; user_port is writable for connect.
+    unsafe { (*ctx.sock_addr).user_port = cfg.attributed_port };
+    // SAFETY: helper without arguments, allowed in cgroup sock_addr programs.
+    let mut cgroup = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: the helper reads the socket from the context the kernel gave us.
+    let mark = unsafe { SK_CGROUP.get_or_insert_ptr_mut(ctx, Some(&mut cgroup)) };
+    if mark.is_null() {
+        bump(Counter::MarkFailed);
+    } else {
+        // SAFETY: non-null pointer into this socket's storage.
+        unsafe { *mark = cgroup };
+    }
+    bump(counter);
+}
+
+/// Reads (destination port, protocol) of a sock_addr context.
+#[inline(always)]
+fn port_and_proto(ctx: &SockAddrContext) -> (u32, u32) {
+    let sa = ctx.sock_addr;
+    // SAFETY: fixed-offset context reads.
+    unsafe {
+        (
+            read_volatile(&raw const (*sa).user_port),
+            read_volatile(&raw const (*sa).protocol),
+        )
+    }
+}
+
+fn config() -> Option<&'static SteerConfig> {
+    CONFIG.get(CONFIG_INDEX)
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    if let Some(cfg) = config() {
+        let (port, proto) = port_and_proto(&ctx);
+        // SAFETY: fixed-offset context read.
+        let ip = unsafe { read_volatile(&raw const (*ctx.sock_addr).user_ip4) };
+        if proto == IPPROTO_TCP && port == cfg.port && cfg.addr4 != 0 && ip == cfg.addr4 {
+            steer(&ctx, cfg, Counter::Steered4);
+        }
+    }
+    PROCEED
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    if let Some(cfg) = config() {
+        let (port, proto) = port_and_proto(&ctx);
+        if proto == IPPROTO_TCP && port == cfg.port {
+            let ip = read_ip6(&ctx);
+            let native = cfg.addr6 != [0; 4] && ip == cfg.addr6;
+            // A dual-stack socket dialling 169.254.170.23 arrives here as ::ffff:169.254.170.23.
+            let mapped = cfg.addr4 != 0 && ip == [0, 0, V4_MAPPED, cfg.addr4];
+            if native || mapped {
+                steer(&ctx, cfg, Counter::Steered6);
+            }
+        }
+    }
+    PROCEED
+}
+
+#[inline(always)]
+fn read_ip6(ctx: &SockAddrContext) -> [u32; 4] {
+    let sa = ctx.sock_addr;
+    // SAFETY: the verifier only allows 4-byte loads of user_ip6, one word at a time.
+    unsafe {
+        [
+            read_volatile(&raw const (*sa).user_ip6[0]),
+            read_volatile(&raw const (*sa).user_ip6[1]),
+            read_volatile(&raw const (*sa).user_ip6[2]),
+            read_volatile(&raw const (*sa).user_ip6[3]),
+        ]
+    }
+}
+
+/// Shows the client the port it dialled when the socket was one we steered.
+#[inline(always)]
+fn restore_peer_port(ctx: &SockAddrContext) -> i32 {
+    if let Some(cfg) = config() {
+        let (port, _) = port_and_proto(ctx);
+        // SAFETY: lookup without create on the context's socket.
+        if port == cfg.attributed_port && !unsafe { SK_CGROUP.get_ptr_mut(ctx) }.is_null() {
+            // SAFETY: user_port is writable for getpeername.
+            unsafe { (*ctx.sock_addr).user_port = cfg.port };
+            bump(Counter::PeerNameRewritten);
+        }
+    }
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    restore_peer_port(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+    restore_peer_port(&ctx)
+}
+
+#[sock_ops]
+pub fn sock_ops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => record_tuple(&ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            if TUPLES.remove(&tuple_key(&ctx)).is_ok() {
+                bump(Counter::TupleDeleted);
+            }
+        }
+        _ => {}
+    }
+    1
+}
+
+/// On the client's established callback (before its final ACK, so before the server's
+/// accept returns), publish tuple → cgroup for sockets the connect hook marked.
+#[inline(always)]
+fn record_tuple(ctx: &SockOpsContext) {
+    // SAFETY: reading the sk pointer field of the context.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: lookup without create; the map pointer is our own sk_storage map.
+    let mark = unsafe {
+        bpf_sk_storage_get(
+            ptr::from_ref(&SK_CGROUP).cast_mut().cast(),
+            sk.cast(),
+            ptr::null_mut(),
+            0,
+        )
+    } as *const u64;
+    if mark.is_null() {
+        bump(Counter::NoMark);
+        return;
+    }
+    // SAFETY: non-null pointer into the socket's storage.
+    let cgroup = unsafe { *mark };
+    if TUPLES.insert(&tuple_key(ctx), &cgroup, 0).is_err() {
+        bump(Counter::TupleInsertFailed);
+        return;
+    }
+    bump(Counter::TupleRecorded);
+    // Ask for state callbacks so the entry is deleted when this socket closes.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+/// The client socket's tuple, IPv4 as `::ffff:a.b.c.d`.
+#[inline(always)]
+fn tuple_key(ctx: &SockOpsContext) -> TupleKey {
+    let o = ctx.ops;
+    // Every field gets its own fixed-offset load before any branch: a computed ctx offset is
+    // rejected by the verifier ("dereference of modified ctx ptr").
+    // SAFETY: fixed-offset context reads.
+    let (family, l4, r4, l6, r6, lport, rport) = unsafe {
+        (
+            read_volatile(&raw const (*o).family),
+            read_volatile(&raw const (*o).local_ip4),
+            read_volatile(&raw const (*o).remote_ip4),
+            [
+                read_volatile(&raw const (*o).local_ip6[0]),
+                read_volatile(&raw const (*o).local_ip6[1]),
+                read_volatile(&raw const (*o).local_ip6[2]),
+                read_volatile(&raw const (*o).local_ip6[3]),
+            ],
+            [
+                read_volatile(&raw const (*o).remote_ip6[0]),
+                read_volatile(&raw const (*o).remote_ip6[1]),
+                read_volatile(&raw const (*o).remote_ip6[2]),
+                read_volatile(&raw const (*o).remote_ip6[3]),
+            ],
+            read_volatile(&raw const (*o).local_port),
+            read_volatile(&raw const (*o).remote_port),
+        )
+    };
+    let (client_ip, server_ip) = if family == AF_INET {
+        ([0, 0, V4_MAPPED, l4], [0, 0, V4_MAPPED, r4])
+    } else {
+        (l6, r6)
+    };
+    TupleKey {
+        client_ip,
+        server_ip,
+        // local_port is host order; remote_port is network order in the upper 16 bits.
+        client_port: lport as u16,
+        server_port: u32::from_be(rport) as u16,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,66 @@
+//! Who is calling: the kernel's cgroup id for a connection, resolved to a cgroup path and a pod.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::cgroup;
+
+/// The caller of one connection, as far as the kernel vouches for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// Arrived on a plain listener: no hook ran, nothing is known.
+    Plain,
+    /// Arrived on the attributed listener and the kernel recorded the connecting cgroup.
+    Attributed(u64),
+    /// Arrived on the attributed listener without a kernel record: refused, never guessed.
+    Unattributed,
+}
+
+/// A resolved caller cgroup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodCgroup {
+    /// The cgroup directory.
+    pub path: PathBuf,
+    /// The pod UID in the path, when the cgroup belongs to a pod.
+    pub pod_uid: Option<String>,
+}
+
+/// Most cgroup ids remembered; a node runs at most a few hundred pods' containers.
+const CACHE_LIMIT: usize = 16_384;
+
+/// Resolves cgroup ids under the attach root, caching the answers.
+#[derive(Debug)]
+pub struct Resolver {
+    root: PathBuf,
+    cache: Mutex<HashMap<u64, PodCgroup>>,
+}
+
+impl Resolver {
+    /// A resolver for cgroups below `root`.
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The cgroup `id` names, if it still exists below the root. cgroup2 ids are never reused
+    /// while the system runs, so a cached answer can be stale (cgroup gone) but never wrong.
+    pub fn resolve(&self, id: u64) -> Option<PodCgroup> {
+        if let Some(hit) = self.cache.lock().expect("not poisoned").get(&id) {
+            return Some(hit.clone());
+        }
+        let path = cgroup::find_by_id(&self.root, id)?;
+        let resolved = PodCgroup {
+            pod_uid: cgroup::pod_uid_from_path(&path),
+            path,
+        };
+        let mut cache = self.cache.lock().expect("not poisoned");
+        if cache.len() >= CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.insert(id, resolved.clone());
+        Some(resolved)
+    }
+}

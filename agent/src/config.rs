@@ -1,0 +1,208 @@
+//! Command line and environment, parsed once into a typed [`ServerConfig`].
+//!
+//! Flag names, short names and defaults follow the reference agent
+//! (`aws/eks-pod-identity-agent`); ours are added beside them. Every flag can also be set
+//! through the environment variable named in its help.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// The IPv4 credential address pods are given.
+pub const DEFAULT_IPV4_HOST: &str = "169.254.170.23";
+/// The IPv6 credential address pods are given.
+pub const DEFAULT_IPV6_HOST: &str = "fd00:ec2::23";
+
+/// eks-pod-identity-agent: serves EKS Pod Identity credentials to the pods of this node.
+#[derive(Debug, Parser)]
+#[command(name = "eks-pod-identity-agent", version, about)]
+pub struct Cli {
+    /// Logging verbosity: panic, fatal, error, warn, info, debug or trace.
+    #[arg(short = 'v', long = "verbosity", global = true, default_value = "info",
+          env = "POD_IDENTITY_VERBOSITY", value_parser = parse_verbosity)]
+    pub verbosity: tracing::Level,
+
+    /// Log format: json lines (as the reference agent) or human-readable text.
+    #[arg(long, global = true, default_value = "json", env = "POD_IDENTITY_LOG_FORMAT")]
+    pub log_format: LogFormat,
+
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve credentials to pods (the DaemonSet's main container).
+    Server(ServerArgs),
+    /// Print the version.
+    Version,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+/// Flags of `server`.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Name of the EKS cluster the agent runs in.
+    #[arg(short = 'c', long, env = "POD_IDENTITY_CLUSTER_NAME")]
+    pub cluster_name: String,
+
+    /// Port of the plain credential listeners (what pods dial).
+    #[arg(short = 'p', long, default_value_t = 80, env = "POD_IDENTITY_PORT")]
+    pub port: u16,
+
+    /// Hosts to listen on; IPv6 in brackets. Repeatable.
+    #[arg(short = 'b', long = "bind-hosts", env = "POD_IDENTITY_BIND_HOSTS", value_delimiter = ',',
+          default_values = [DEFAULT_IPV4_HOST, "[fd00:ec2::23]"],
+          value_parser = parse_bind_host)]
+    pub bind_hosts: Vec<IpAddr>,
+
+    /// Port of the attributed listeners, reached only through the eBPF connect rewrite.
+    #[arg(long, default_value_t = 2704, env = "POD_IDENTITY_ATTRIBUTED_PORT")]
+    pub attributed_port: u16,
+
+    /// Port of /healthz and /readyz on localhost.
+    #[arg(long, default_value_t = 2703, env = "POD_IDENTITY_PROBE_PORT")]
+    pub probe_port: u16,
+
+    /// Override of the EKS Auth endpoint (otherwise AWS_ENDPOINT_URL_EKS_AUTH or the regional one).
+    #[arg(long, env = "POD_IDENTITY_ENDPOINT")]
+    pub endpoint: Option<String>,
+
+    /// cgroup v2 directory the eBPF programs attach to (default: the kubelet's pods cgroup).
+    #[arg(long, env = "POD_IDENTITY_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+
+    /// Do not load eBPF: serve the plain listeners only, without kernel attribution.
+    #[arg(long, env = "POD_IDENTITY_NO_EBPF")]
+    pub no_ebpf: bool,
+
+    /// Upper bound of one EKS Auth call, all retries included (e.g. 5s, 800ms).
+    #[arg(long, default_value = "5s", env = "POD_IDENTITY_UPSTREAM_TIMEOUT", value_parser = parse_duration)]
+    pub upstream_timeout: Duration,
+}
+
+fn parse_verbosity(s: &str) -> Result<tracing::Level, String> {
+    // The reference (logrus) also has panic and fatal; both mean "errors only" here.
+    match s.to_ascii_lowercase().as_str() {
+        "panic" | "fatal" | "error" => Ok(tracing::Level::ERROR),
+        "warn" | "warning" => Ok(tracing::Level::WARN),
+        "info" => Ok(tracing::Level::INFO),
+        "debug" => Ok(tracing::Level::DEBUG),
+        "trace" => Ok(tracing::Level::TRACE),
+        _ => Err(format!(
+            "unknown level {s:?}: use panic, fatal, error, warn, info, debug or trace"
+        )),
+    }
+}
+
+/// Parses `169.254.170.23`, `[fd00:ec2::23]` or a bare IPv6 address.
+pub fn parse_bind_host(s: &str) -> Result<IpAddr, String> {
+    let bare = s
+        .strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .unwrap_or(s);
+    bare.parse()
+        .map_err(|_| format!("{s:?} is not an IP address (IPv6 may be written in brackets)"))
+}
+
+/// Parses a Go-style duration: `3h`, `90s`, `1h30m`, `250ms`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("{s:?} is not a duration like 3h, 15m, 90s or 250ms");
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err(err());
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .ok_or_else(err)?;
+        let value: f64 = rest[..digits].parse().map_err(|_| err())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return Err(err()),
+        };
+        rest = &rest[unit_len..];
+        total += Duration::try_from_secs_f64(value * unit).map_err(|_| err())?;
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_go() {
+        assert_eq!(parse_duration("3h").unwrap(), Duration::from_secs(3 * 3600));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        for bad in ["", "3", "h", "3x", "-1s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn bind_hosts_accept_brackets() {
+        assert_eq!(
+            parse_bind_host("[fd00:ec2::23]").unwrap(),
+            "fd00:ec2::23".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            parse_bind_host("169.254.170.23").unwrap(),
+            "169.254.170.23".parse::<IpAddr>().unwrap()
+        );
+        assert!(parse_bind_host("[169.254.170.23").is_err());
+        assert!(parse_bind_host("localhost").is_err());
+    }
+
+    #[test]
+    fn reference_daemonset_arguments_parse() {
+        let cli = Cli::try_parse_from([
+            "eks-pod-identity-agent",
+            "server",
+            "--port",
+            "80",
+            "--cluster-name",
+            "X",
+            "--probe-port",
+            "2703",
+            "-v",
+            "trace",
+        ])
+        .unwrap();
+        assert_eq!(cli.verbosity, tracing::Level::TRACE);
+        let Command::Server(args) = cli.command else {
+            panic!("not server")
+        };
+        assert_eq!(args.cluster_name, "X");
+        assert_eq!(args.bind_hosts.len(), 2);
+        assert_eq!(args.attributed_port, 2704);
+    }
+}

@@ -1,0 +1,288 @@
+//! Loads the embedded BPF object, configures it, attaches it to the pods cgroup and reads
+//! its maps: who opened an accepted connection, and how far the programs got.
+
+mod sys;
+
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use agent_common::{names, Counter, SteerConfig, TupleKey, CONFIG_INDEX};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
+use aya::{Ebpf, EbpfLoader};
+
+pub use sys::AttachType;
+
+/// The BPF object built by `cargo xtask build-ebpf`, embedded at compile time.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("AGENT_EBPF_OBJECT"));
+
+/// Why the programs could not be loaded or attached.
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    /// The object failed to load (verifier, missing BTF, no CAP_BPF).
+    #[error("loading the BPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program or map the object must contain is missing or has another type.
+    #[error("the BPF object has no usable {0}")]
+    Missing(&'static str),
+    /// Loading or attaching one program failed.
+    #[error("program {name}: {source}")]
+    Program {
+        /// Program name.
+        name: &'static str,
+        /// Cause.
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// Reading or writing a map failed.
+    #[error("map {name}: {source}")]
+    Map {
+        /// Map name.
+        name: &'static str,
+        /// Cause.
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// The attach cgroup could not be opened.
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup {
+        /// The cgroup directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Querying the cgroup's effective programs failed.
+    #[error("querying effective programs of {path}: {source}")]
+    Query {
+        /// The cgroup directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the connect hooks steer: the credential addresses, the port pods dial, and the
+/// attributed listener's port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SteerTarget {
+    /// IPv4 credential address, if served.
+    pub addr4: Option<Ipv4Addr>,
+    /// IPv6 credential address, if served.
+    pub addr6: Option<Ipv6Addr>,
+    /// Port pods dial.
+    pub port: u16,
+    /// Port the connects are rewritten to.
+    pub attributed_port: u16,
+}
+
+impl SteerTarget {
+    fn to_kernel(self) -> SteerConfig {
+        SteerConfig {
+            addr4: self.addr4.map_or(0, |a| u32::from_ne_bytes(a.octets())),
+            addr6: self.addr6.map_or([0; 4], |a| words(a.octets())),
+            port: u32::from(self.port.to_be()),
+            attributed_port: u32::from(self.attributed_port.to_be()),
+        }
+    }
+}
+
+/// Network-order words of an IPv6 address, as the kernel's `__u32[4]` fields hold them.
+fn words(octets: [u8; 16]) -> [u32; 4] {
+    std::array::from_fn(|i| u32::from_ne_bytes(octets[i * 4..i * 4 + 4].try_into().unwrap()))
+}
+
+/// The kernel's key for a connection, from the server's (peer, local) view.
+pub fn tuple_key(peer: SocketAddr, local: SocketAddr) -> TupleKey {
+    let as_v6 = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    TupleKey {
+        client_ip: words(as_v6(peer.ip()).octets()),
+        server_ip: words(as_v6(local.ip()).octets()),
+        client_port: peer.port(),
+        server_port: local.port(),
+    }
+}
+
+/// The programs every attachment consists of, with their kernel attach types.
+const SOCK_ADDR_PROGRAMS: [(&str, AttachType); 4] = [
+    (names::CONNECT4, AttachType::Connect4),
+    (names::CONNECT6, AttachType::Connect6),
+    (names::GETPEERNAME4, AttachType::GetPeerName4),
+    (names::GETPEERNAME6, AttachType::GetPeerName6),
+];
+
+/// Loaded and attached programs. Dropping it detaches them.
+pub struct Steering {
+    /// Owns the programs and their links.
+    _bpf: Ebpf,
+    tuples: HashMap<MapData, TupleKey, u64>,
+    counters: PerCpuArray<MapData, u64>,
+    cgroup: PathBuf,
+    program_ids: Vec<(AttachType, u32)>,
+}
+
+impl std::fmt::Debug for Steering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Steering")
+            .field("cgroup", &self.cgroup)
+            .field("program_ids", &self.program_ids)
+            .finish()
+    }
+}
+
+impl Steering {
+    /// Loads the object, writes `target` into its config map and attaches every program to
+    /// `cgroup` through a `bpf_link` (multi-attach: other agents' programs keep running).
+    pub fn attach(cgroup: &Path, target: SteerTarget) -> Result<Self, EbpfError> {
+        let mut bpf = EbpfLoader::new().load(OBJECT)?;
+        let mut config: Array<_, SteerConfig> = bpf
+            .map_mut(names::CONFIG)
+            .ok_or(EbpfError::Missing(names::CONFIG))?
+            .try_into()
+            .map_err(|source| EbpfError::Map { name: names::CONFIG, source })?;
+        config
+            .set(CONFIG_INDEX, target.to_kernel(), 0)
+            .map_err(|source| EbpfError::Map { name: names::CONFIG, source })?;
+
+        let cgroup_fd = File::open(cgroup).map_err(|source| EbpfError::Cgroup {
+            path: cgroup.to_path_buf(),
+            source,
+        })?;
+        let mut program_ids = Vec::new();
+        // sock_ops first: a connect steered before it is attached would never be recorded.
+        let sock_ops: &mut SockOps = program(&mut bpf, names::SOCK_OPS)?;
+        let wrap = |source| EbpfError::Program { name: names::SOCK_OPS, source };
+        sock_ops.load().map_err(wrap)?;
+        sock_ops.attach(&cgroup_fd, CgroupAttachMode::Single).map_err(wrap)?;
+        program_ids.push((AttachType::SockOps, sock_ops.info().map_err(wrap)?.id()));
+        for (name, kind) in SOCK_ADDR_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut bpf, name)?;
+            let wrap = |source| EbpfError::Program { name, source };
+            prog.load().map_err(wrap)?;
+            // `Single` is what makes a bpf_link; aya 0.14's AllowMultiple fails (EBPF-NOTES P2).
+            prog.attach(&cgroup_fd, CgroupAttachMode::Single).map_err(wrap)?;
+            program_ids.push((kind, prog.info().map_err(wrap)?.id()));
+        }
+
+        let tuples = take_map(&mut bpf, names::TUPLES)?;
+        let counters = take_map(&mut bpf, names::COUNTERS)?;
+        Ok(Self {
+            _bpf: bpf,
+            tuples,
+            counters,
+            cgroup: cgroup.to_path_buf(),
+            program_ids,
+        })
+    }
+
+    /// The cgroup id that opened the connection the server sees as (peer, local), if the
+    /// connect hook steered it and it is still open.
+    pub fn lookup(&self, peer: SocketAddr, local: SocketAddr) -> Option<u64> {
+        self.tuples.get(&tuple_key(peer, local), 0).ok()
+    }
+
+    /// Number of live entries in the tuple map (walks the map; for tests and diagnostics).
+    pub fn live_tuples(&self) -> usize {
+        self.tuples.keys().count()
+    }
+
+    /// Each kernel counter, summed over CPUs.
+    pub fn counters(&self) -> Vec<(Counter, u64)> {
+        Counter::ALL
+            .iter()
+            .map(|&c| {
+                let sum = self
+                    .counters
+                    .get(&(c as u32), 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                (c, sum)
+            })
+            .collect()
+    }
+
+    /// The cgroup the programs are attached to.
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// Checks that each of our programs is in the *effective* set of `cgroup` (the attach
+    /// cgroup or any pod cgroup below it), i.e. that the kernel really runs it there.
+    pub fn verify_effective(&self, cgroup: &Path) -> Result<Vec<AttachType>, EbpfError> {
+        let fd = File::open(cgroup).map_err(|source| EbpfError::Cgroup {
+            path: cgroup.to_path_buf(),
+            source,
+        })?;
+        let mut missing = Vec::new();
+        for &(kind, id) in &self.program_ids {
+            let ids = sys::query_effective(&fd, kind).map_err(|source| EbpfError::Query {
+                path: cgroup.to_path_buf(),
+                source,
+            })?;
+            if !ids.contains(&id) {
+                missing.push(kind);
+            }
+        }
+        Ok(missing)
+    }
+}
+
+fn program<'a, T>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program>,
+{
+    bpf.program_mut(name)
+        .ok_or(EbpfError::Missing(name))?
+        .try_into()
+        .map_err(|_| EbpfError::Missing(name))
+}
+
+fn take_map<T>(bpf: &mut Ebpf, name: &'static str) -> Result<T, EbpfError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = bpf.take_map(name).ok_or(EbpfError::Missing(name))?;
+    T::try_from(map).map_err(|source| EbpfError::Map { name, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tuple_keys_match_the_kernel_layout() {
+        let k = tuple_key(
+            "10.0.0.2:40000".parse().unwrap(),
+            "169.254.170.23:2704".parse().unwrap(),
+        );
+        assert_eq!(k.client_ip[..3], [0, 0, u32::from_be(0xffff)]);
+        assert_eq!(k.server_ip[3], u32::from_ne_bytes([169, 254, 170, 23]));
+        assert_eq!((k.client_port, k.server_port), (40000, 2704));
+        let k6 = tuple_key(
+            "[fd99::2]:1".parse().unwrap(),
+            "[fd00:ec2::23]:2704".parse().unwrap(),
+        );
+        assert_eq!(k6.server_ip[0], u32::from_ne_bytes([0xfd, 0, 0x0e, 0xc2]));
+        assert_eq!(k6.server_ip[3], u32::from_ne_bytes([0, 0, 0, 0x23]));
+    }
+
+    #[test]
+    fn config_is_in_network_order() {
+        let c = SteerTarget {
+            addr4: Some(Ipv4Addr::new(169, 254, 170, 23)),
+            addr6: None,
+            port: 80,
+            attributed_port: 2704,
+        }
+        .to_kernel();
+        assert_eq!(c.addr4.to_ne_bytes(), [169, 254, 170, 23]);
+        assert_eq!(c.addr6, [0; 4]);
+        assert_eq!((c.port as u16).to_ne_bytes(), 80u16.to_be_bytes());
+        assert_eq!((c.attributed_port as u16).to_ne_bytes(), 2704u16.to_be_bytes());
+    }
+}

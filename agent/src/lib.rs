@@ -1,0 +1,116 @@
+//! EKS Pod Identity node agent: serves pods their IAM credentials, knowing from the kernel
+//! which pod is calling.
+#![deny(missing_docs)]
+
+pub mod attribution;
+pub mod cgroup;
+pub mod config;
+pub mod credentials;
+pub mod ebpf;
+pub mod logging;
+pub mod server;
+pub mod token;
+pub mod upstream;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+
+use crate::attribution::Resolver;
+use crate::config::ServerArgs;
+use crate::ebpf::{SteerTarget, Steering};
+use crate::server::State;
+use crate::upstream::{EksAuth, EksAuthOptions};
+
+/// Runs `server` until SIGTERM or SIGINT.
+pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
+    let eks = EksAuth::from_env(EksAuthOptions {
+        cluster_name: args.cluster_name.clone(),
+        endpoint: args.endpoint.clone(),
+        operation_timeout: args.upstream_timeout,
+    })
+    .await?;
+
+    let steering = if args.no_ebpf {
+        None
+    } else {
+        Some(attach(&args)?)
+    };
+    let resolver = steering.as_ref().map(|s| Resolver::new(s.cgroup()));
+    let attributed_port = steering.as_ref().map(|_| args.attributed_port);
+    let listeners = server::bind_all(&args.bind_hosts, args.port, attributed_port).await?;
+    let probe_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), args.probe_port);
+    let probe = tokio::net::TcpListener::bind(probe_addr)
+        .await
+        .with_context(|| format!("cannot listen on {probe_addr} for probes"))?;
+
+    let addrs: Vec<String> = listeners
+        .iter()
+        .filter_map(|b| Some(format!("{}({:?})", b.listener.local_addr().ok()?, b.kind)))
+        .collect();
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        mode = if steering.is_some() { "ebpf" } else { "fallback" },
+        cgroup_root = steering.as_ref().map(|s| s.cgroup().display().to_string()),
+        listeners = addrs.join(" "),
+        probes = %probe_addr,
+        cluster = %args.cluster_name,
+        "eks-pod-identity-agent started"
+    );
+    let state = Arc::new(State {
+        eks,
+        steering,
+        resolver,
+        ready: AtomicBool::new(false),
+    });
+    server::serve(state.clone(), listeners, probe, shutdown_signal()).await;
+    // Dropping the last reference detaches the programs.
+    drop(state);
+    tracing::info!("stopped; eBPF programs detached");
+    Ok(())
+}
+
+/// Loads and attaches the programs to the pods cgroup, and checks they are in effect.
+fn attach(args: &ServerArgs) -> anyhow::Result<Steering> {
+    let root = match &args.cgroup_root {
+        Some(p) => p.clone(),
+        None => cgroup::default_pods_root()?,
+    };
+    let v4 = args.bind_hosts.iter().find_map(|h| match h {
+        IpAddr::V4(a) => Some(*a),
+        IpAddr::V6(_) => None,
+    });
+    let v6 = args.bind_hosts.iter().find_map(|h| match h {
+        IpAddr::V6(a) => Some(*a),
+        IpAddr::V4(_) => None,
+    });
+    let steering = Steering::attach(
+        &root,
+        SteerTarget {
+            addr4: v4,
+            addr6: v6,
+            port: args.port,
+            attributed_port: args.attributed_port,
+        },
+    )
+    .with_context(|| format!("attaching eBPF programs to {}", root.display()))?;
+    let missing = steering.verify_effective(&root)?;
+    anyhow::ensure!(
+        missing.is_empty(),
+        "programs attached to {} are not in its effective set: {missing:?}",
+        root.display()
+    );
+    Ok(steering)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

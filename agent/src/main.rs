@@ -1,0 +1,30 @@
+//! `eks-pod-identity-agent`: thin entry point; everything lives in the library.
+
+use clap::Parser as _;
+
+use agent::config::{Cli, Command};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    agent::logging::init(cli.verbosity, cli.log_format);
+    match cli.command {
+        Command::Version => {
+            println!("eks-pod-identity-agent {}", env!("CARGO_PKG_VERSION"));
+            std::process::ExitCode::SUCCESS
+        }
+        Command::Server(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime starts");
+            match runtime.block_on(agent::run_server(args)) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "eks-pod-identity-agent failed");
+                    eprintln!("eks-pod-identity-agent: {e:#}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! `GET /v1/credentials`: checks, the EKS Auth exchange, and the answer.
+
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+
+use super::State;
+use crate::attribution::Caller;
+use crate::credentials::error_json;
+use crate::token::{self, TokenError};
+use crate::upstream::UpstreamError;
+
+/// The credentials path every SDK requests.
+pub const CREDENTIALS_PATH: &str = "/v1/credentials";
+
+/// Why a credentials request was not served; each maps to one status and one code.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// Anything but `/v1/credentials`.
+    #[error("no such path: only {CREDENTIALS_PATH} is served")]
+    NotFound,
+    /// Anything but GET or HEAD.
+    #[error("method not allowed: use GET")]
+    MethodNotAllowed,
+    /// Host header other than the credential addresses.
+    #[error("Access Denied. Called agent through invalid address, please use either [{hosts}] address not {got}")]
+    BadHost {
+        /// The accepted hosts.
+        hosts: String,
+        /// What the client sent.
+        got: String,
+    },
+    /// Missing, malformed or out-of-window token.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// A connection on the attributed listener the kernel has no record of.
+    #[error("Access Denied. The agent could not attribute this connection to a pod")]
+    Unattributed,
+    /// EKS Auth said no, or could not be reached.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+impl RequestError {
+    /// HTTP status and the error code put in the body.
+    pub fn status_and_code(&self) -> (StatusCode, &str) {
+        match self {
+            Self::NotFound => (StatusCode::NOT_FOUND, "NotFound"),
+            Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
+            Self::BadHost { .. } => (StatusCode::FORBIDDEN, "AccessDenied"),
+            Self::Unattributed => (StatusCode::FORBIDDEN, "Unattributed"),
+            Self::Token(_) => (StatusCode::BAD_REQUEST, "InvalidToken"),
+            Self::Upstream(e) => match e {
+                UpstreamError::Rejected { code, .. } => (StatusCode::BAD_REQUEST, code.as_str()),
+                UpstreamError::NotFound { code, .. } => (StatusCode::NOT_FOUND, code.as_str()),
+                UpstreamError::Unavailable { code, .. } => {
+                    (StatusCode::SERVICE_UNAVAILABLE, code.as_str())
+                }
+                UpstreamError::Incomplete(_) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "IncompleteResponse")
+                }
+            },
+        }
+    }
+
+    fn into_response(self) -> Response<Full<Bytes>> {
+        let (status, code) = self.status_and_code();
+        let mut resp = json_response(status, error_json(code, &self.to_string()));
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        }
+        resp
+    }
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// Serves one request from `caller`.
+pub async fn handle<B>(state: &State, caller: &Caller, req: Request<B>) -> Response<Full<Bytes>> {
+    let started = Instant::now();
+    let head_only = req.method() == Method::HEAD;
+    let result = credentials(state, caller, &req).await;
+    let pod = match caller {
+        Caller::Attributed(id) => state.resolver.as_ref().and_then(|r| r.resolve(*id)),
+        _ => None,
+    };
+    let mut resp = match result {
+        Ok(body) => json_response(StatusCode::OK, body),
+        Err(e) => {
+            tracing::info!(error = %e, "credentials request refused");
+            e.into_response()
+        }
+    };
+    tracing::debug!(
+        path = req.uri().path(),
+        status = resp.status().as_u16(),
+        caller = ?caller,
+        cgroup_path = pod.as_ref().map(|p| p.path.display().to_string()),
+        pod_uid = pod.as_ref().and_then(|p| p.pod_uid.clone()),
+        micros = started.elapsed().as_micros() as u64,
+        "request served"
+    );
+    if head_only {
+        *resp.body_mut() = Full::new(Bytes::new());
+    }
+    resp
+}
+
+async fn credentials<B>(state: &State, caller: &Caller, req: &Request<B>) -> Result<Vec<u8>, RequestError> {
+    if req.uri().path() != CREDENTIALS_PATH {
+        return Err(RequestError::NotFound);
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Err(RequestError::MethodNotAllowed);
+    }
+    check_host(req)?;
+    if *caller == Caller::Unattributed {
+        return Err(RequestError::Unattributed);
+    }
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.to_str().map_err(|_| TokenError::Malformed("token is not ASCII")))
+        .transpose()?
+        .unwrap_or_default();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let _claims = token::parse(token, now)?;
+    let creds = state.eks.assume_role(token).await?;
+    Ok(creds.to_json())
+}
+
+/// Accepts the two credential addresses, with or without a port, as the reference agent does.
+fn check_host<B>(req: &Request<B>) -> Result<(), RequestError> {
+    const HOSTS: [&str; 2] = ["169.254.170.23", "fd00:ec2::23"];
+    let raw = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host())
+        .unwrap_or("");
+    let host = host_without_port(raw);
+    if HOSTS.contains(&host) {
+        Ok(())
+    } else {
+        Err(RequestError::BadHost {
+            hosts: HOSTS.join(" "),
+            got: raw.to_owned(),
+        })
+    }
+}
+
+/// `169.254.170.23:80` → `169.254.170.23`, `[fd00:ec2::23]:80` → `fd00:ec2::23`.
+fn host_without_port(raw: &str) -> &str {
+    if let Some(rest) = raw.strip_prefix('[') {
+        return rest.split_once(']').map_or(raw, |(h, _)| h);
+    }
+    match raw.rsplit_once(':') {
+        Some((h, port)) if !h.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => raw,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_forms() {
+        assert_eq!(host_without_port("169.254.170.23"), "169.254.170.23");
+        assert_eq!(host_without_port("169.254.170.23:80"), "169.254.170.23");
+        assert_eq!(host_without_port("[fd00:ec2::23]"), "fd00:ec2::23");
+        assert_eq!(host_without_port("[fd00:ec2::23]:80"), "fd00:ec2::23");
+        assert_eq!(host_without_port("fd00:ec2::23"), "fd00:ec2::23");
+        assert_eq!(host_without_port("evil.example:80"), "evil.example");
+    }
+}

@@ -1,0 +1,211 @@
+//! Listeners, the accept loop (where each connection learns its caller from the kernel),
+//! probes, and orderly shutdown.
+
+pub mod handler;
+mod probes;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::attribution::{Caller, Resolver};
+use crate::ebpf::Steering;
+use crate::upstream::EksAuth;
+
+/// Bound on reading a request's head, so slow clients cannot hold connections.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head buffered (the token is at most 16 KiB).
+const MAX_HEAD_BYTES: usize = 32 * 1024;
+/// How long in-flight requests may take to finish at shutdown.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything a request handler needs, shared by all connections.
+#[derive(Debug)]
+pub struct State {
+    /// The EKS Auth client.
+    pub eks: EksAuth,
+    /// Attached programs, when eBPF is on.
+    pub steering: Option<Steering>,
+    /// cgroup id resolver, when eBPF is on.
+    pub resolver: Option<Resolver>,
+    /// Set once every listener is bound and the programs are verified in effect.
+    pub ready: AtomicBool,
+}
+
+/// Which kind of listener a socket is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// The credential port (80): reached by routing, no kernel attribution.
+    Plain,
+    /// The attributed port: reached only through the connect hook.
+    Attributed,
+}
+
+/// A bound listener and its kind.
+#[derive(Debug)]
+pub struct Bound {
+    /// The socket.
+    pub listener: TcpListener,
+    /// Plain or attributed.
+    pub kind: ListenerKind,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A listener the agent cannot do without failed to bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Nothing could be bound at all.
+    #[error("no credential listener could be bound")]
+    NoListener,
+}
+
+/// Binds the plain listeners (`hosts` × `port`) and, when `attributed_port` is set, the
+/// attributed ones. IPv6 that the node does not have is skipped with a warning (the
+/// reference agent crash-loops there); IPv4 failures are fatal.
+pub async fn bind_all(
+    hosts: &[IpAddr],
+    port: u16,
+    attributed_port: Option<u16>,
+) -> Result<Vec<Bound>, ServeError> {
+    let mut bound = Vec::new();
+    for &host in hosts {
+        let ports = std::iter::once((port, ListenerKind::Plain))
+            .chain(attributed_port.map(|p| (p, ListenerKind::Attributed)));
+        for (port, kind) in ports {
+            let addr = SocketAddr::new(host, port);
+            match TcpListener::bind(addr).await {
+                Ok(listener) => bound.push(Bound { listener, kind }),
+                Err(source) if host.is_ipv6() && ipv6_unavailable(&source) => {
+                    tracing::warn!(%addr, error = %source, "IPv6 credential address unavailable on this node; serving without it");
+                }
+                Err(source) => return Err(ServeError::Bind { addr, source }),
+            }
+        }
+    }
+    if bound.is_empty() {
+        return Err(ServeError::NoListener);
+    }
+    Ok(bound)
+}
+
+fn ipv6_unavailable(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EADDRNOTAVAIL) | Some(libc::EAFNOSUPPORT) | Some(libc::EPROTONOSUPPORT)
+    )
+}
+
+/// Serves `listeners` until `shutdown` resolves, then drains in-flight requests.
+pub async fn serve(
+    state: Arc<State>,
+    listeners: Vec<Bound>,
+    probe_listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let graceful = Arc::new(GracefulShutdown::new());
+    let mut tasks = tokio::task::JoinSet::new();
+    for bound in listeners {
+        tasks.spawn(accept_loop(
+            state.clone(),
+            bound,
+            stop_rx.clone(),
+            graceful.clone(),
+        ));
+    }
+    tasks.spawn(probes::serve(state.clone(), probe_listener, stop_rx.clone()));
+    state.ready.store(true, Ordering::SeqCst);
+
+    shutdown.await;
+    state.ready.store(false, Ordering::SeqCst);
+    tracing::info!("shutting down: no longer accepting, draining in-flight requests");
+    let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    let graceful = Arc::into_inner(graceful).expect("accept loops have ended");
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}");
+    }
+}
+
+async fn accept_loop(
+    state: Arc<State>,
+    bound: Bound,
+    mut stop: watch::Receiver<bool>,
+    graceful: Arc<GracefulShutdown>,
+) {
+    let local = bound.listener.local_addr().ok();
+    tracing::info!(addr = ?local, kind = ?bound.kind, "listening");
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.changed() => return,
+            accepted = bound.listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let caller = identify(&state, bound.kind, &stream, peer);
+        tokio::spawn(serve_connection(state.clone(), stream, peer, caller, graceful.watcher()));
+    }
+}
+
+/// The kernel's word on who opened this connection, read before any byte of the request.
+fn identify(state: &State, kind: ListenerKind, stream: &TcpStream, peer: SocketAddr) -> Caller {
+    match (kind, &state.steering, stream.local_addr()) {
+        (ListenerKind::Attributed, Some(steering), Ok(local)) => steering
+            .lookup(peer, local)
+            .map_or(Caller::Unattributed, Caller::Attributed),
+        (ListenerKind::Attributed, _, _) => Caller::Unattributed,
+        (ListenerKind::Plain, _, _) => Caller::Plain,
+    }
+}
+
+async fn serve_connection(
+    state: Arc<State>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    caller: Caller,
+    graceful: hyper_util::server::graceful::Watcher,
+) {
+    let _ = stream.set_nodelay(true);
+    let caller = Arc::new(caller);
+    let service = service_fn(move |req| {
+        let state = state.clone();
+        let caller = caller.clone();
+        async move { Ok::<_, Infallible>(handler::handle(&state, &caller, req).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .serve_connection(TokioIo::new(stream), service);
+    if let Err(e) = graceful.watch(conn).await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}

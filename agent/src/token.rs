@@ -1,0 +1,160 @@
+//! The projected service-account token: shape checks and the (unverified) claims we use.
+//!
+//! The agent cannot verify the signature (EKS Auth does); the payload is untrusted input used
+//! for expiry checks and, with kernel attribution, to name the pod the token claims to be.
+
+use base64::Engine as _;
+use serde::Deserialize;
+
+/// Largest token accepted; real projected tokens are about 1 KiB.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// Why a token was refused before calling EKS Auth.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    /// No `Authorization` header, or an empty one.
+    #[error("Service account token cannot be empty")]
+    Empty,
+    /// Over [`MAX_TOKEN_BYTES`].
+    #[error("Service account token is larger than {MAX_TOKEN_BYTES} bytes")]
+    TooLarge,
+    /// Not three base64url segments with a JSON payload.
+    #[error("Service account token cannot be parsed: {0}")]
+    Malformed(&'static str),
+    /// `exp` is in the past.
+    #[error("Service account token failed basic claim validations: token is expired")]
+    Expired,
+    /// `nbf` is in the future.
+    #[error("Service account token failed basic claim validations: token is not valid yet")]
+    NotYetValid,
+}
+
+/// Claims the agent reads from the token payload.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    /// Expiry, seconds since the epoch.
+    pub exp: Option<i64>,
+    /// Not-before, seconds since the epoch.
+    pub nbf: Option<i64>,
+    /// `system:serviceaccount:<ns>:<sa>`.
+    pub sub: Option<String>,
+    /// The Kubernetes block naming namespace, service account and pod.
+    #[serde(rename = "kubernetes.io")]
+    pub kubernetes: Option<KubernetesClaims>,
+}
+
+/// The `kubernetes.io` claim.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+pub struct KubernetesClaims {
+    /// Pod namespace.
+    pub namespace: Option<String>,
+    /// The pod the token was issued for.
+    pub pod: Option<NamedObject>,
+    /// The service account.
+    pub serviceaccount: Option<NamedObject>,
+}
+
+/// A `{name, uid}` object reference.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+pub struct NamedObject {
+    /// Object name.
+    pub name: Option<String>,
+    /// Object UID.
+    pub uid: Option<String>,
+}
+
+impl Claims {
+    /// The pod UID the token names, if any.
+    pub fn pod_uid(&self) -> Option<&str> {
+        self.kubernetes.as_ref()?.pod.as_ref()?.uid.as_deref()
+    }
+}
+
+/// Checks the token's shape and time window (`now` in epoch seconds) and returns its claims.
+pub fn parse(token: &str, now: i64) -> Result<Claims, TokenError> {
+    if token.is_empty() {
+        return Err(TokenError::Empty);
+    }
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(TokenError::TooLarge);
+    }
+    let mut parts = token.split('.');
+    let (Some(header), Some(payload), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(TokenError::Malformed("token contains an invalid number of segments"));
+    };
+    if header.is_empty() || signature.is_empty() {
+        return Err(TokenError::Malformed("token has an empty segment"));
+    }
+    let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = engine
+        .decode(header)
+        .map_err(|_| TokenError::Malformed("header is not base64url"))?;
+    serde_json::from_slice::<serde_json::Value>(&header)
+        .ok()
+        .filter(serde_json::Value::is_object)
+        .ok_or(TokenError::Malformed("header is not a JSON object"))?;
+    let payload = engine
+        .decode(payload)
+        .map_err(|_| TokenError::Malformed("payload is not base64url"))?;
+    let claims: Claims = serde_json::from_slice(&payload)
+        .map_err(|_| TokenError::Malformed("payload is not a JSON object of claims"))?;
+    if claims.exp.is_some_and(|exp| exp <= now) {
+        return Err(TokenError::Expired);
+    }
+    if claims.nbf.is_some_and(|nbf| nbf > now) {
+        return Err(TokenError::NotYetValid);
+    }
+    Ok(claims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b64(s: &str) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+    }
+
+    fn jwt(payload: &str) -> String {
+        format!("{}.{}.c2ln", b64(r#"{"alg":"RS256"}"#), b64(payload))
+    }
+
+    #[test]
+    fn reads_pod_claims() {
+        let t = jwt(
+            r#"{"exp":200,"nbf":50,"sub":"system:serviceaccount:ns:sa",
+            "kubernetes.io":{"namespace":"ns","pod":{"name":"p","uid":"u-1"},
+            "serviceaccount":{"name":"sa","uid":"s-1"}}}"#,
+        );
+        let c = parse(&t, 100).unwrap();
+        assert_eq!(c.pod_uid(), Some("u-1"));
+        assert_eq!(c.kubernetes.unwrap().namespace.as_deref(), Some("ns"));
+    }
+
+    #[test]
+    fn refuses_bad_tokens_with_precise_errors() {
+        let cases: &[(&str, TokenError)] = &[
+            ("", TokenError::Empty),
+            ("abc", TokenError::Malformed("token contains an invalid number of segments")),
+            ("a.b.c.d", TokenError::Malformed("token contains an invalid number of segments")),
+            (".e30.c2ln", TokenError::Malformed("token has an empty segment")),
+            ("!!.e30.c2ln", TokenError::Malformed("header is not base64url")),
+        ];
+        for (token, want) in cases {
+            assert_eq!(parse(token, 100).as_ref(), Err(want), "{token:?}");
+        }
+        assert_eq!(parse(&jwt(r#"{"exp":99}"#), 100), Err(TokenError::Expired));
+        assert_eq!(parse(&jwt(r#"{"nbf":101}"#), 100), Err(TokenError::NotYetValid));
+        assert_eq!(
+            parse(&jwt(r#"[1,2]"#), 100),
+            Err(TokenError::Malformed("payload is not a JSON object of claims"))
+        );
+        assert_eq!(
+            parse(&jwt(r#"{"exp":"soon"}"#), 100),
+            Err(TokenError::Malformed("payload is not a JSON object of claims"))
+        );
+        assert_eq!(parse(&"a".repeat(MAX_TOKEN_BYTES + 1), 100), Err(TokenError::TooLarge));
+    }
+}

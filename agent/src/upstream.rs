@@ -1,0 +1,171 @@
+//! The EKS Auth client: `AssumeRoleForPodIdentity` through `aws-sdk-eksauth`.
+
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_sdk_eksauth::config::timeout::TimeoutConfig;
+use aws_sdk_eksauth::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_eksauth::operation::assume_role_for_pod_identity::AssumeRoleForPodIdentityError;
+
+use crate::credentials::Credentials;
+
+/// How an EKS Auth call failed, classified for the pod.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum UpstreamError {
+    /// EKS Auth refused the request for good (bad token, access denied, bad parameter): 400.
+    #[error("EKS Auth refused the request ({code}): {message}")]
+    Rejected {
+        /// EKS Auth's error code, e.g. `InvalidTokenException`.
+        code: String,
+        /// EKS Auth's message.
+        message: String,
+    },
+    /// No Pod Identity association for the token's service account: 404.
+    #[error("EKS Auth found no pod identity association ({code}): {message}")]
+    NotFound {
+        /// EKS Auth's error code.
+        code: String,
+        /// EKS Auth's message.
+        message: String,
+    },
+    /// Throttling, 5xx, timeouts, connection failures: 503 so every SDK retries.
+    #[error("EKS Auth is unavailable ({code}): {message}")]
+    Unavailable {
+        /// EKS Auth's error code, or a local one such as `Timeout`.
+        code: String,
+        /// What happened.
+        message: String,
+    },
+    /// A 200 answer without the members the API promises.
+    #[error("EKS Auth answered without {0}")]
+    Incomplete(&'static str),
+}
+
+/// A configured EKS Auth client for one cluster.
+#[derive(Clone, Debug)]
+pub struct EksAuth {
+    client: aws_sdk_eksauth::Client,
+    cluster_name: String,
+}
+
+/// Options for [`EksAuth::from_env`].
+#[derive(Debug, Clone)]
+pub struct EksAuthOptions {
+    /// The cluster the pods belong to.
+    pub cluster_name: String,
+    /// Endpoint override (`--endpoint`).
+    pub endpoint: Option<String>,
+    /// Bound of one operation, retries included.
+    pub operation_timeout: Duration,
+}
+
+/// Why the client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// No region in the environment or the default provider chain.
+    #[error("no AWS region configured: set AWS_REGION")]
+    NoRegion,
+}
+
+impl EksAuth {
+    /// Builds the client from the default provider chains (region, signing credentials,
+    /// `AWS_ENDPOINT_URL_EKS_AUTH`), with `--endpoint` taking precedence.
+    pub async fn from_env(opts: EksAuthOptions) -> Result<Self, SetupError> {
+        let sdk = aws_config::defaults(BehaviorVersion::latest()).load().await;
+        if sdk.region().is_none() {
+            return Err(SetupError::NoRegion);
+        }
+        let mut builder = aws_sdk_eksauth::config::Builder::from(&sdk).timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(1))
+                .operation_timeout(opts.operation_timeout)
+                .build(),
+        );
+        if let Some(endpoint) = opts.endpoint {
+            builder = builder.endpoint_url(endpoint);
+        }
+        Ok(Self {
+            client: aws_sdk_eksauth::Client::from_conf(builder.build()),
+            cluster_name: opts.cluster_name,
+        })
+    }
+
+    /// Exchanges a pod's token for credentials.
+    pub async fn assume_role(&self, token: &str) -> Result<Credentials, UpstreamError> {
+        let out = self
+            .client
+            .assume_role_for_pod_identity()
+            .cluster_name(&self.cluster_name)
+            .token(token)
+            .send()
+            .await
+            .map_err(classify)?;
+        let creds = out.credentials().ok_or(UpstreamError::Incomplete("credentials"))?;
+        let role_arn = out
+            .assumed_role_user()
+            .map(|u| u.arn())
+            .ok_or(UpstreamError::Incomplete("assumedRoleUser"))?;
+        let expiration = creds
+            .expiration()
+            .to_millis()
+            .ok()
+            .and_then(|ms| u64::try_from(ms / 1000).ok())
+            .ok_or(UpstreamError::Incomplete("a valid expiration"))?;
+        Ok(Credentials {
+            access_key_id: creds.access_key_id().to_owned(),
+            secret_access_key: creds.secret_access_key().to_owned(),
+            session_token: creds.session_token().to_owned(),
+            account_id: account_from_arn(role_arn).unwrap_or_default().to_owned(),
+            expiration_epoch_secs: expiration,
+        })
+    }
+}
+
+/// The account of an ARN (`arn:partition:service:region:account:resource`).
+pub fn account_from_arn(arn: &str) -> Option<&str> {
+    let account = arn.split(':').nth(4)?;
+    (account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit())).then_some(account)
+}
+
+fn classify(err: SdkError<AssumeRoleForPodIdentityError>) -> UpstreamError {
+    match &err {
+        SdkError::ServiceError(ctx) => {
+            let status = ctx.raw().status().as_u16();
+            let e = ctx.err();
+            let code = e.code().unwrap_or("UnknownError").to_owned();
+            let message = e.message().unwrap_or("no message").to_owned();
+            match (status, code.as_str()) {
+                (404, _) | (_, "ResourceNotFoundException") => {
+                    UpstreamError::NotFound { code, message }
+                }
+                (429, _) | (_, "ThrottlingException") | (500.., _) => {
+                    UpstreamError::Unavailable { code, message }
+                }
+                _ => UpstreamError::Rejected { code, message },
+            }
+        }
+        SdkError::TimeoutError(_) => UpstreamError::Unavailable {
+            code: "Timeout".into(),
+            message: "EKS Auth did not answer in time".into(),
+        },
+        other => UpstreamError::Unavailable {
+            code: "RequestFailed".into(),
+            message: aws_sdk_eksauth::error::DisplayErrorContext(other).to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn account_comes_from_the_role_arn() {
+        assert_eq!(
+            account_from_arn("arn:aws:sts::123456789012:assumed-role/R/s"),
+            Some("123456789012")
+        );
+        assert_eq!(account_from_arn("arn:aws:sts::12:assumed-role/R/s"), None);
+        assert_eq!(account_from_arn("nonsense"), None);
+    }
+}
