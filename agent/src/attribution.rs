@@ -17,6 +17,24 @@ pub enum Caller {
     Unattributed,
 }
 
+impl Caller {
+    /// The listener kind the connection arrived on, for logs and metrics.
+    pub fn listener(&self) -> &'static str {
+        match self {
+            Caller::Plain => "plain",
+            Caller::Attributed(_) | Caller::Unattributed => "attributed",
+        }
+    }
+
+    /// The kernel-recorded cgroup id, if any.
+    pub fn cgroup_id(&self) -> Option<u64> {
+        match self {
+            Caller::Attributed(id) => Some(*id),
+            _ => None,
+        }
+    }
+}
+
 /// A resolved caller cgroup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodCgroup {

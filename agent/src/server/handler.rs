@@ -105,7 +105,8 @@ pub async fn handle<B>(state: &State, caller: &Caller, req: Request<B>) -> Respo
     tracing::debug!(
         path = req.uri().path(),
         status = resp.status().as_u16(),
-        caller = ?caller,
+        listener = caller.listener(),
+        cgroup_id = caller.cgroup_id(),
         cgroup_path = pod.as_ref().map(|p| p.path.display().to_string()),
         pod_uid = pod.as_ref().and_then(|p| p.pod_uid.clone()),
         micros = started.elapsed().as_micros() as u64,

@@ -1,0 +1,148 @@
+//! The real agent binary, run inside the sandbox's node namespace.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::fake_eks::{FakeEksAuth, REGION};
+use crate::sandbox::Sandbox;
+
+/// The cluster name the sandbox agent serves.
+pub const CLUSTER: &str = "sandbox-cluster";
+/// The probe port used in the sandbox.
+pub const PROBE_PORT: u16 = 2703;
+
+/// The agent binary: `$AGENT_BIN`, else the workspace's release build.
+pub fn agent_bin() -> Result<PathBuf> {
+    let path = match std::env::var_os("AGENT_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/eks-pod-identity-agent"),
+    };
+    if !path.is_file() {
+        bail!("agent binary {} is missing: run `cargo xtask build` (or `cargo xtask test`)", path.display());
+    }
+    Ok(path)
+}
+
+/// A running agent; killed on drop.
+#[derive(Debug)]
+pub struct Agent {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent in the node namespace with the sandbox's pods cgroup as
+    /// `--cgroup-root`, EKS Auth pointed at `fake`, and `extra` arguments; waits until
+    /// `/readyz` answers 200.
+    pub fn start(sandbox: &Sandbox, fake: &FakeEksAuth, extra: &[&str]) -> Result<Self> {
+        let log = sandbox.dir().join(format!("agent-{}.log", crate::names::unique()));
+        let log_file = std::fs::File::create(&log)?;
+        let mut cmd = sandbox.node_command(agent_bin()?, None)?;
+        cmd.arg("server")
+            .args(["--cluster-name", CLUSTER, "-v", "debug"])
+            .arg("--cgroup-root")
+            .arg(sandbox.cgroups().pods_root())
+            .args(extra)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("AWS_REGION", REGION)
+            .env("AWS_ACCESS_KEY_ID", "AKIDSANDBOXNODE")
+            .env("AWS_SECRET_ACCESS_KEY", "sandbox-node-secret")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_ENDPOINT_URL_EKS_AUTH", fake.endpoint())
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        let child = cmd.spawn().context("spawning the agent")?;
+        let mut agent = Self { child: Some(child), log };
+        agent.wait_ready(sandbox, Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    fn wait_ready(&mut self, sandbox: &Sandbox, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.as_mut().expect("running").try_wait()? {
+                bail!("agent exited during start-up ({status}):\n{}", self.log_text());
+            }
+            if probe(sandbox, "/readyz")?.0 == 200 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("agent not ready after {limit:?}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Everything the agent logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The JSON log lines, parsed.
+    pub fn log_lines(&self) -> Vec<serde_json::Value> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// SIGTERM, then wait (at most 10 s) for the exit status.
+    pub fn stop(mut self) -> Result<ExitStatus> {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("agent did not exit within 10 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// GETs a probe path on the node's loopback; (status, body). Status 0 when nothing answers.
+pub fn probe(sandbox: &Sandbox, path: &str) -> Result<(u16, String)> {
+    let path = path.to_owned();
+    sandbox.node().run_in(move || {
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", PROBE_PORT)) else {
+            return (0, String::new());
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        let status = out
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        (status, body)
+    })
+}

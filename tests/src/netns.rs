@@ -1,0 +1,87 @@
+//! Network namespaces made by the test, removed on drop.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// A named network namespace (`ip netns add`), deleted when dropped.
+#[derive(Debug)]
+pub struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    /// Creates the namespace and brings its loopback up.
+    pub fn create(name: &str) -> Result<Self> {
+        run(Command::new("ip").args(["netns", "add", name]))?;
+        let ns = Self { name: name.to_owned() };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its bind-mount under /run/netns.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Opens the namespace file (for `setns`).
+    pub fn open(&self) -> Result<File> {
+        File::open(self.path()).with_context(|| format!("opening netns {}", self.name))
+    }
+
+    /// Runs `ip -n <ns> args...`.
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        run(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    /// Runs `f` on a thread that has joined this namespace (sockets made there stay in it).
+    pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let ns = self.open()?;
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                enter(&ns)?;
+                Ok(f())
+            })
+            .join()
+            .expect("netns thread panicked")
+        })
+    }
+}
+
+/// Moves the calling thread into the network namespace `ns`.
+pub fn enter(ns: &File) -> Result<()> {
+    // SAFETY: plain syscall on an open namespace fd; only this thread changes namespace.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Runs a command, failing with its stderr when it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
