@@ -15,13 +15,15 @@ pub fn credentials_url(ipv6: bool) -> &'static str {
     }
 }
 
-/// What curl got: status and body.
+/// What curl got: status, body, and the peer port its socket reported.
 #[derive(Debug)]
 pub struct CurlResult {
     /// HTTP status (0 if none).
     pub status: u16,
     /// Response body.
     pub body: String,
+    /// `%{remote_port}`: what `getpeername()` said the server's port was (0 if unconnected).
+    pub peer_port: u16,
 }
 
 impl CurlResult {
@@ -36,16 +38,18 @@ pub fn curl(sb: &Sandbox, i: usize, c: usize, url: &str, extra: &[&str]) -> Resu
     let token = std::fs::read_to_string(&sb.pods()[i].token_file)?;
     let out = sb
         .pod_command(i, c, "curl")?
-        .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}", "-H"])
+        .args(["-sS", "--max-time", "10", "-w", "\n%{http_code} %{remote_port}", "-H"])
         .arg(format!("Authorization: {token}"))
         .args(extra)
         .arg(url)
         .output()
         .context("running curl")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let (body, trailer) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let mut trailer = trailer.split_whitespace().map(|n| n.parse().unwrap_or(0));
     Ok(CurlResult {
-        status: status.trim().parse().unwrap_or(0),
+        status: trailer.next().unwrap_or(0),
+        peer_port: trailer.next().unwrap_or(0),
         body: body.to_owned(),
     })
 }
