@@ -113,7 +113,11 @@ mod tests {
             format!("/sys/fs/cgroup/kubepods.slice/kubepods-pod{u}.slice"),
         ];
         for c in cases {
-            assert_eq!(pod_uid_from_path(Path::new(&c)).as_deref(), Some(UID), "{c}");
+            assert_eq!(
+                pod_uid_from_path(Path::new(&c)).as_deref(),
+                Some(UID),
+                "{c}"
+            );
         }
         for not_pod in [
             "/kubepods/besteffort",

@@ -25,7 +25,12 @@ pub struct Cli {
     pub verbosity: tracing::Level,
 
     /// Log format: json lines (as the reference agent) or human-readable text.
-    #[arg(long, global = true, default_value = "json", env = "POD_IDENTITY_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "json",
+        env = "POD_IDENTITY_LOG_FORMAT"
+    )]
     pub log_format: LogFormat,
 
     /// What to run.

@@ -16,7 +16,12 @@ pub fn init(level: tracing::Level, format: LogFormat) {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).finish().with(filter).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .finish()
+            .with(filter)
+            .init(),
         LogFormat::Text => builder.finish().with(filter).init(),
     }
 }

@@ -82,7 +82,9 @@ pub fn parse(token: &str, now: i64) -> Result<Claims, TokenError> {
     let (Some(header), Some(payload), Some(signature), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(TokenError::Malformed("token contains an invalid number of segments"));
+        return Err(TokenError::Malformed(
+            "token contains an invalid number of segments",
+        ));
     };
     if header.is_empty() || signature.is_empty() {
         return Err(TokenError::Malformed("token has an empty segment"));
@@ -123,11 +125,9 @@ mod tests {
 
     #[test]
     fn reads_pod_claims() {
-        let t = jwt(
-            r#"{"exp":200,"nbf":50,"sub":"system:serviceaccount:ns:sa",
+        let t = jwt(r#"{"exp":200,"nbf":50,"sub":"system:serviceaccount:ns:sa",
             "kubernetes.io":{"namespace":"ns","pod":{"name":"p","uid":"u-1"},
-            "serviceaccount":{"name":"sa","uid":"s-1"}}}"#,
-        );
+            "serviceaccount":{"name":"sa","uid":"s-1"}}}"#);
         let c = parse(&t, 100).unwrap();
         assert_eq!(c.pod_uid(), Some("u-1"));
         assert_eq!(c.kubernetes.unwrap().namespace.as_deref(), Some("ns"));
@@ -137,24 +137,46 @@ mod tests {
     fn refuses_bad_tokens_with_precise_errors() {
         let cases: &[(&str, TokenError)] = &[
             ("", TokenError::Empty),
-            ("abc", TokenError::Malformed("token contains an invalid number of segments")),
-            ("a.b.c.d", TokenError::Malformed("token contains an invalid number of segments")),
-            (".e30.c2ln", TokenError::Malformed("token has an empty segment")),
-            ("!!.e30.c2ln", TokenError::Malformed("header is not base64url")),
+            (
+                "abc",
+                TokenError::Malformed("token contains an invalid number of segments"),
+            ),
+            (
+                "a.b.c.d",
+                TokenError::Malformed("token contains an invalid number of segments"),
+            ),
+            (
+                ".e30.c2ln",
+                TokenError::Malformed("token has an empty segment"),
+            ),
+            (
+                "!!.e30.c2ln",
+                TokenError::Malformed("header is not base64url"),
+            ),
         ];
         for (token, want) in cases {
             assert_eq!(parse(token, 100).as_ref(), Err(want), "{token:?}");
         }
         assert_eq!(parse(&jwt(r#"{"exp":99}"#), 100), Err(TokenError::Expired));
-        assert_eq!(parse(&jwt(r#"{"nbf":101}"#), 100), Err(TokenError::NotYetValid));
+        assert_eq!(
+            parse(&jwt(r#"{"nbf":101}"#), 100),
+            Err(TokenError::NotYetValid)
+        );
         assert_eq!(
             parse(&jwt(r#"[1,2]"#), 100),
-            Err(TokenError::Malformed("payload is not a JSON object of claims"))
+            Err(TokenError::Malformed(
+                "payload is not a JSON object of claims"
+            ))
         );
         assert_eq!(
             parse(&jwt(r#"{"exp":"soon"}"#), 100),
-            Err(TokenError::Malformed("payload is not a JSON object of claims"))
+            Err(TokenError::Malformed(
+                "payload is not a JSON object of claims"
+            ))
         );
-        assert_eq!(parse(&"a".repeat(MAX_TOKEN_BYTES + 1), 100), Err(TokenError::TooLarge));
+        assert_eq!(
+            parse(&"a".repeat(MAX_TOKEN_BYTES + 1), 100),
+            Err(TokenError::TooLarge)
+        );
     }
 }

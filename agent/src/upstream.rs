@@ -100,7 +100,9 @@ impl EksAuth {
             .send()
             .await
             .map_err(classify)?;
-        let creds = out.credentials().ok_or(UpstreamError::Incomplete("credentials"))?;
+        let creds = out
+            .credentials()
+            .ok_or(UpstreamError::Incomplete("credentials"))?;
         let role_arn = out
             .assumed_role_user()
             .map(|u| u.arn())

@@ -19,10 +19,14 @@ pub const PROBE_PORT: u16 = 2703;
 pub fn agent_bin() -> Result<PathBuf> {
     let path = match std::env::var_os("AGENT_BIN") {
         Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/eks-pod-identity-agent"),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/release/eks-pod-identity-agent"),
     };
     if !path.is_file() {
-        bail!("agent binary {} is missing: run `cargo xtask build` (or `cargo xtask test`)", path.display());
+        bail!(
+            "agent binary {} is missing: run `cargo xtask build` (or `cargo xtask test`)",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -39,7 +43,9 @@ impl Agent {
     /// `--cgroup-root`, EKS Auth pointed at `fake`, and `extra` arguments; waits until
     /// `/readyz` answers 200.
     pub fn start(sandbox: &Sandbox, fake: &FakeEksAuth, extra: &[&str]) -> Result<Self> {
-        let log = sandbox.dir().join(format!("agent-{}.log", crate::names::unique()));
+        let log = sandbox
+            .dir()
+            .join(format!("agent-{}.log", crate::names::unique()));
         let log_file = std::fs::File::create(&log)?;
         let mut cmd = sandbox.node_command(agent_bin()?, None)?;
         cmd.arg("server")
@@ -58,7 +64,10 @@ impl Agent {
             .stdout(log_file.try_clone()?)
             .stderr(log_file);
         let child = cmd.spawn().context("spawning the agent")?;
-        let mut agent = Self { child: Some(child), log };
+        let mut agent = Self {
+            child: Some(child),
+            log,
+        };
         agent.wait_ready(sandbox, Duration::from_secs(20))?;
         Ok(agent)
     }
@@ -67,7 +76,10 @@ impl Agent {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.as_mut().expect("running").try_wait()? {
-                bail!("agent exited during start-up ({status}):\n{}", self.log_text());
+                bail!(
+                    "agent exited during start-up ({status}):\n{}",
+                    self.log_text()
+                );
             }
             if probe(sandbox, "/readyz")?.0 == 200 {
                 return Ok(());
@@ -134,7 +146,10 @@ pub fn probe(sandbox: &Sandbox, path: &str) -> Result<(u16, String)> {
             return (0, String::new());
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let _ = write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        );
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
         let status = out
@@ -142,7 +157,10 @@ pub fn probe(sandbox: &Sandbox, path: &str) -> Result<(u16, String)> {
             .nth(1)
             .and_then(|c| c.parse().ok())
             .unwrap_or(0);
-        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
         (status, body)
     })
 }

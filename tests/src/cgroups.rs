@@ -47,7 +47,11 @@ impl CgroupTree {
         });
         std::fs::create_dir_all(&pods_root)
             .with_context(|| format!("creating {}", pods_root.display()))?;
-        Ok(Self { base, pods_root, driver })
+        Ok(Self {
+            base,
+            pods_root,
+            driver,
+        })
     }
 
     /// The pods cgroup, where the agent attaches.

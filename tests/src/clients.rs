@@ -38,7 +38,14 @@ pub fn curl(sb: &Sandbox, i: usize, c: usize, url: &str, extra: &[&str]) -> Resu
     let token = std::fs::read_to_string(&sb.pods()[i].token_file)?;
     let out = sb
         .pod_command(i, c, "curl")?
-        .args(["-sS", "--max-time", "10", "-w", "\n%{http_code} %{remote_port}", "-H"])
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-w",
+            "\n%{http_code} %{remote_port}",
+            "-H",
+        ])
         .arg(format!("Authorization: {token}"))
         .args(extra)
         .arg(url)
@@ -58,7 +65,16 @@ pub fn curl(sb: &Sandbox, i: usize, c: usize, url: &str, extra: &[&str]) -> Resu
 pub fn sdk_client_bin() -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     // target/<profile>/deps/<test> -> target/<profile>/sdk-client
-    let dir = exe.parent().and_then(|d| if d.ends_with("deps") { d.parent() } else { Some(d) }).expect("target dir");
+    let dir = exe
+        .parent()
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
+        .expect("target dir");
     dir.join("sdk-client")
 }
 
@@ -67,7 +83,10 @@ pub fn sdk_client(sb: &Sandbox, i: usize, url: &str) -> Result<Output> {
     sb.pod_command(i, 0, sdk_client_bin())?
         .env_clear()
         .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", url)
-        .env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", &sb.pods()[i].token_file)
+        .env(
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+            &sb.pods()[i].token_file,
+        )
         .output()
         .context("running sdk-client")
 }

@@ -207,7 +207,11 @@ async fn answer(s: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
         .unwrap_or("");
     if !auth.starts_with("AWS4-HMAC-SHA256 Credential=") || !auth.contains("/eks-auth/aws4_request")
     {
-        return error(403, "AccessDeniedException", "request is not SigV4-signed for eks-auth");
+        return error(
+            403,
+            "AccessDeniedException",
+            "request is not SigV4-signed for eks-auth",
+        );
     }
     let Ok(body) = req.into_body().collect().await else {
         return error(400, "InvalidRequestException", "unreadable body");
@@ -225,15 +229,26 @@ async fn answer(s: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let claims = match jsonwebtoken::decode::<serde_json::Value>(&token, &s.key, &validation) {
         Ok(d) => d.claims,
         Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::ExpiredSignature) => {
-            return error(400, "ExpiredTokenException", "the service account token has expired");
+            return error(
+                400,
+                "ExpiredTokenException",
+                "the service account token has expired",
+            );
         }
         Err(e) => {
-            return error(400, "InvalidTokenException", &format!("invalid service account token: {e}"));
+            return error(
+                400,
+                "InvalidTokenException",
+                &format!("invalid service account token: {e}"),
+            );
         }
     };
     let k8s = &claims["kubernetes.io"];
     let namespace = k8s["namespace"].as_str().unwrap_or_default().to_owned();
-    let service_account = k8s["serviceaccount"]["name"].as_str().unwrap_or_default().to_owned();
+    let service_account = k8s["serviceaccount"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     let pod_name = k8s["pod"]["name"].as_str().unwrap_or_default().to_owned();
     let role_arn = s
         .associations
@@ -245,11 +260,17 @@ async fn answer(s: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
         return error(
             404,
             "ResourceNotFoundException",
-            &format!("no Pod Identity association for service account {namespace}/{service_account}"),
+            &format!(
+                "no Pod Identity association for service account {namespace}/{service_account}"
+            ),
         );
     };
     let lifetime = *s.lifetime.lock().unwrap();
-    let expiration = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + lifetime.as_secs();
+    let expiration = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + lifetime.as_secs();
     let issued = Issued {
         namespace: namespace.clone(),
         service_account: service_account.clone(),

@@ -105,9 +105,18 @@ impl Sandbox {
         std::fs::create_dir_all(&dir)?;
         let cgroups = CgroupTree::create(&name, driver)?;
         let node = NetNs::create(&format!("{name}-node"))?;
-        node.ip(&["link", "add", "cred0", "type", "veth", "peer", "name", "cred0p"])?;
+        node.ip(&[
+            "link", "add", "cred0", "type", "veth", "peer", "name", "cred0p",
+        ])?;
         node.ip(&["addr", "add", &format!("{CRED_V4}/32"), "dev", "cred0"])?;
-        node.ip(&["addr", "add", &format!("{CRED_V6}/128"), "dev", "cred0", "nodad"])?;
+        node.ip(&[
+            "addr",
+            "add",
+            &format!("{CRED_V6}/128"),
+            "dev",
+            "cred0",
+            "nodad",
+        ])?;
         node.ip(&["link", "set", "cred0p", "up"])?;
         node.ip(&["link", "set", "cred0", "up"])?;
         Ok(Self {
@@ -163,19 +172,48 @@ impl Sandbox {
             let host_if = format!("vp{n}");
             let (v4_node, v4_pod) = (format!("10.200.{n}.1"), format!("10.200.{n}.2"));
             let (v6_node, v6_pod) = (format!("fd99:{n:x}::1"), format!("fd99:{n:x}::2"));
-            self.node.ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", ns.name()])?;
-            self.node.ip(&["addr", "add", &format!("{v4_node}/24"), "dev", &host_if])?;
-            self.node.ip(&["addr", "add", &format!("{v6_node}/64"), "dev", &host_if, "nodad"])?;
+            self.node.ip(&[
+                "link",
+                "add",
+                &host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns.name(),
+            ])?;
+            self.node
+                .ip(&["addr", "add", &format!("{v4_node}/24"), "dev", &host_if])?;
+            self.node.ip(&[
+                "addr",
+                "add",
+                &format!("{v6_node}/64"),
+                "dev",
+                &host_if,
+                "nodad",
+            ])?;
             self.node.ip(&["link", "set", &host_if, "up"])?;
             ns.ip(&["addr", "add", &format!("{v4_pod}/24"), "dev", "eth0"])?;
-            ns.ip(&["addr", "add", &format!("{v6_pod}/64"), "dev", "eth0", "nodad"])?;
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("{v6_pod}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
             ns.ip(&["link", "set", "eth0", "up"])?;
             ns.ip(&["route", "add", "default", "via", &v4_node])?;
             ns.ip(&["-6", "route", "add", "default", "via", &v6_node])?;
             (Some(ns), v4_pod.parse()?, v6_pod.parse()?)
         };
         let containers = (0..spec.containers.max(1))
-            .map(|c| self.cgroups.container(&uid, &format!("{:012x}{c:04x}", n * 7919)))
+            .map(|c| {
+                self.cgroups
+                    .container(&uid, &format!("{:012x}{c:04x}", n * 7919))
+            })
             .collect::<Result<Vec<_>>>()?;
         let token_dir = self.dir.join(&name);
         std::fs::create_dir_all(&token_dir)?;
@@ -207,7 +245,12 @@ impl Sandbox {
 
     /// A command that runs inside container `c` of pod `i`: joins the container's cgroup,
     /// then the pod's network namespace, before exec.
-    pub fn pod_command(&self, i: usize, c: usize, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+    pub fn pod_command(
+        &self,
+        i: usize,
+        c: usize,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> Result<Command> {
         let pod = &self.pods[i];
         let ns = match &pod.netns {
             Some(ns) => ns.open()?,
@@ -218,8 +261,15 @@ impl Sandbox {
     }
 
     /// A command in the node namespace, in the cgroup named (or the caller's).
-    pub fn node_command(&self, program: impl AsRef<std::ffi::OsStr>, cgroup: Option<&Path>) -> Result<Command> {
-        Ok(command_in(program, &ns_and_cgroup(self.node.open()?, cgroup)?))
+    pub fn node_command(
+        &self,
+        program: impl AsRef<std::ffi::OsStr>,
+        cgroup: Option<&Path>,
+    ) -> Result<Command> {
+        Ok(command_in(
+            program,
+            &ns_and_cgroup(self.node.open()?, cgroup)?,
+        ))
     }
 }
 
@@ -244,7 +294,10 @@ fn ns_and_cgroup(netns: File, cgroup: Option<&Path>) -> Result<Place> {
 fn command_in(program: impl AsRef<std::ffi::OsStr>, place: &Place) -> Command {
     let mut cmd = Command::new(program);
     let ns_fd = place.netns.try_clone().expect("dup netns fd");
-    let procs_fd = place.procs.as_ref().map(|f| f.try_clone().expect("dup procs fd"));
+    let procs_fd = place
+        .procs
+        .as_ref()
+        .map(|f| f.try_clone().expect("dup procs fd"));
     // SAFETY: between fork and exec we only call write(2) and setns(2), both async-signal-safe;
     // the fds are owned by the closure, which the Command keeps alive until spawn.
     unsafe {
@@ -266,7 +319,9 @@ fn command_in(program: impl AsRef<std::ffi::OsStr>, place: &Place) -> Command {
 
 /// A deterministic, UID-shaped pod id unique to this sandbox.
 fn uuid_like(seed: &str, n: usize) -> String {
-    let h = seed.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let h = seed.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
     format!(
         "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
         (h >> 32) as u32,

@@ -35,7 +35,11 @@ fn curl_in_a_pod_gets_the_credentials_eks_auth_issued_over_ipv4_and_ipv6() -> Re
         let got = curl(&sb, pod, 0, credentials_url(ipv6), &[])?;
         assert_eq!(got.status, 200, "ipv6={ipv6}: {}", got.body);
         let issued = fake.issued();
-        assert_eq!(issued.len(), n, "one EKS Auth call per request (no cache yet)");
+        assert_eq!(
+            issued.len(),
+            n,
+            "one EKS Auth call per request (no cache yet)"
+        );
         let want = issued.last().unwrap();
         let body = got.json()?;
         assert_eq!(body["AccessKeyId"], want.access_key_id.as_str());
@@ -43,8 +47,15 @@ fn curl_in_a_pod_gets_the_credentials_eks_auth_issued_over_ipv4_and_ipv6() -> Re
         assert_eq!(body["Token"], want.session_token.as_str());
         assert_eq!(body["AccountId"], ACCOUNT);
         let exp = body["Expiration"].as_str().unwrap();
-        assert!(exp.ends_with('Z') && exp.len() == 20, "Expiration {exp:?} is not UTC RFC 3339");
-        assert_eq!(body.as_object().unwrap().len(), 5, "exactly the five SDK keys: {body}");
+        assert!(
+            exp.ends_with('Z') && exp.len() == 20,
+            "Expiration {exp:?} is not UTC RFC 3339"
+        );
+        assert_eq!(
+            body.as_object().unwrap().len(),
+            5,
+            "exactly the five SDK keys: {body}"
+        );
     }
     Ok(())
 }
@@ -56,7 +67,11 @@ fn the_rust_sdk_container_provider_resolves_credentials_over_ipv4_and_ipv6() -> 
     let _agent = Agent::start(&sb, &fake, &[])?;
     for ipv6 in [false, true] {
         let out = sdk_client(&sb, pod, credentials_url(ipv6))?;
-        assert!(out.status.success(), "ipv6={ipv6}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "ipv6={ipv6}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let got: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         let want = fake.issued().last().cloned().unwrap();
         assert_eq!(got["access_key_id"], want.access_key_id.as_str());
@@ -81,10 +96,18 @@ fn the_kernel_attributes_each_connection_to_the_callers_container_cgroup() -> Re
         for (pod, container, ipv6) in [(a, 0, false), (a, 1, true), (b, 1, false), (b, 0, true)] {
             // %{remote_port} comes from getpeername(): the getpeername hooks must hide the rewrite.
             let got = curl(&sb, pod, container, credentials_url(ipv6), &[])?;
-            assert_eq!(got.status, 200, "{driver:?} pod {pod} container {container}: {}", got.body);
+            assert_eq!(
+                got.status, 200,
+                "{driver:?} pod {pod} container {container}: {}",
+                got.body
+            );
             assert_eq!(got.peer_port, 80, "the client saw the rewritten port");
             let dir = &sb.pods()[pod].containers[container];
-            expected.push((std::fs::metadata(dir)?.ino(), dir.clone(), sb.pods()[pod].uid.clone()));
+            expected.push((
+                std::fs::metadata(dir)?.ino(),
+                dir.clone(),
+                sb.pods()[pod].uid.clone(),
+            ));
         }
         let lines = served_lines(&agent);
         assert_eq!(lines.len(), expected.len(), "{lines:?}");
@@ -108,13 +131,19 @@ fn a_pod_without_an_association_gets_a_404_its_sdk_reports_with_the_reason() -> 
     let body = got.json()?;
     assert_eq!(body["code"], "ResourceNotFoundException");
     assert_eq!(body["Code"], "ResourceNotFoundException");
-    assert!(body["message"].as_str().unwrap().contains("app/stranger"), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("app/stranger"),
+        "{body}"
+    );
     let out = sdk_client(&sb, pod, credentials_url(true))?;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     // The Rust SDK reports the status and drops the body (PROTOCOL.md §1); the reason is in
     // the body, which curl shows above.
-    assert!(err.contains("StatusCode(404)"), "SDK error lacks the status: {err}");
+    assert!(
+        err.contains("StatusCode(404)"),
+        "SDK error lacks the status: {err}"
+    );
     Ok(())
 }
 
@@ -124,10 +153,20 @@ fn a_direct_connect_to_the_attributed_port_is_refused_never_guessed() -> Result<
     let pod = sb.add_pod(PodSpec::new("app", "reader"))?;
     let _agent = Agent::start(&sb, &fake, &[])?;
     // Port 2704 is not what the hook steers, so the kernel records nothing for it.
-    let got = curl(&sb, pod, 0, "http://169.254.170.23:2704/v1/credentials", &[])?;
+    let got = curl(
+        &sb,
+        pod,
+        0,
+        "http://169.254.170.23:2704/v1/credentials",
+        &[],
+    )?;
     assert_eq!(got.status, 403, "{}", got.body);
     assert_eq!(got.json()?["code"], "Unattributed");
-    assert_eq!(fake.calls(), 0, "EKS Auth must not be called for an unattributed caller");
+    assert_eq!(
+        fake.calls(),
+        0,
+        "EKS Auth must not be called for an unattributed caller"
+    );
     Ok(())
 }
 
@@ -145,7 +184,12 @@ fn without_ebpf_the_plain_listener_serves() -> Result<()> {
     }
     let lines = served_lines(&agent);
     assert_eq!(lines.len(), 2);
-    assert!(lines.iter().all(|l| l["listener"] == "plain" && l["cgroup_id"].is_null()), "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["listener"] == "plain" && l["cgroup_id"].is_null()),
+        "{lines:?}"
+    );
     Ok(())
 }
 
@@ -157,7 +201,11 @@ fn sigterm_detaches_the_programs_and_exits_zero() -> Result<()> {
     let (status, body) = probe(&sb, "/readyz")?;
     assert_eq!((status, body.contains("\"ebpf\"")), (200, true), "{body}");
     let root = sb.cgroups().pods_root().to_path_buf();
-    assert_eq!(attached(&root)?, 5, "connect4/6, getpeername4/6 and sock_ops attached");
+    assert_eq!(
+        attached(&root)?,
+        5,
+        "connect4/6, getpeername4/6 and sock_ops attached"
+    );
     assert_eq!(curl(&sb, pod, 0, credentials_url(false), &[])?.status, 200);
     let status = agent.stop()?;
     assert!(status.success(), "exit status {status}");
@@ -173,7 +221,11 @@ fn attached(cgroup: &std::path::Path) -> Result<usize> {
         .args(["-j", "cgroup", "show"])
         .arg(cgroup)
         .output()?;
-    anyhow::ensure!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     if out.stdout.iter().all(u8::is_ascii_whitespace) {
         return Ok(0);
     }

@@ -3,9 +3,16 @@
 #[test]
 fn the_suite_left_nothing_behind() -> anyhow::Result<()> {
     let prefix = std::env::var(tests::names::RUN_ENV).map_err(|_| {
-        anyhow::anyhow!("{} is not set: run the suites through `cargo xtask test`", tests::names::RUN_ENV)
+        anyhow::anyhow!(
+            "{} is not set: run the suites through `cargo xtask test`",
+            tests::names::RUN_ENV
+        )
     })?;
     let left = tests::leaks::leftovers(&prefix)?;
-    assert!(left.is_empty(), "leaked by run {prefix}:\n{}", left.join("\n"));
+    assert!(
+        left.is_empty(),
+        "leaked by run {prefix}:\n{}",
+        left.join("\n")
+    );
     Ok(())
 }

@@ -1,1 +1,45 @@
-fn main(){}
+//! `cargo xtask`: the one entry point a person or CI needs. Every step does its own set-up,
+//! idempotently, so a fresh machine with only rustup's stable Rust gets everything it needs.
+
+mod setup;
+mod steps;
+
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Project automation.
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (Debian packages, bpf-linker); skips what is there.
+    Setup,
+    /// Build the BPF object with Debian's toolchain (release).
+    BuildEbpf,
+    /// Build the agent (release, BPF object embedded): target/release/eks-pod-identity-agent.
+    Build,
+    /// Set up, lint, build, and run the unit and end-to-end suites.
+    Test,
+    /// Run the agent for real in a node sandbox; a pod gets credentials.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    let started = Instant::now();
+    let result = match Cli::parse().command {
+        Cmd::Setup => setup::all(),
+        Cmd::BuildEbpf => steps::build_ebpf(),
+        Cmd::Build => steps::build().map(|_| ()),
+        Cmd::Test => steps::test(),
+        Cmd::Demo => steps::demo(),
+    };
+    println!("xtask: finished in {:.1?}", started.elapsed());
+    result
+}

@@ -144,10 +144,16 @@ impl Steering {
             .map_mut(names::CONFIG)
             .ok_or(EbpfError::Missing(names::CONFIG))?
             .try_into()
-            .map_err(|source| EbpfError::Map { name: names::CONFIG, source })?;
+            .map_err(|source| EbpfError::Map {
+                name: names::CONFIG,
+                source,
+            })?;
         config
             .set(CONFIG_INDEX, target.to_kernel(), 0)
-            .map_err(|source| EbpfError::Map { name: names::CONFIG, source })?;
+            .map_err(|source| EbpfError::Map {
+                name: names::CONFIG,
+                source,
+            })?;
 
         let cgroup_fd = File::open(cgroup).map_err(|source| EbpfError::Cgroup {
             path: cgroup.to_path_buf(),
@@ -156,16 +162,22 @@ impl Steering {
         let mut program_ids = Vec::new();
         // sock_ops first: a connect steered before it is attached would never be recorded.
         let sock_ops: &mut SockOps = program(&mut bpf, names::SOCK_OPS)?;
-        let wrap = |source| EbpfError::Program { name: names::SOCK_OPS, source };
+        let wrap = |source| EbpfError::Program {
+            name: names::SOCK_OPS,
+            source,
+        };
         sock_ops.load().map_err(wrap)?;
-        sock_ops.attach(&cgroup_fd, CgroupAttachMode::Single).map_err(wrap)?;
+        sock_ops
+            .attach(&cgroup_fd, CgroupAttachMode::Single)
+            .map_err(wrap)?;
         program_ids.push((AttachType::SockOps, sock_ops.info().map_err(wrap)?.id()));
         for (name, kind) in SOCK_ADDR_PROGRAMS {
             let prog: &mut CgroupSockAddr = program(&mut bpf, name)?;
             let wrap = |source| EbpfError::Program { name, source };
             prog.load().map_err(wrap)?;
             // `Single` is what makes a bpf_link; aya 0.14's AllowMultiple fails (EBPF-NOTES P2).
-            prog.attach(&cgroup_fd, CgroupAttachMode::Single).map_err(wrap)?;
+            prog.attach(&cgroup_fd, CgroupAttachMode::Single)
+                .map_err(wrap)?;
             program_ids.push((kind, prog.info().map_err(wrap)?.id()));
         }
 
@@ -283,6 +295,9 @@ mod tests {
         assert_eq!(c.addr4.to_ne_bytes(), [169, 254, 170, 23]);
         assert_eq!(c.addr6, [0; 4]);
         assert_eq!((c.port as u16).to_ne_bytes(), 80u16.to_be_bytes());
-        assert_eq!((c.attributed_port as u16).to_ne_bytes(), 2704u16.to_be_bytes());
+        assert_eq!(
+            (c.attributed_port as u16).to_ne_bytes(),
+            2704u16.to_be_bytes()
+        );
     }
 }

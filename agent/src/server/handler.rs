@@ -118,7 +118,11 @@ pub async fn handle<B>(state: &State, caller: &Caller, req: Request<B>) -> Respo
     resp
 }
 
-async fn credentials<B>(state: &State, caller: &Caller, req: &Request<B>) -> Result<Vec<u8>, RequestError> {
+async fn credentials<B>(
+    state: &State,
+    caller: &Caller,
+    req: &Request<B>,
+) -> Result<Vec<u8>, RequestError> {
     if req.uri().path() != CREDENTIALS_PATH {
         return Err(RequestError::NotFound);
     }
@@ -132,7 +136,10 @@ async fn credentials<B>(state: &State, caller: &Caller, req: &Request<B>) -> Res
     let token = req
         .headers()
         .get(header::AUTHORIZATION)
-        .map(|v| v.to_str().map_err(|_| TokenError::Malformed("token is not ASCII")))
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| TokenError::Malformed("token is not ASCII"))
+        })
         .transpose()?
         .unwrap_or_default();
     let now = SystemTime::now()

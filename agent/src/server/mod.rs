@@ -132,7 +132,11 @@ pub async fn serve(
             graceful.clone(),
         ));
     }
-    tasks.spawn(probes::serve(state.clone(), probe_listener, stop_rx.clone()));
+    tasks.spawn(probes::serve(
+        state.clone(),
+        probe_listener,
+        stop_rx.clone(),
+    ));
     state.ready.store(true, Ordering::SeqCst);
 
     shutdown.await;
@@ -171,7 +175,13 @@ async fn accept_loop(
             },
         };
         let caller = identify(&state, bound.kind, &stream, peer);
-        tokio::spawn(serve_connection(state.clone(), stream, peer, caller, graceful.watcher()));
+        tokio::spawn(serve_connection(
+            state.clone(),
+            stream,
+            peer,
+            caller,
+            graceful.watcher(),
+        ));
     }
 }
 

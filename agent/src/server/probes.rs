@@ -45,14 +45,25 @@ fn answer(state: &State, path: &str) -> Response<Full<Bytes>> {
         "/healthz" => (StatusCode::OK, serde_json::json!({"status": "ok"})),
         "/readyz" => {
             let ready = state.ready.load(Ordering::SeqCst);
-            let mode = if state.steering.is_some() { "ebpf" } else { "fallback" };
-            let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            let mode = if state.steering.is_some() {
+                "ebpf"
+            } else {
+                "fallback"
+            };
+            let status = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
             (
                 status,
                 serde_json::json!({"status": if ready { "ready" } else { "not ready" }, "mode": mode}),
             )
         }
-        _ => (StatusCode::NOT_FOUND, serde_json::json!({"status": "no such probe"})),
+        _ => (
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"status": "no such probe"}),
+        ),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
     *resp.status_mut() = status;

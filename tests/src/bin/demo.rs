@@ -15,23 +15,53 @@ fn main() -> Result<()> {
     fake.associate("shop", "billing", "BillingRole");
     let checkout = sb.add_pod(PodSpec::new("shop", "checkout"))?;
     let billing = sb.add_pod(PodSpec::new("shop", "billing"))?;
-    println!("node sandbox {}: 2 pods, cgroup tree {}", sb.name(), sb.cgroups().pods_root().display());
+    println!(
+        "node sandbox {}: 2 pods, cgroup tree {}",
+        sb.name(),
+        sb.cgroups().pods_root().display()
+    );
 
     let agent = Agent::start(&sb, &fake, &[])?;
-    println!("agent running (pid {}), eBPF attached to {}", agent.pid(), sb.cgroups().pods_root().display());
+    println!(
+        "agent running (pid {}), eBPF attached to {}",
+        agent.pid(),
+        sb.cgroups().pods_root().display()
+    );
 
     let out = sdk_client(&sb, checkout, credentials_url(false))?;
-    ensure!(out.status.success(), "the SDK in pod checkout failed: {}", String::from_utf8_lossy(&out.stderr));
-    let creds: serde_json::Value = serde_json::from_slice(&out.stdout).context("sdk-client output")?;
-    println!("\npod shop/checkout, Rust SDK container provider, http://169.254.170.23/v1/credentials:");
-    println!("  AccessKeyId     {}", creds["access_key_id"].as_str().unwrap_or("?"));
+    ensure!(
+        out.status.success(),
+        "the SDK in pod checkout failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let creds: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("sdk-client output")?;
+    println!(
+        "\npod shop/checkout, Rust SDK container provider, http://169.254.170.23/v1/credentials:"
+    );
+    println!(
+        "  AccessKeyId     {}",
+        creds["access_key_id"].as_str().unwrap_or("?")
+    );
     println!("  SecretAccessKey ** redacted **");
-    println!("  AccountId       {}", creds["account_id"].as_str().unwrap_or("?"));
+    println!(
+        "  AccountId       {}",
+        creds["account_id"].as_str().unwrap_or("?")
+    );
 
     let v6 = curl(&sb, billing, 0, credentials_url(true), &[])?;
-    ensure!(v6.status == 200, "curl in pod billing got {}: {}", v6.status, v6.body);
+    ensure!(
+        v6.status == 200,
+        "curl in pod billing got {}: {}",
+        v6.status,
+        v6.body
+    );
     println!("\npod shop/billing, curl, http://[fd00:ec2::23]/v1/credentials:");
-    println!("  HTTP {} AccessKeyId {}", v6.status, v6.json()?["AccessKeyId"].as_str().unwrap_or("?"));
+    println!(
+        "  HTTP {} AccessKeyId {}",
+        v6.status,
+        v6.json()?["AccessKeyId"].as_str().unwrap_or("?")
+    );
 
     println!("\nwhat the kernel attributed (agent log):");
     for line in agent.log_lines() {

@@ -1,0 +1,100 @@
+//! Installs the toolchain of ../shared/TOOLCHAIN.md, only what is missing.
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::steps::{cargo_bin_dir, run, step};
+
+/// Debian packages: the BPF compiler and its prebuilt core (TOOLCHAIN.md), LLVM for
+/// bpf-linker, and the tools the sandbox uses.
+pub const APT_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "bpftool",
+    "iproute2",
+    "curl",
+];
+
+/// The bpf-linker release that works with LLVM 22 and rustc 1.95/1.96.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Makes sure we are root, then installs missing packages and bpf-linker.
+pub fn all() -> Result<()> {
+    require_root()?;
+    step("setup: Debian packages", apt)?;
+    step("setup: bpf-linker", bpf_linker)?;
+    Ok(())
+}
+
+/// Everything this project does (packages, BPF, namespaces, cgroups) needs root.
+pub fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "cargo xtask must run as root: it installs Debian packages, loads BPF programs and \
+             creates network namespaces and cgroups. Run it as root (e.g. `sudo -E cargo xtask test`)."
+        );
+    }
+    Ok(())
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn apt() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
+    if missing.is_empty() {
+        println!("  all {} packages present", APT_PACKAGES.len());
+        return Ok(());
+    }
+    println!("  installing {}", missing.join(" "));
+    run(Command::new("apt-get")
+        .arg("update")
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(())
+}
+
+fn bpf_linker() -> Result<()> {
+    let bin = cargo_bin_dir()?.join("bpf-linker");
+    let version = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    if version.contains(BPF_LINKER_VERSION) {
+        println!("  {} present", version.trim());
+        return Ok(());
+    }
+    println!("  building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
+    run(Command::new(env!("CARGO"))
+        .args([
+            "install",
+            "bpf-linker",
+            "--force",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
+        .args(["--no-default-features", "--features", "llvm-22"])
+        // Without it the link fails with "unable to find library -lLLVM".
+        .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
+    .context("installing bpf-linker")?;
+    Ok(())
+}

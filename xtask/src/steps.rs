@@ -1,0 +1,233 @@
+//! Build, test and demo steps.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use crate::setup;
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_path_buf()
+}
+
+/// Where `cargo install` puts binaries.
+pub fn cargo_bin_dir() -> Result<PathBuf> {
+    let home = match std::env::var_os("CARGO_HOME") {
+        Some(h) => PathBuf::from(h),
+        None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?).join(".cargo"),
+    };
+    Ok(home.join("bin"))
+}
+
+/// Runs a command with inherited output; fails with its status.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Runs `f` as a named step, printing its duration.
+pub fn step<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    println!("==> {name}");
+    let t = Instant::now();
+    let out = f().with_context(|| format!("step '{name}' failed"))?;
+    println!("<== {name} ({:.1?})", t.elapsed());
+    Ok(out)
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.current_dir(root());
+    cmd
+}
+
+/// The BPF object `build-ebpf` produces (the agent's build script embeds it from here).
+pub fn ebpf_object() -> PathBuf {
+    root().join("agent-ebpf/target/bpfel-unknown-none/release/agent-ebpf")
+}
+
+/// Builds the BPF object with Debian's rustc and its prebuilt `core` for bpfel (TOOLCHAIN.md).
+pub fn build_ebpf() -> Result<()> {
+    for tool in ["/usr/bin/rustc", "/usr/bin/cargo"] {
+        if !Path::new(tool).exists() {
+            bail!("{tool} is missing: run `cargo xtask setup` (as root) first");
+        }
+    }
+    let bin_dir = cargo_bin_dir()?;
+    if !bin_dir.join("bpf-linker").exists() {
+        bail!("bpf-linker is missing: run `cargo xtask setup` (as root) first");
+    }
+    let path = std::env::join_paths(std::iter::once(bin_dir).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))?;
+    step("build-ebpf", || {
+        run(Command::new("/usr/bin/cargo")
+            .current_dir(root().join("agent-ebpf"))
+            .args([
+                "build",
+                "--release",
+                "--locked",
+                "--target",
+                "bpfel-unknown-none",
+            ])
+            // aya-ebpf uses #![feature(asm_experimental_arch)].
+            .env("RUSTC_BOOTSTRAP", "1")
+            .env("RUSTC", "/usr/bin/rustc")
+            // BTF is required for the sk_storage map (#[btf_map]).
+            .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf")
+            .env("PATH", path)
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO_TARGET_DIR"))?;
+        let size = std::fs::metadata(ebpf_object())?.len();
+        println!("  {} ({size} bytes)", ebpf_object().display());
+        Ok(())
+    })
+}
+
+/// Builds the BPF object and the release agent; returns the agent's path.
+pub fn build() -> Result<PathBuf> {
+    build_ebpf()?;
+    step("build agent (release)", || {
+        run(cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "agent",
+            "--bin",
+            "eks-pod-identity-agent",
+        ]))
+    })?;
+    Ok(root().join("target/release/eks-pod-identity-agent"))
+}
+
+/// Outcome of the test binaries of one `cargo test` run.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    lines: Vec<String>,
+}
+
+/// Runs `cargo test` with `args`, echoing its output and collecting the "test result:" lines.
+fn cargo_test(name: &str, args: &[&str], env: &[(&str, &str)], tally: &mut Tally) -> Result<()> {
+    step(name, || {
+        let mut cmd = cargo();
+        cmd.arg("test").args(args).stdout(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn()?;
+        let stdout = child.stdout.take().expect("piped");
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let count = |word: &str| {
+                    rest.split(';')
+                        .find_map(|part| {
+                            part.trim()
+                                .strip_suffix(word)?
+                                .trim()
+                                .rsplit(' ')
+                                .next()?
+                                .parse::<u64>()
+                                .ok()
+                        })
+                        .unwrap_or(0)
+                };
+                tally.passed += count("passed");
+                tally.failed += count("failed");
+                tally.lines.push(format!("{name}: {rest}"));
+            }
+        }
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("cargo test {args:?} failed: {status}");
+        }
+        Ok(())
+    })
+}
+
+/// The full suite, as CI runs it.
+pub fn test() -> Result<()> {
+    setup::all()?;
+    build_ebpf()?;
+    step("cargo fmt --check", || {
+        run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+        run(cargo().args([
+            "fmt",
+            "--manifest-path",
+            "agent-ebpf/Cargo.toml",
+            "--",
+            "--check",
+        ]))
+    })?;
+    step("cargo clippy -D warnings", || {
+        run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    })?;
+    let agent = build()?;
+    let run_id = format!("pia{}", std::process::id());
+    let agent_bin = agent.to_string_lossy().into_owned();
+    let env = [
+        ("PIA_RUN", run_id.as_str()),
+        ("AGENT_BIN", agent_bin.as_str()),
+    ];
+    let mut tally = Tally::default();
+    let result = cargo_test(
+        "unit tests",
+        &["--workspace", "--exclude", "tests"],
+        &[],
+        &mut tally,
+    )
+    .and_then(|()| {
+        cargo_test(
+            "end-to-end suite (node sandbox)",
+            &["-p", "tests", "--test", "e2e"],
+            &env,
+            &mut tally,
+        )
+    });
+    // The leak check runs even when the suite failed: failures must clean up too.
+    let leaks = cargo_test(
+        "leak check",
+        &["-p", "tests", "--test", "leaks"],
+        &env,
+        &mut tally,
+    );
+    println!("\n==== summary ====");
+    for line in tally.lines.iter().filter(|l| !l.contains(" 0 passed; 0 failed")) {
+        println!("{line}");
+    }
+    println!("total: {} passed, {} failed", tally.passed, tally.failed);
+    result.and(leaks)
+}
+
+/// Builds everything and runs the demo binary (a sandbox, two pods, the real agent).
+pub fn demo() -> Result<()> {
+    setup::all()?;
+    let agent = build()?;
+    step("demo", || {
+        run(cargo()
+            .args(["run", "--quiet", "-p", "tests", "--bin", "demo"])
+            .env("AGENT_BIN", agent)
+            .env("PIA_RUN", format!("piademo{}", std::process::id())))
+    })
+}
