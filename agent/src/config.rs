@@ -42,9 +42,19 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve credentials to pods (the DaemonSet's main container).
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
+    /// Create the link holding the credential addresses (the DaemonSet's init container).
+    Initialize(InitializeArgs),
     /// Print the version.
     Version,
+}
+
+/// Flags of `initialize`.
+#[derive(Debug, Args)]
+pub struct InitializeArgs {
+    /// Remove the link (and with it the addresses and routes) instead of creating it.
+    #[arg(long)]
+    pub remove: bool,
 }
 
 /// How log lines are written.
@@ -81,6 +91,39 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = 2703, env = "POD_IDENTITY_PROBE_PORT")]
     pub probe_port: u16,
 
+    /// Address of the Prometheus /metrics listener.
+    #[arg(long, default_value = "0.0.0.0", env = "POD_IDENTITY_METRICS_ADDRESS",
+          value_parser = parse_bind_host)]
+    pub metrics_address: IpAddr,
+
+    /// Port of the Prometheus /metrics listener.
+    #[arg(long, default_value_t = 2705, env = "POD_IDENTITY_METRICS_PORT")]
+    pub metrics_port: u16,
+
+    /// Longest time credentials are served before they are renewed (Go duration, e.g. 3h).
+    #[arg(long, default_value = "3h", env = "POD_IDENTITY_MAX_CREDENTIAL_RETENTION_BEFORE_RENEWAL",
+          value_parser = parse_duration)]
+    pub max_credential_retention_before_renewal: Duration,
+
+    /// Most identities whose credentials are cached.
+    #[arg(long, default_value_t = 2000, env = "POD_IDENTITY_MAX_CACHE_SIZE")]
+    pub max_cache_size: usize,
+
+    /// Most EKS Auth calls per second spent on background refreshes.
+    #[arg(long, default_value_t = 3, env = "POD_IDENTITY_MAX_SERVICE_QPS")]
+    pub max_service_qps: u32,
+
+    /// Sign EKS Auth calls with the shared credentials file's default profile, re-read every
+    /// minute (hybrid nodes without IMDS).
+    #[arg(long, env = "POD_IDENTITY_ROTATE_CREDENTIALS", num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set, default_value_t = false)]
+    pub rotate_credentials: bool,
+
+    /// How often `--rotate-credentials` re-reads the shared credentials file.
+    #[arg(long, default_value = "1m", env = "POD_IDENTITY_ROTATE_CREDENTIALS_INTERVAL",
+          value_parser = parse_duration, hide = true)]
+    pub rotate_credentials_interval: Duration,
+
     /// Override of the EKS Auth endpoint (otherwise AWS_ENDPOINT_URL_EKS_AUTH or the regional one).
     #[arg(long, env = "POD_IDENTITY_ENDPOINT")]
     pub endpoint: Option<String>,
@@ -90,7 +133,8 @@ pub struct ServerArgs {
     pub cgroup_root: Option<PathBuf>,
 
     /// Do not load eBPF: serve the plain listeners only, without kernel attribution.
-    #[arg(long, env = "POD_IDENTITY_NO_EBPF")]
+    #[arg(long, env = "POD_IDENTITY_NO_EBPF", num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set, default_value_t = false)]
     pub no_ebpf: bool,
 
     /// Upper bound of one EKS Auth call, all retries included (e.g. 5s, 800ms).
@@ -198,6 +242,8 @@ mod tests {
             "X",
             "--probe-port",
             "2703",
+            "--metrics-port",
+            "2705",
             "-v",
             "trace",
         ])
@@ -209,5 +255,56 @@ mod tests {
         assert_eq!(args.cluster_name, "X");
         assert_eq!(args.bind_hosts.len(), 2);
         assert_eq!(args.attributed_port, 2704);
+        assert_eq!(args.metrics_port, 2705);
+        assert_eq!(
+            args.max_credential_retention_before_renewal,
+            Duration::from_secs(3 * 3600)
+        );
+        assert!(!args.rotate_credentials);
+    }
+
+    #[test]
+    fn bool_flags_take_an_optional_value_like_cobra() {
+        for (argv, want) in [
+            (&["--rotate-credentials"][..], true),
+            (&["--rotate-credentials=true"][..], true),
+            (&["--rotate-credentials=false"][..], false),
+            (&[][..], false),
+        ] {
+            let cli = Cli::try_parse_from(
+                ["a", "server", "-c", "x"]
+                    .iter()
+                    .chain(argv.iter())
+                    .copied(),
+            )
+            .unwrap();
+            let Command::Server(args) = cli.command else {
+                panic!()
+            };
+            assert_eq!(args.rotate_credentials, want, "{argv:?}");
+        }
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        for (argv, flag) in [
+            (&["--port", "http"][..], "--port"),
+            (
+                &["--max-credential-retention-before-renewal", "3 hours"][..],
+                "--max-credential-retention-before-renewal",
+            ),
+            (&["-b", "not-an-ip"][..], "--bind-hosts"),
+            (&["--metrics-address", "x"][..], "--metrics-address"),
+        ] {
+            let err = Cli::try_parse_from(
+                ["a", "server", "-c", "x"]
+                    .iter()
+                    .chain(argv.iter())
+                    .copied(),
+            )
+            .unwrap_err();
+            assert_eq!(err.exit_code(), 2);
+            assert!(err.to_string().contains(flag), "{err}");
+        }
     }
 }

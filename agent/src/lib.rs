@@ -8,6 +8,8 @@ pub mod config;
 pub mod credentials;
 pub mod ebpf;
 pub mod logging;
+pub mod metrics;
+pub mod netsetup;
 pub mod server;
 pub mod token;
 pub mod upstream;
@@ -30,45 +32,86 @@ pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         cluster_name: args.cluster_name.clone(),
         endpoint: args.endpoint.clone(),
         operation_timeout: args.upstream_timeout,
+        rotate_credentials: args
+            .rotate_credentials
+            .then_some(args.rotate_credentials_interval),
     })
     .await?;
 
     let steering = if args.no_ebpf {
+        tracing::warn!("eBPF disabled by --no-ebpf: serving the plain listeners without kernel attribution (fallback mode)");
         None
     } else {
-        Some(attach(&args)?)
+        match attach(&args) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                // Serving without attribution beats leaving every pod of the node without credentials.
+                tracing::error!(error = format!("{e:#}"), "eBPF unavailable: serving the plain listeners without kernel attribution (fallback mode)");
+                None
+            }
+        }
     };
     let resolver = steering.as_ref().map(|s| Resolver::new(s.cgroup()));
     let attributed_port = steering.as_ref().map(|_| args.attributed_port);
     let listeners = server::bind_all(&args.bind_hosts, args.port, attributed_port).await?;
     let probe_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), args.probe_port);
-    let probe = tokio::net::TcpListener::bind(probe_addr)
-        .await
-        .with_context(|| format!("cannot listen on {probe_addr} for probes"))?;
+    let probe = bind_admin(probe_addr, "probes").await?;
+    let metrics_addr = SocketAddr::new(args.metrics_address, args.metrics_port);
+    let metrics = bind_admin(metrics_addr, "metrics").await?;
 
+    let state = Arc::new(State {
+        eks,
+        steering,
+        resolver,
+        ready: AtomicBool::new(false),
+        metrics: metrics::Metrics::default(),
+    });
     let addrs: Vec<String> = listeners
         .iter()
         .filter_map(|b| Some(format!("{}({:?})", b.listener.local_addr().ok()?, b.kind)))
         .collect();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
-        mode = if steering.is_some() { "ebpf" } else { "fallback" },
-        cgroup_root = steering.as_ref().map(|s| s.cgroup().display().to_string()),
+        mode = state.mode(),
+        cgroup_root = state.steering.as_ref().map(|s| s.cgroup().display().to_string()),
         listeners = addrs.join(" "),
         probes = %probe_addr,
+        metrics = %metrics_addr,
         cluster = %args.cluster_name,
         "eks-pod-identity-agent started"
     );
-    let state = Arc::new(State {
-        eks,
-        steering,
-        resolver,
-        ready: AtomicBool::new(false),
-    });
-    server::serve(state.clone(), listeners, probe, shutdown_signal()).await;
+    server::serve(state.clone(), listeners, probe, metrics, shutdown_signal()).await;
     // Dropping the last reference detaches the programs.
     drop(state);
     tracing::info!("stopped; eBPF programs detached");
+    Ok(())
+}
+
+async fn bind_admin(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for {what}"))
+}
+
+/// Runs `initialize`: sets up (or with `--remove`, deletes) the credential link.
+pub async fn run_initialize(args: crate::config::InitializeArgs) -> anyhow::Result<()> {
+    if args.remove {
+        let existed = netsetup::remove().await?;
+        tracing::info!(
+            link = netsetup::LINK_NAME,
+            existed,
+            "credential link removed"
+        );
+        return Ok(());
+    }
+    let outcome = netsetup::initialize().await?;
+    tracing::info!(
+        link = netsetup::LINK_NAME,
+        kind = %outcome.kind,
+        addresses = ?outcome.addresses,
+        skipped = outcome.skipped.len(),
+        "credential link ready"
+    );
     Ok(())
 }
 

@@ -12,19 +12,22 @@ fn main() -> std::process::ExitCode {
             println!("eks-pod-identity-agent {}", env!("CARGO_PKG_VERSION"));
             std::process::ExitCode::SUCCESS
         }
-        Command::Server(args) => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime starts");
-            match runtime.block_on(agent::run_server(args)) {
-                Ok(()) => std::process::ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = format!("{e:#}"), "eks-pod-identity-agent failed");
-                    eprintln!("eks-pod-identity-agent: {e:#}");
-                    std::process::ExitCode::FAILURE
-                }
-            }
+        Command::Server(args) => run(agent::run_server(*args)),
+        Command::Initialize(args) => run(agent::run_initialize(args)),
+    }
+}
+
+fn run(task: impl std::future::Future<Output = anyhow::Result<()>>) -> std::process::ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime starts");
+    match runtime.block_on(task) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "eks-pod-identity-agent failed");
+            eprintln!("eks-pod-identity-agent: {e:#}");
+            std::process::ExitCode::FAILURE
         }
     }
 }

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use aws_config::BehaviorVersion;
+use aws_credential_types::provider::{future, ProvideCredentials, SharedCredentialsProvider};
 use aws_sdk_eksauth::config::timeout::TimeoutConfig;
 use aws_sdk_eksauth::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_eksauth::operation::assume_role_for_pod_identity::AssumeRoleForPodIdentityError;
@@ -57,6 +58,9 @@ pub struct EksAuthOptions {
     pub endpoint: Option<String>,
     /// Bound of one operation, retries included.
     pub operation_timeout: Duration,
+    /// Sign with the shared credentials file's default profile, re-read at this interval
+    /// (`--rotate-credentials`, for hybrid nodes without IMDS).
+    pub rotate_credentials: Option<Duration>,
 }
 
 /// Why the client could not be built.
@@ -83,6 +87,12 @@ impl EksAuth {
         );
         if let Some(endpoint) = opts.endpoint {
             builder = builder.endpoint_url(endpoint);
+        }
+        if let Some(interval) = opts.rotate_credentials {
+            tracing::info!(?interval, "credentials rotation enabled: signing with the shared credentials file's default profile");
+            builder = builder.credentials_provider(SharedCredentialsProvider::new(
+                RotatingSharedCredentials { interval },
+            ));
         }
         Ok(Self {
             client: aws_sdk_eksauth::Client::from_conf(builder.build()),
@@ -119,6 +129,37 @@ impl EksAuth {
             session_token: creds.session_token().to_owned(),
             account_id: account_from_arn(role_arn).unwrap_or_default().to_owned(),
             expiration_epoch_secs: expiration,
+        })
+    }
+}
+
+/// Signing credentials from the shared credentials file's `default` profile, handed out
+/// with an expiry of `interval` so the SDK's identity cache re-reads the file that often
+/// (the reference agent's RotatingSharedCredentialsProvider).
+#[derive(Debug)]
+struct RotatingSharedCredentials {
+    interval: Duration,
+}
+
+impl ProvideCredentials for RotatingSharedCredentials {
+    fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        future::ProvideCredentials::new(async move {
+            // A new provider each time: it parses the file afresh.
+            let from_file = aws_config::profile::ProfileFileCredentialsProvider::builder()
+                .profile_name("default")
+                .build()
+                .provide_credentials()
+                .await?;
+            Ok(aws_credential_types::Credentials::new(
+                from_file.access_key_id(),
+                from_file.secret_access_key(),
+                from_file.session_token().map(str::to_owned),
+                Some(std::time::SystemTime::now() + self.interval),
+                "RotatingSharedCredentials",
+            ))
         })
     }
 }

@@ -6,7 +6,6 @@ mod steps;
 
 use std::time::Instant;
 
-use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 /// Project automation.
@@ -31,7 +30,7 @@ enum Cmd {
     Demo,
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     let started = Instant::now();
     let result = match Cli::parse().command {
         Cmd::Setup => setup::all(),
@@ -41,5 +40,11 @@ fn main() -> Result<()> {
         Cmd::Demo => steps::demo(),
     };
     println!("xtask: finished in {:.1?}", started.elapsed());
-    result
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -213,7 +213,11 @@ pub fn test() -> Result<()> {
         &mut tally,
     );
     println!("\n==== summary ====");
-    for line in tally.lines.iter().filter(|l| !l.contains(" 0 passed; 0 failed")) {
+    for line in tally
+        .lines
+        .iter()
+        .filter(|l| !l.contains(" 0 passed; 0 failed"))
+    {
         println!("{line}");
     }
     println!("total: {} passed, {} failed", tally.passed, tally.failed);

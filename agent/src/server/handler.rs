@@ -9,6 +9,7 @@ use http_body_util::Full;
 use super::State;
 use crate::attribution::Caller;
 use crate::credentials::error_json;
+use crate::metrics::{OutcomeLabel, StateLabel};
 use crate::token::{self, TokenError};
 use crate::upstream::UpstreamError;
 
@@ -65,6 +66,18 @@ impl RequestError {
         }
     }
 
+    /// Metric label for this refusal.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::NotFound => "no_such_path",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::BadHost { .. } => "bad_host",
+            Self::Token(_) => "bad_token",
+            Self::Unattributed => "unattributed",
+            Self::Upstream(e) => upstream_outcome(e),
+        }
+    }
+
     fn into_response(self) -> Response<Full<Bytes>> {
         let (status, code) = self.status_and_code();
         let mut resp = json_response(status, error_json(code, &self.to_string()));
@@ -73,6 +86,14 @@ impl RequestError {
                 .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         }
         resp
+    }
+}
+
+fn upstream_outcome(e: &UpstreamError) -> &'static str {
+    match e {
+        UpstreamError::Rejected { .. } => "upstream_rejected",
+        UpstreamError::NotFound { .. } => "no_association",
+        UpstreamError::Unavailable { .. } | UpstreamError::Incomplete(_) => "upstream_unavailable",
     }
 }
 
@@ -95,13 +116,19 @@ pub async fn handle<B>(state: &State, caller: &Caller, req: Request<B>) -> Respo
         Caller::Attributed(id) => state.resolver.as_ref().and_then(|r| r.resolve(*id)),
         _ => None,
     };
-    let mut resp = match result {
-        Ok(body) => json_response(StatusCode::OK, body),
+    let (mut resp, outcome) = match result {
+        Ok(body) => (json_response(StatusCode::OK, body), "success"),
         Err(e) => {
             tracing::info!(error = %e, "credentials request refused");
-            e.into_response()
+            let outcome = e.outcome();
+            (e.into_response(), outcome)
         }
     };
+    state.metrics.record_response(
+        resp.status().as_u16(),
+        outcome,
+        started.elapsed().as_secs_f64(),
+    );
     tracing::debug!(
         path = req.uri().path(),
         status = resp.status().as_u16(),
@@ -146,8 +173,25 @@ async fn credentials<B>(
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
     let _claims = token::parse(token, now)?;
-    let creds = state.eks.assume_role(token).await?;
-    Ok(creds.to_json())
+    // No cache yet: every request is a miss, counted as the reference agent counts misses.
+    state
+        .metrics
+        .cache_state
+        .get_or_create(&StateLabel {
+            state: "miss".into(),
+        })
+        .inc();
+    let started = Instant::now();
+    let result = state.eks.assume_role(token).await;
+    let outcome = result.as_ref().err().map_or("success", upstream_outcome);
+    state
+        .metrics
+        .upstream_seconds
+        .get_or_create(&OutcomeLabel {
+            outcome: outcome.into(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    Ok(result?.to_json())
 }
 
 /// Accepts the two credential addresses, with or without a port, as the reference agent does.

@@ -1,8 +1,8 @@
 //! Listeners, the accept loop (where each connection learns its caller from the kernel),
 //! probes, and orderly shutdown.
 
+mod admin;
 pub mod handler;
-mod probes;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -39,8 +39,21 @@ pub struct State {
     pub steering: Option<Steering>,
     /// cgroup id resolver, when eBPF is on.
     pub resolver: Option<Resolver>,
-    /// Set once every listener is bound and the programs are verified in effect.
+    /// Set once every listener is bound and serving.
     pub ready: AtomicBool,
+    /// Prometheus metrics.
+    pub metrics: crate::metrics::Metrics,
+}
+
+impl State {
+    /// `ebpf` when the kernel attributes callers, else `fallback`.
+    pub fn mode(&self) -> &'static str {
+        if self.steering.is_some() {
+            "ebpf"
+        } else {
+            "fallback"
+        }
+    }
 }
 
 /// Which kind of listener a socket is.
@@ -114,11 +127,13 @@ fn ipv6_unavailable(e: &io::Error) -> bool {
     )
 }
 
-/// Serves `listeners` until `shutdown` resolves, then drains in-flight requests.
+/// Serves `listeners` (and the probe and metrics listeners) until `shutdown` resolves, then
+/// drains in-flight requests.
 pub async fn serve(
     state: Arc<State>,
     listeners: Vec<Bound>,
     probe_listener: TcpListener,
+    metrics_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -132,9 +147,16 @@ pub async fn serve(
             graceful.clone(),
         ));
     }
-    tasks.spawn(probes::serve(
+    tasks.spawn(admin::serve(
         state.clone(),
         probe_listener,
+        admin::probes,
+        stop_rx.clone(),
+    ));
+    tasks.spawn(admin::serve(
+        state.clone(),
+        metrics_listener,
+        admin::metrics,
         stop_rx.clone(),
     ));
     state.ready.store(true, Ordering::SeqCst);

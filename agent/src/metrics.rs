@@ -1,0 +1,241 @@
+//! Prometheus metrics: the reference agent's series under their exact names and labels, so
+//! existing dashboards keep working, plus latency histograms and the kernel's counters.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Registry;
+
+/// A counter exposed under its bare name, as the Go client exposes the reference agent's
+/// counters (`pod_identity_http_response`, not `..._total`): OpenMetrics counters must end in
+/// `_total`, so it is typed `unknown`, which keeps the name. PromQL's `rate()` works the same.
+#[derive(Debug, Default, Clone)]
+pub struct ReferenceCounter(Counter);
+
+impl ReferenceCounter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.0.inc();
+    }
+
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.get()
+    }
+}
+
+impl TypedMetric for ReferenceCounter {
+    const TYPE: MetricType = MetricType::Unknown;
+}
+
+impl EncodeMetric for ReferenceCounter {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_gauge(&self.0.get())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Unknown
+    }
+}
+
+/// `code` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    /// HTTP status code.
+    pub code: String,
+}
+
+/// `state` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    /// Cache state: hit, miss, ...
+    pub state: String,
+}
+
+/// `type` and `code` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// Error class.
+    pub r#type: String,
+    /// EKS Auth error code.
+    pub code: String,
+}
+
+/// `outcome` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// What happened, e.g. `success`, `not_found`, `unavailable`.
+    pub outcome: String,
+}
+
+/// `mode` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabel {
+    /// `ebpf` or `fallback`.
+    pub mode: String,
+}
+
+/// `event` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabel {
+    /// Kernel counter name.
+    pub event: String,
+}
+
+/// Every metric the agent exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// `pod_identity_http_response{code}` (reference).
+    pub http_response: Family<CodeLabel, ReferenceCounter>,
+    /// `pod_identity_cache_state{state}` (reference).
+    pub cache_state: Family<StateLabel, ReferenceCounter>,
+    /// `pod_identity_cache_errors{type,code}` (reference).
+    pub cache_errors: Family<ErrorLabels, ReferenceCounter>,
+    /// Credentials request latency by outcome, seconds.
+    pub request_seconds: Family<OutcomeLabel, Histogram>,
+    /// EKS Auth call latency by outcome, seconds.
+    pub upstream_seconds: Family<OutcomeLabel, Histogram>,
+    /// 1 for the active mode.
+    pub mode: Family<ModeLabel, Gauge>,
+    /// The eBPF programs' counters, read from the kernel at scrape time.
+    pub ebpf_events: Family<EventLabel, Gauge<u64, AtomicU64>>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~6.5 s: a cache hit is tens of µs, an EKS Auth call tens to hundreds of ms.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.00005, 2.0, 18,
+    ))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let http_response = Family::default();
+        let cache_state = Family::default();
+        let cache_errors = Family::default();
+        let request_seconds = Family::<OutcomeLabel, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let upstream_seconds = Family::<OutcomeLabel, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let mode = Family::default();
+        let ebpf_events = Family::default();
+        registry.register(
+            "pod_identity_http_response",
+            "Pod Identity http response code",
+            http_response.clone(),
+        );
+        registry.register(
+            "pod_identity_cache_state",
+            "The state of credential in cache",
+            cache_state.clone(),
+        );
+        registry.register(
+            "pod_identity_cache_errors",
+            "Removing credentials from cache, got non recoverable error",
+            cache_errors.clone(),
+        );
+        registry.register(
+            "pod_identity_request_duration_seconds",
+            "Credentials request latency by outcome",
+            request_seconds.clone(),
+        );
+        registry.register(
+            "pod_identity_upstream_duration_seconds",
+            "EKS Auth AssumeRoleForPodIdentity latency by outcome",
+            upstream_seconds.clone(),
+        );
+        registry.register(
+            "pod_identity_agent_mode",
+            "1 for the active attribution mode (ebpf or fallback)",
+            mode.clone(),
+        );
+        registry.register(
+            "pod_identity_ebpf_events",
+            "Counters of the kernel programs (steered connects, recorded tuples, misses)",
+            ebpf_events.clone(),
+        );
+        Self {
+            registry,
+            http_response,
+            cache_state,
+            cache_errors,
+            request_seconds,
+            upstream_seconds,
+            mode,
+            ebpf_events,
+        }
+    }
+}
+
+impl Metrics {
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Counts one answered credentials request.
+    pub fn record_response(&self, status: u16, outcome: &str, seconds: f64) {
+        self.http_response
+            .get_or_create(&CodeLabel {
+                code: status.to_string(),
+            })
+            .inc();
+        self.request_seconds
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_owned(),
+            })
+            .observe(seconds);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_series_keep_their_names_and_labels() {
+        let m = Metrics::default();
+        m.record_response(200, "success", 0.001);
+        m.cache_state
+            .get_or_create(&StateLabel {
+                state: "miss".into(),
+            })
+            .inc();
+        m.cache_errors
+            .get_or_create(&ErrorLabels {
+                r#type: "NonRecoverable".into(),
+                code: "AccessDeniedException".into(),
+            })
+            .inc();
+        let text = m.encode();
+        assert!(
+            text.contains("pod_identity_http_response{code=\"200\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pod_identity_cache_state{state=\"miss\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pod_identity_cache_errors{type=\"NonRecoverable\",code=\"AccessDeniedException\"} 1\n"),
+            "{text}"
+        );
+        assert!(!text.contains("pod_identity_http_response_total"), "{text}");
+        assert!(
+            text.contains("pod_identity_request_duration_seconds_bucket{"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,139 @@
+//! The small HTTP endpoints beside the credential listeners: `/healthz` and `/readyz` on
+//! localhost (answered from state, never by a self-request that can time out, the reference
+//! agent's bug #26) and Prometheus `/metrics`.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::State;
+use crate::metrics::{EventLabel, ModeLabel};
+
+/// What an admin listener answers.
+pub type Router = fn(&State, &str) -> Response<Full<Bytes>>;
+
+/// Serves `router` on `listener` until `stop` flips.
+pub async fn serve(
+    state: Arc<State>,
+    listener: TcpListener,
+    router: Router,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = stop.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(_) => continue,
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(router(&state, req.uri().path())) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// `/healthz` and `/readyz`.
+pub fn probes(state: &State, path: &str) -> Response<Full<Bytes>> {
+    let json = "application/json";
+    match path {
+        // Answering at all proves the event loop turns.
+        "/healthz" => respond(StatusCode::OK, json, r#"{"status":"ok"}"#.into()),
+        "/readyz" => {
+            let (ready, reason) = readiness(state);
+            let status = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            let body = serde_json::json!({
+                "status": if ready { "ready" } else { "not ready" },
+                "mode": state.mode(),
+                "reason": reason,
+            });
+            respond(status, json, body.to_string())
+        }
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            json,
+            r#"{"status":"no such probe"}"#.into(),
+        ),
+    }
+}
+
+/// Ready once listeners are bound and, with eBPF, while every program is in the pods
+/// cgroup's effective set (re-checked on each probe: someone may detach us).
+fn readiness(state: &State) -> (bool, Option<String>) {
+    if !state.ready.load(Ordering::SeqCst) {
+        return (false, Some("listeners are not serving".into()));
+    }
+    let Some(steering) = &state.steering else {
+        return (true, None);
+    };
+    match steering.verify_effective(steering.cgroup()) {
+        Ok(missing) if missing.is_empty() => (true, None),
+        Ok(missing) => (
+            false,
+            Some(format!(
+                "programs not in effect on {}: {missing:?}",
+                steering.cgroup().display()
+            )),
+        ),
+        Err(e) => (false, Some(e.to_string())),
+    }
+}
+
+/// `/metrics`.
+pub fn metrics(state: &State, path: &str) -> Response<Full<Bytes>> {
+    if path != "/metrics" {
+        return respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "only /metrics is served\n".into(),
+        );
+    }
+    let m = &state.metrics;
+    m.mode
+        .get_or_create(&ModeLabel {
+            mode: state.mode().into(),
+        })
+        .set(1);
+    if let Some(steering) = &state.steering {
+        for (counter, value) in steering.counters() {
+            m.ebpf_events
+                .get_or_create(&EventLabel {
+                    event: counter.name().into(),
+                })
+                .set(value);
+        }
+    }
+    respond(
+        StatusCode::OK,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        m.encode(),
+    )
+}
