@@ -21,7 +21,7 @@ pub const DEFAULT_IPV6_HOST: &str = "fd00:ec2::23";
 pub struct Cli {
     /// Logging verbosity: panic, fatal, error, warn, info, debug or trace.
     #[arg(short = 'v', long = "verbosity", global = true, default_value = "info",
-          env = "POD_IDENTITY_VERBOSITY", value_parser = parse_verbosity)]
+          env = "POD_IDENTITY_VERBOSITY", value_parser = parse_verbosity, overrides_with = "verbosity")]
     pub verbosity: tracing::Level,
 
     /// Log format: json lines (as the reference agent) or human-readable text.

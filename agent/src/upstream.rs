@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use aws_config::BehaviorVersion;
 use aws_credential_types::provider::{future, ProvideCredentials, SharedCredentialsProvider};
+use aws_sdk_eksauth::config::retry::RetryConfig;
 use aws_sdk_eksauth::config::timeout::TimeoutConfig;
 use aws_sdk_eksauth::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_eksauth::operation::assume_role_for_pod_identity::AssumeRoleForPodIdentityError;
@@ -79,12 +80,20 @@ impl EksAuth {
         if sdk.region().is_none() {
             return Err(SetupError::NoRegion);
         }
-        let mut builder = aws_sdk_eksauth::config::Builder::from(&sdk).timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(1))
-                .operation_timeout(opts.operation_timeout)
-                .build(),
-        );
+        // One quick retry at most: the pod's SDK retries 503s itself, and retries here would
+        // multiply EKS Auth load and the pod's wait.
+        let retry = RetryConfig::standard()
+            .with_max_attempts(2)
+            .with_initial_backoff(Duration::from_millis(50))
+            .with_max_backoff(Duration::from_millis(200));
+        let mut builder = aws_sdk_eksauth::config::Builder::from(&sdk)
+            .retry_config(retry)
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(1))
+                    .operation_timeout(opts.operation_timeout)
+                    .build(),
+            );
         if let Some(endpoint) = opts.endpoint {
             builder = builder.endpoint_url(endpoint);
         }

@@ -43,16 +43,36 @@ impl Agent {
     /// `--cgroup-root`, EKS Auth pointed at `fake`, and `extra` arguments; waits until
     /// `/readyz` answers 200.
     pub fn start(sandbox: &Sandbox, fake: &FakeEksAuth, extra: &[&str]) -> Result<Self> {
+        let root = sandbox.cgroups().pods_root().display().to_string();
+        let mut args = vec![
+            "server",
+            "--cluster-name",
+            CLUSTER,
+            "-v",
+            "debug",
+            "--cgroup-root",
+            &root,
+        ];
+        args.extend_from_slice(extra);
+        let mut agent = Self::launch(sandbox, fake, &args, &[])?;
+        agent.wait_ready(sandbox, Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    /// Spawns the agent in the node namespace with exactly `args`, the sandbox's AWS
+    /// environment (region, node credentials, EKS Auth endpoint) plus `env`; does not wait.
+    pub fn launch(
+        sandbox: &Sandbox,
+        fake: &FakeEksAuth,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let log = sandbox
             .dir()
             .join(format!("agent-{}.log", crate::names::unique()));
         let log_file = std::fs::File::create(&log)?;
         let mut cmd = sandbox.node_command(agent_bin()?, None)?;
-        cmd.arg("server")
-            .args(["--cluster-name", CLUSTER, "-v", "debug"])
-            .arg("--cgroup-root")
-            .arg(sandbox.cgroups().pods_root())
-            .args(extra)
+        cmd.args(args)
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("AWS_REGION", REGION)
@@ -60,19 +80,34 @@ impl Agent {
             .env("AWS_SECRET_ACCESS_KEY", "sandbox-node-secret")
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("AWS_ENDPOINT_URL_EKS_AUTH", fake.endpoint())
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);
         let child = cmd.spawn().context("spawning the agent")?;
-        let mut agent = Self {
+        Ok(Self {
             child: Some(child),
             log,
-        };
-        agent.wait_ready(sandbox, Duration::from_secs(20))?;
-        Ok(agent)
+        })
     }
 
-    fn wait_ready(&mut self, sandbox: &Sandbox, limit: Duration) -> Result<()> {
+    /// Waits (at most `limit`) for the agent to exit by itself.
+    pub fn wait_exit(&mut self, limit: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("agent still running after {limit:?}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until `/readyz` answers 200, failing if the agent exits first.
+    pub fn wait_ready(&mut self, sandbox: &Sandbox, limit: Duration) -> Result<()> {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.as_mut().expect("running").try_wait()? {
@@ -140,9 +175,21 @@ impl Drop for Agent {
 
 /// GETs a probe path on the node's loopback; (status, body). Status 0 when nothing answers.
 pub fn probe(sandbox: &Sandbox, path: &str) -> Result<(u16, String)> {
+    node_get(sandbox, PROBE_PORT, path)
+}
+
+/// The agent's Prometheus exposition (metrics port 2705 on the node's loopback).
+pub fn scrape(sandbox: &Sandbox) -> Result<String> {
+    let (status, body) = node_get(sandbox, 2705, "/metrics")?;
+    anyhow::ensure!(status == 200, "/metrics answered {status}");
+    Ok(body)
+}
+
+/// GETs `path` from `127.0.0.1:port` inside the node namespace.
+pub fn node_get(sandbox: &Sandbox, port: u16, path: &str) -> Result<(u16, String)> {
     let path = path.to_owned();
     sandbox.node().run_in(move || {
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", PROBE_PORT)) else {
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
             return (0, String::new());
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));

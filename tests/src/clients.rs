@@ -33,24 +33,22 @@ impl CurlResult {
     }
 }
 
-/// curl from container `c` of pod `i`, with the pod's token and optional extra arguments.
+/// curl from container `c` of pod `i`, with the pod's token (unless `extra` sets an
+/// `Authorization` header itself) and `extra` arguments.
 pub fn curl(sb: &Sandbox, i: usize, c: usize, url: &str, extra: &[&str]) -> Result<CurlResult> {
-    let token = std::fs::read_to_string(&sb.pods()[i].token_file)?;
-    let out = sb
-        .pod_command(i, c, "curl")?
-        .args([
-            "-sS",
-            "--max-time",
-            "10",
-            "-w",
-            "\n%{http_code} %{remote_port}",
-            "-H",
-        ])
-        .arg(format!("Authorization: {token}"))
-        .args(extra)
-        .arg(url)
-        .output()
-        .context("running curl")?;
+    let mut cmd = sb.pod_command(i, c, "curl")?;
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "10",
+        "-w",
+        "\n%{http_code} %{remote_port}",
+    ]);
+    if !extra.iter().any(|a| a.starts_with("Authorization")) {
+        let token = std::fs::read_to_string(&sb.pods()[i].token_file)?;
+        cmd.arg("-H").arg(format!("Authorization: {token}"));
+    }
+    let out = cmd.args(extra).arg(url).output().context("running curl")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, trailer) = text.rsplit_once('\n').unwrap_or(("", &text));
     let mut trailer = trailer.split_whitespace().map(|n| n.parse().unwrap_or(0));
@@ -61,10 +59,10 @@ pub fn curl(sb: &Sandbox, i: usize, c: usize, url: &str, extra: &[&str]) -> Resu
     })
 }
 
-/// The `sdk-client` binary built beside the test binaries.
-pub fn sdk_client_bin() -> std::path::PathBuf {
+/// A binary of this crate built beside the test binaries (`sdk-client`, `raw-http`).
+pub fn helper_bin(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/<test> -> target/<profile>/sdk-client
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
     let dir = exe
         .parent()
         .and_then(|d| {
@@ -75,12 +73,48 @@ pub fn sdk_client_bin() -> std::path::PathBuf {
             }
         })
         .expect("target dir");
-    dir.join("sdk-client")
+    dir.join(name)
+}
+
+/// What `raw-http` saw.
+#[derive(Debug, serde::Deserialize)]
+pub struct RawResult {
+    /// Status of the first response (0 if none).
+    pub status: u16,
+    /// Everything the server sent.
+    pub response: String,
+    /// Milliseconds from connect until the server closed.
+    pub closed_after_ms: u64,
+}
+
+/// Sends `request` verbatim from pod `i` to `addr` (optionally one byte every `drip` seconds).
+pub fn raw_http(
+    sb: &Sandbox,
+    i: usize,
+    addr: &str,
+    request: &[u8],
+    drip: Option<f64>,
+) -> Result<RawResult> {
+    use std::io::Write as _;
+    let mut cmd = sb.pod_command(i, 0, helper_bin("raw-http"))?;
+    cmd.arg(addr);
+    if let Some(d) = drip {
+        cmd.args(["--drip", &d.to_string()]);
+    }
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running raw-http")?;
+    child.stdin.take().expect("piped").write_all(request)?;
+    let out = child.wait_with_output()?;
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("raw-http output: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 /// Runs the Rust SDK's container credentials provider in pod `i` against `url`.
 pub fn sdk_client(sb: &Sandbox, i: usize, url: &str) -> Result<Output> {
-    sb.pod_command(i, 0, sdk_client_bin())?
+    sb.pod_command(i, 0, helper_bin("sdk-client"))?
         .env_clear()
         .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", url)
         .env(

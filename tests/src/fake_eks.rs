@@ -67,6 +67,7 @@ struct Shared {
     fault: Mutex<Fault>,
     calls: AtomicUsize,
     issued: Mutex<Vec<Issued>>,
+    signers: Mutex<Vec<String>>,
     lifetime: Mutex<Duration>,
 }
 
@@ -97,6 +98,7 @@ impl FakeEksAuth {
             fault: Mutex::new(Fault::None),
             calls: AtomicUsize::new(0),
             issued: Mutex::new(Vec::new()),
+            signers: Mutex::new(Vec::new()),
             lifetime: Mutex::new(Duration::from_secs(6 * 3600)),
         });
         let s = shared.clone();
@@ -115,7 +117,9 @@ impl FakeEksAuth {
                         let s = s.clone();
                         async move { Ok::<_, Infallible>(answer(&s, req).await) }
                     });
+                    // One call per connection, so an injected reset hits every call.
                     let _ = http1::Builder::new()
+                        .keep_alive(false)
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
                 });
@@ -154,6 +158,11 @@ impl FakeEksAuth {
     /// Calls received (every attempt, faulted or not).
     pub fn calls(&self) -> usize {
         self.shared.calls.load(Ordering::SeqCst)
+    }
+
+    /// The access key id that signed each well-formed call, oldest first.
+    pub fn signers(&self) -> Vec<String> {
+        self.shared.signers.lock().unwrap().clone()
     }
 
     /// Credentials issued so far, oldest first.
@@ -213,6 +222,11 @@ async fn answer(s: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
             "request is not SigV4-signed for eks-auth",
         );
     }
+    let signer = auth["AWS4-HMAC-SHA256 Credential=".len()..]
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    s.signers.lock().unwrap().push(signer.to_owned());
     let Ok(body) = req.into_body().collect().await else {
         return error(400, "InvalidRequestException", "unreadable body");
     };

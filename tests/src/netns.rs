@@ -2,7 +2,8 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -42,6 +43,11 @@ impl NetNs {
     /// Runs `ip -n <ns> args...`.
     pub fn ip(&self, args: &[&str]) -> Result<()> {
         run(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    /// A command that runs inside this namespace (in the caller's cgroup).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+        command_in(program, self.open()?, None)
     }
 
     /// Runs `f` on a thread that has joined this namespace (sockets made there stay in it).
@@ -86,4 +92,40 @@ pub fn run(cmd: &mut Command) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A command that, between fork and exec, joins `cgroup` (if any) and then the network
+/// namespace `netns`. Unlike `ip netns exec`, it does not remount /sys, so the cgroup2
+/// mount and bpffs stay visible (EBPF-NOTES.md P1).
+pub fn command_in(
+    program: impl AsRef<std::ffi::OsStr>,
+    netns: File,
+    cgroup: Option<&Path>,
+) -> Result<Command> {
+    let procs = cgroup
+        .map(|c| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(c.join("cgroup.procs"))
+                .with_context(|| format!("opening {}/cgroup.procs", c.display()))
+        })
+        .transpose()?;
+    let mut cmd = Command::new(program);
+    // SAFETY: between fork and exec only write(2) and setns(2) run, both async-signal-safe;
+    // the fds are owned by the closure, which the Command keeps alive until spawn.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(procs) = &procs {
+                // "0" moves the writing process itself.
+                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
 }

@@ -2,20 +2,17 @@
 //! namespaces joined to it by veth pairs, a kubelet-shaped cgroup tree, and per-pod token
 //! files. Everything is removed on drop, in reverse order of creation.
 
-use std::fs::File;
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::cgroups::{CgroupTree, Driver};
 use crate::issuer::{Issuer, TokenSubject};
 use crate::names;
-use crate::netns::NetNs;
+use crate::netns::{command_in, NetNs};
 
 /// The IPv4 credential address.
 pub const CRED_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 170, 23);
@@ -256,8 +253,7 @@ impl Sandbox {
             Some(ns) => ns.open()?,
             None => self.node.open()?,
         };
-        let cgroup = &pod.containers[c];
-        Ok(command_in(program, &ns_and_cgroup(ns, Some(cgroup))?))
+        command_in(program, ns, Some(&pod.containers[c]))
     }
 
     /// A command in the node namespace, in the cgroup named (or the caller's).
@@ -266,55 +262,8 @@ impl Sandbox {
         program: impl AsRef<std::ffi::OsStr>,
         cgroup: Option<&Path>,
     ) -> Result<Command> {
-        Ok(command_in(
-            program,
-            &ns_and_cgroup(self.node.open()?, cgroup)?,
-        ))
+        command_in(program, self.node.open()?, cgroup)
     }
-}
-
-/// Files a child needs to enter its place before exec.
-struct Place {
-    netns: File,
-    procs: Option<File>,
-}
-
-fn ns_and_cgroup(netns: File, cgroup: Option<&Path>) -> Result<Place> {
-    let procs = cgroup
-        .map(|c| {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(c.join("cgroup.procs"))
-                .with_context(|| format!("opening {}/cgroup.procs", c.display()))
-        })
-        .transpose()?;
-    Ok(Place { netns, procs })
-}
-
-fn command_in(program: impl AsRef<std::ffi::OsStr>, place: &Place) -> Command {
-    let mut cmd = Command::new(program);
-    let ns_fd = place.netns.try_clone().expect("dup netns fd");
-    let procs_fd = place
-        .procs
-        .as_ref()
-        .map(|f| f.try_clone().expect("dup procs fd"));
-    // SAFETY: between fork and exec we only call write(2) and setns(2), both async-signal-safe;
-    // the fds are owned by the closure, which the Command keeps alive until spawn.
-    unsafe {
-        cmd.pre_exec(move || {
-            if let Some(procs) = &procs_fd {
-                // "0" moves the writing process itself.
-                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            if libc::setns(ns_fd.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd
 }
 
 /// A deterministic, UID-shaped pod id unique to this sandbox.

@@ -19,7 +19,11 @@ pub const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "curl",
+    "procps",
 ];
+
+/// botocore, the Python SDK's core, pinned for the client matrix.
+pub const BOTOCORE_VERSION: &str = "1.44.5";
 
 /// The bpf-linker release that works with LLVM 22 and rustc 1.95/1.96.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -29,6 +33,7 @@ pub fn all() -> Result<()> {
     require_root()?;
     step("setup: Debian packages", apt)?;
     step("setup: bpf-linker", bpf_linker)?;
+    step("setup: botocore virtualenv", botocore)?;
     Ok(())
 }
 
@@ -97,4 +102,35 @@ fn bpf_linker() -> Result<()> {
         .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
     .context("installing bpf-linker")?;
     Ok(())
+}
+
+/// The virtualenv holding botocore for the client matrix.
+pub fn venv() -> std::path::PathBuf {
+    crate::steps::root().join("target/pyenv")
+}
+
+fn botocore() -> Result<()> {
+    let python = venv().join("bin/python");
+    let have = Command::new(&python)
+        .args(["-c", "import botocore; print(botocore.__version__)"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    if have == BOTOCORE_VERSION {
+        println!("  botocore {have} present in {}", venv().display());
+        return Ok(());
+    }
+    if !python.exists() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(venv()))?;
+    }
+    run(Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .arg(format!("botocore=={BOTOCORE_VERSION}")))
+    .context("installing botocore")
 }

@@ -200,7 +200,9 @@ pub fn test() -> Result<()> {
     .and_then(|()| {
         cargo_test(
             "end-to-end suite (node sandbox)",
-            &["-p", "tests", "--test", "e2e"],
+            &[
+                "-p", "tests", "--test", "e2e", "--test", "dropin", "--test", "clients",
+            ],
             &env,
             &mut tally,
         )

@@ -100,7 +100,7 @@ pub async fn bind_all(
     attributed_port: Option<u16>,
 ) -> Result<Vec<Bound>, ServeError> {
     let mut bound = Vec::new();
-    for &host in hosts {
+    'hosts: for &host in hosts {
         let ports = std::iter::once((port, ListenerKind::Plain))
             .chain(attributed_port.map(|p| (p, ListenerKind::Attributed)));
         for (port, kind) in ports {
@@ -108,7 +108,10 @@ pub async fn bind_all(
             match TcpListener::bind(addr).await {
                 Ok(listener) => bound.push(Bound { listener, kind }),
                 Err(source) if host.is_ipv6() && ipv6_unavailable(&source) => {
-                    tracing::warn!(%addr, error = %source, "IPv6 credential address unavailable on this node; serving without it");
+                    // One warning for the host; its other listener would fail the same way.
+                    tracing::warn!(%host, error = %source, "IPv6 credential address unavailable on this node; serving without it");
+                    bound.retain(|b| b.listener.local_addr().map_or(true, |a| a.ip() != host));
+                    continue 'hosts;
                 }
                 Err(source) => return Err(ServeError::Bind { addr, source }),
             }
@@ -236,6 +239,7 @@ async fn serve_connection(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_HEAD_BYTES)
+        .max_header_size(MAX_HEAD_BYTES)
         .serve_connection(TokioIo::new(stream), service);
     if let Err(e) = graceful.watch(conn).await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
