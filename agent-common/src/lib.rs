@@ -54,8 +54,9 @@ pub enum Counter {
     Steered6 = 1,
     /// Established connections whose tuple was recorded.
     TupleRecorded = 2,
-    /// Established connections that carried no cgroup mark (not steered by us).
-    NoMark = 3,
+    /// Established connections to the attributed port that carried no cgroup mark: the
+    /// server will refuse them (a direct dial of the port, or a lost mark).
+    AttributionMiss = 3,
     /// Tuple map inserts that failed (map full).
     TupleInsertFailed = 4,
     /// Tuples deleted when their socket closed.
@@ -72,7 +73,7 @@ impl Counter {
         Counter::Steered4,
         Counter::Steered6,
         Counter::TupleRecorded,
-        Counter::NoMark,
+        Counter::AttributionMiss,
         Counter::TupleInsertFailed,
         Counter::TupleDeleted,
         Counter::PeerNameRewritten,
@@ -85,7 +86,7 @@ impl Counter {
             Counter::Steered4 => "steered4",
             Counter::Steered6 => "steered6",
             Counter::TupleRecorded => "tuple_recorded",
-            Counter::NoMark => "no_mark",
+            Counter::AttributionMiss => "attribution_miss",
             Counter::TupleInsertFailed => "tuple_insert_failed",
             Counter::TupleDeleted => "tuple_deleted",
             Counter::PeerNameRewritten => "peername_rewritten",

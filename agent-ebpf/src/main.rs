@@ -195,13 +195,19 @@ fn record_tuple(ctx: &SockOpsContext) {
             0,
         )
     } as *const u64;
+    let key = tuple_key(ctx);
     if mark.is_null() {
-        bump(Counter::NoMark);
+        // Only connections to the attributed port matter; anything else is not ours.
+        let to_attributed =
+            config().is_some_and(|cfg| key.server_port == u16::from_be(cfg.attributed_port as u16));
+        if to_attributed {
+            bump(Counter::AttributionMiss);
+        }
         return;
     }
     // SAFETY: non-null pointer into the socket's storage.
     let cgroup = unsafe { *mark };
-    if TUPLES.insert(&tuple_key(ctx), &cgroup, 0).is_err() {
+    if TUPLES.insert(&key, &cgroup, 0).is_err() {
         bump(Counter::TupleInsertFailed);
         return;
     }

@@ -1,6 +1,7 @@
 //! Who is calling: the kernel's cgroup id for a connection, resolved to a cgroup path and a pod.
 
 use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -35,6 +36,40 @@ impl Caller {
     }
 }
 
+/// What the kernel's attribution says about a request's caller, checked against its token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The caller's pod is the pod the token names.
+    Attributed,
+    /// The caller's pod is not the pod the token names (a replayed token).
+    Mismatch,
+    /// No kernel record for the connection.
+    Unattributed,
+    /// The caller's cgroup is not a pod's.
+    NotAPod,
+}
+
+impl Outcome {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Attributed => "attributed",
+            Outcome::Mismatch => "mismatch",
+            Outcome::Unattributed => "unattributed",
+            Outcome::NotAPod => "not_a_pod",
+        }
+    }
+}
+
+/// What to do with callers on the plain listener, which no hook vouched for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UnattributedPolicy {
+    /// Serve them, checking only the token (the reference agent's behaviour).
+    Allow,
+    /// Refuse them with 403.
+    Deny,
+}
+
 /// A resolved caller cgroup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodCgroup {
@@ -66,8 +101,14 @@ impl Resolver {
     /// The cgroup `id` names, if it still exists below the root. cgroup2 ids are never reused
     /// while the system runs, so a cached answer can be stale (cgroup gone) but never wrong.
     pub fn resolve(&self, id: u64) -> Option<PodCgroup> {
-        if let Some(hit) = self.cache.lock().expect("not poisoned").get(&id) {
-            return Some(hit.clone());
+        let hit = self.cache.lock().expect("not poisoned").get(&id).cloned();
+        if let Some(hit) = hit {
+            // A cgroup that was removed must not keep resolving: check it is still there.
+            if std::fs::metadata(&hit.path).is_ok_and(|m| m.ino() == id) {
+                return Some(hit);
+            }
+            self.cache.lock().expect("not poisoned").remove(&id);
+            return None;
         }
         let path = cgroup::find_by_id(&self.root, id)?;
         let resolved = PodCgroup {

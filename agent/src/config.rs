@@ -132,6 +132,16 @@ pub struct ServerArgs {
     #[arg(long, env = "POD_IDENTITY_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,
 
+    /// Callers on the plain listener (not steered by the eBPF hook): allow (reference
+    /// behaviour) or deny.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "allow",
+        env = "POD_IDENTITY_UNATTRIBUTED"
+    )]
+    pub unattributed: crate::attribution::UnattributedPolicy,
+
     /// Do not load eBPF: serve the plain listeners only, without kernel attribution.
     #[arg(long, env = "POD_IDENTITY_NO_EBPF", num_args = 0..=1, default_missing_value = "true",
           action = clap::ArgAction::Set, default_value_t = false)]

@@ -63,6 +63,7 @@ pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         eks,
         steering,
         resolver,
+        unattributed: args.unattributed,
         ready: AtomicBool::new(false),
         metrics: metrics::Metrics::default(),
     });

@@ -73,6 +73,15 @@ pub struct OutcomeLabel {
     pub outcome: String,
 }
 
+/// `listener` and `outcome` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttributionLabels {
+    /// `attributed` or `plain`.
+    pub listener: String,
+    /// `attributed`, `mismatch`, `unattributed`, `not_a_pod`.
+    pub outcome: String,
+}
+
 /// `mode` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModeLabel {
@@ -103,6 +112,10 @@ pub struct Metrics {
     pub upstream_seconds: Family<OutcomeLabel, Histogram>,
     /// 1 for the active mode.
     pub mode: Family<ModeLabel, Gauge>,
+    /// Requests by listener and kernel attribution outcome.
+    pub attribution: Family<AttributionLabels, Counter>,
+    /// Live entries in the kernel's tuple map (read at scrape time).
+    pub ebpf_tuples: Gauge<u64, AtomicU64>,
     /// The eBPF programs' counters, read from the kernel at scrape time.
     pub ebpf_events: Family<EventLabel, Gauge<u64, AtomicU64>>,
 }
@@ -128,6 +141,8 @@ impl Default for Metrics {
         );
         let mode = Family::default();
         let ebpf_events = Family::default();
+        let attribution = Family::default();
+        let ebpf_tuples = Gauge::default();
         registry.register(
             "pod_identity_http_response",
             "Pod Identity http response code",
@@ -163,8 +178,20 @@ impl Default for Metrics {
             "Counters of the kernel programs (steered connects, recorded tuples, misses)",
             ebpf_events.clone(),
         );
+        registry.register(
+            "pod_identity_attribution",
+            "Credentials requests by listener and kernel attribution outcome",
+            attribution.clone(),
+        );
+        registry.register(
+            "pod_identity_ebpf_tuples",
+            "Live connections in the kernel's attribution map",
+            ebpf_tuples.clone(),
+        );
         Self {
             registry,
+            attribution,
+            ebpf_tuples,
             http_response,
             cache_state,
             cache_errors,

@@ -124,3 +124,64 @@ pub fn sdk_client(sb: &Sandbox, i: usize, url: &str) -> Result<Output> {
         .output()
         .context("running sdk-client")
 }
+
+/// What the `load` client measured.
+#[derive(Debug, serde::Deserialize)]
+pub struct LoadResult {
+    /// Responses by status code.
+    pub statuses: std::collections::BTreeMap<String, u64>,
+    /// Requests that failed to connect or read.
+    pub errors: u64,
+    /// Median latency, µs.
+    pub p50_us: u64,
+    /// 99th percentile latency, µs.
+    pub p99_us: u64,
+    /// Wall time, ms.
+    pub elapsed_ms: u64,
+}
+
+impl LoadResult {
+    /// Responses with `status`.
+    pub fn count(&self, status: u16) -> u64 {
+        self.statuses.get(&status.to_string()).copied().unwrap_or(0)
+    }
+}
+
+/// Starts `count` requests for `path` (new connection each, `concurrency` at a time) from
+/// container `c` of pod `i` to `addr`; returns the running child (its stdout is the result).
+pub fn spawn_load(
+    sb: &Sandbox,
+    i: usize,
+    c: usize,
+    addr: &str,
+    path: &str,
+    count: usize,
+    concurrency: usize,
+) -> Result<std::process::Child> {
+    let host = if addr.starts_with('[') {
+        "[fd00:ec2::23]"
+    } else {
+        "169.254.170.23"
+    };
+    sb.pod_command(i, c, helper_bin("load"))?
+        .arg(addr)
+        .arg(host)
+        .arg(&sb.pods()[i].token_file)
+        .arg(count.to_string())
+        .arg(concurrency.to_string())
+        .arg(path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting load")
+}
+
+/// Waits for a `spawn_load` child and parses its result.
+pub fn load_result(child: std::process::Child) -> Result<LoadResult> {
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "load failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).context("load output")
+}

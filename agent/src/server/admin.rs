@@ -123,6 +123,7 @@ pub fn metrics(state: &State, path: &str) -> Response<Full<Bytes>> {
         })
         .set(1);
     if let Some(steering) = &state.steering {
+        m.ebpf_tuples.set(steering.live_tuples() as u64);
         for (counter, value) in steering.counters() {
             m.ebpf_events
                 .get_or_create(&EventLabel {

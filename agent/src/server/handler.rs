@@ -7,9 +7,9 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
 use super::State;
-use crate::attribution::Caller;
+use crate::attribution::{Caller, Outcome, UnattributedPolicy};
 use crate::credentials::error_json;
-use crate::metrics::{OutcomeLabel, StateLabel};
+use crate::metrics::{AttributionLabels, OutcomeLabel, StateLabel};
 use crate::token::{self, TokenError};
 use crate::upstream::UpstreamError;
 
@@ -39,6 +39,15 @@ pub enum RequestError {
     /// A connection on the attributed listener the kernel has no record of.
     #[error("Access Denied. The agent could not attribute this connection to a pod")]
     Unattributed,
+    /// The kernel attributed the connection to a cgroup that is not a pod's.
+    #[error("Access Denied. The calling process is not in a pod's cgroup")]
+    NotAPod,
+    /// The token names another pod than the one calling: a replayed token.
+    #[error("Access Denied. The service account token does not belong to the calling pod")]
+    Mismatch,
+    /// A plain-listener caller while `--unattributed=deny`.
+    #[error("Access Denied. This agent serves only callers the kernel attributes to a pod (--unattributed=deny)")]
+    PlainDenied,
     /// EKS Auth said no, or could not be reached.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
@@ -51,7 +60,9 @@ impl RequestError {
             Self::NotFound => (StatusCode::NOT_FOUND, "NotFound"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
             Self::BadHost { .. } => (StatusCode::FORBIDDEN, "AccessDenied"),
-            Self::Unattributed => (StatusCode::FORBIDDEN, "Unattributed"),
+            Self::Unattributed | Self::PlainDenied => (StatusCode::FORBIDDEN, "Unattributed"),
+            Self::NotAPod => (StatusCode::FORBIDDEN, "NotAPod"),
+            Self::Mismatch => (StatusCode::FORBIDDEN, "TokenPodMismatch"),
             Self::Token(_) => (StatusCode::BAD_REQUEST, "InvalidToken"),
             Self::Upstream(e) => match e {
                 UpstreamError::Rejected { code, .. } => (StatusCode::BAD_REQUEST, code.as_str()),
@@ -73,7 +84,9 @@ impl RequestError {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::BadHost { .. } => "bad_host",
             Self::Token(_) => "bad_token",
-            Self::Unattributed => "unattributed",
+            Self::Unattributed | Self::PlainDenied => "unattributed",
+            Self::NotAPod => "not_a_pod",
+            Self::Mismatch => "mismatch",
             Self::Upstream(e) => upstream_outcome(e),
         }
     }
@@ -157,9 +170,8 @@ async fn credentials<B>(
         return Err(RequestError::MethodNotAllowed);
     }
     check_host(req)?;
-    if *caller == Caller::Unattributed {
-        return Err(RequestError::Unattributed);
-    }
+    // Who is calling, per the kernel, before the token is even looked at.
+    let caller_pod = identify(state, caller)?;
     let token = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -172,7 +184,14 @@ async fn credentials<B>(
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
-    let _claims = token::parse(token, now)?;
+    let claims = token::parse(token, now)?;
+    if let Some(uid) = caller_pod {
+        if claims.pod_uid() != Some(uid.as_str()) {
+            count_attribution(state, caller, Outcome::Mismatch);
+            return Err(RequestError::Mismatch);
+        }
+        count_attribution(state, caller, Outcome::Attributed);
+    }
     // No cache yet: every request is a miss, counted as the reference agent counts misses.
     state
         .metrics
@@ -192,6 +211,49 @@ async fn credentials<B>(
         })
         .observe(started.elapsed().as_secs_f64());
     Ok(result?.to_json())
+}
+
+/// The calling pod's UID when the kernel attributed the connection; `None` for plain-listener
+/// callers the policy allows. Refusals are counted here.
+fn identify(state: &State, caller: &Caller) -> Result<Option<String>, RequestError> {
+    match caller {
+        Caller::Plain => {
+            count_attribution(state, caller, Outcome::Unattributed);
+            match state.unattributed {
+                UnattributedPolicy::Allow => Ok(None),
+                UnattributedPolicy::Deny => Err(RequestError::PlainDenied),
+            }
+        }
+        Caller::Unattributed => {
+            count_attribution(state, caller, Outcome::Unattributed);
+            Err(RequestError::Unattributed)
+        }
+        Caller::Attributed(id) => {
+            let uid = state
+                .resolver
+                .as_ref()
+                .and_then(|r| r.resolve(*id))
+                .and_then(|pod| pod.pod_uid);
+            match uid {
+                Some(uid) => Ok(Some(uid)),
+                None => {
+                    count_attribution(state, caller, Outcome::NotAPod);
+                    Err(RequestError::NotAPod)
+                }
+            }
+        }
+    }
+}
+
+fn count_attribution(state: &State, caller: &Caller, outcome: Outcome) {
+    state
+        .metrics
+        .attribution
+        .get_or_create(&AttributionLabels {
+            listener: caller.listener().into(),
+            outcome: outcome.label().into(),
+        })
+        .inc();
 }
 
 /// Accepts the two credential addresses, with or without a port, as the reference agent does.

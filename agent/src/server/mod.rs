@@ -39,6 +39,8 @@ pub struct State {
     pub steering: Option<Steering>,
     /// cgroup id resolver, when eBPF is on.
     pub resolver: Option<Resolver>,
+    /// What to do with plain-listener callers.
+    pub unattributed: crate::attribution::UnattributedPolicy,
     /// Set once every listener is bound and serving.
     pub ready: AtomicBool,
     /// Prometheus metrics.

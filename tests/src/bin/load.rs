@@ -1,0 +1,92 @@
+//! A bounded load client run inside a pod:
+//! `load ADDR HOST TOKEN_FILE COUNT CONCURRENCY [PATH]`.
+//! Each request is a new connection (as SDKs do): connect, `GET PATH` (default
+//! `/v1/credentials`), read to EOF.
+//! Stops after COUNT requests or 120 s. Prints one JSON line with status counts, connection
+//! errors and latency percentiles (µs).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (addr, host, token_file, count, concurrency, path) = match &args[..] {
+        [a, h, t, n, c] => (a, h, t, n, c, "/v1/credentials"),
+        [a, h, t, n, c, p] => (a, h, t, n, c, p.as_str()),
+        _ => {
+            eprintln!("usage: load ADDR HOST TOKEN_FILE COUNT CONCURRENCY [PATH]");
+            std::process::exit(2);
+        }
+    };
+    let token = std::fs::read_to_string(token_file).expect("token file");
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {token}\r\nConnection: close\r\n\r\n"
+    );
+    let count: usize = count.parse().expect("COUNT");
+    let concurrency: usize = concurrency.parse().expect("CONCURRENCY");
+    let next = Arc::new(AtomicUsize::new(0));
+    let results = Arc::new(Mutex::new((
+        BTreeMap::<u16, u64>::new(),
+        0u64,
+        Vec::<u64>::new(),
+    )));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (next, results, request, addr) =
+                (next.clone(), results.clone(), request.clone(), addr.clone());
+            std::thread::spawn(move || {
+                while next.fetch_add(1, Ordering::Relaxed) < count && Instant::now() < deadline {
+                    let t = Instant::now();
+                    let status = one(&addr, &request);
+                    let micros = t.elapsed().as_micros() as u64;
+                    let mut r = results.lock().unwrap();
+                    match status {
+                        Some(s) => *r.0.entry(s).or_default() += 1,
+                        None => r.1 += 1,
+                    }
+                    r.2.push(micros);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("worker");
+    }
+    let (statuses, errors, mut lat) = Arc::try_unwrap(results).unwrap().into_inner().unwrap();
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    let statuses: BTreeMap<String, u64> = statuses
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    println!(
+        "{}",
+        serde_json::json!({
+            "statuses": statuses,
+            "errors": errors,
+            "p50_us": pct(0.50),
+            "p99_us": pct(0.99),
+            "elapsed_ms": started.elapsed().as_millis() as u64,
+        })
+    );
+}
+
+/// One request on a fresh connection; the status, or None on a connection error.
+fn one(addr: &str, request: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(request.as_bytes()).ok()?;
+    let mut buf = Vec::with_capacity(1024);
+    s.read_to_end(&mut buf).ok()?;
+    std::str::from_utf8(buf.get(9..12)?).ok()?.parse().ok()
+}
