@@ -15,6 +15,9 @@ pub const DEFAULT_IPV4_HOST: &str = "169.254.170.23";
 /// The IPv6 credential address pods are given.
 pub const DEFAULT_IPV6_HOST: &str = "fd00:ec2::23";
 
+/// Where `server` pins its maps and links.
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/eks-pod-identity-agent";
+
 /// eks-pod-identity-agent: serves EKS Pod Identity credentials to the pods of this node.
 #[derive(Debug, Parser)]
 #[command(name = "eks-pod-identity-agent", version, about)]
@@ -45,6 +48,8 @@ pub enum Command {
     Server(Box<ServerArgs>),
     /// Create the link holding the credential addresses (the DaemonSet's init container).
     Initialize(InitializeArgs),
+    /// Detach the eBPF programs and remove their pins (before removing the agent from a node).
+    Uninstall(UninstallArgs),
     /// Print the version.
     Version,
 }
@@ -55,6 +60,14 @@ pub struct InitializeArgs {
     /// Remove the link (and with it the addresses and routes) instead of creating it.
     #[arg(long)]
     pub remove: bool,
+}
+
+/// Flags of `uninstall`.
+#[derive(Debug, Args)]
+pub struct UninstallArgs {
+    /// The bpffs directory `server` pinned into.
+    #[arg(long, default_value = DEFAULT_BPFFS_DIR, env = "POD_IDENTITY_BPFFS_DIR")]
+    pub bpffs_dir: PathBuf,
 }
 
 /// How log lines are written.
@@ -141,6 +154,16 @@ pub struct ServerArgs {
         env = "POD_IDENTITY_UNATTRIBUTED"
     )]
     pub unattributed: crate::attribution::UnattributedPolicy,
+
+    /// bpffs directory for the pinned maps and links (mounted if needed); they survive
+    /// restarts, so an upgrade swaps programs with no unsteered window.
+    #[arg(long, default_value = DEFAULT_BPFFS_DIR, env = "POD_IDENTITY_BPFFS_DIR")]
+    pub bpffs_dir: PathBuf,
+
+    /// Do not pin: the programs detach when the agent exits.
+    #[arg(long, env = "POD_IDENTITY_NO_PIN", num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set, default_value_t = false)]
+    pub no_pin: bool,
 
     /// Do not load eBPF: serve the plain listeners only, without kernel attribution.
     #[arg(long, env = "POD_IDENTITY_NO_EBPF", num_args = 0..=1, default_missing_value = "true",

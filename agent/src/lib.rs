@@ -82,9 +82,14 @@ pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         "eks-pod-identity-agent started"
     );
     server::serve(state.clone(), listeners, probe, metrics, shutdown_signal()).await;
-    // Dropping the last reference detaches the programs.
+    let pinned = state.steering.is_some() && !args.no_pin;
+    // Dropping the last reference detaches unpinned programs.
     drop(state);
-    tracing::info!("stopped; eBPF programs detached");
+    if pinned {
+        tracing::info!(pins = %args.bpffs_dir.display(), "stopped; eBPF programs stay attached through their pins for the next start (`uninstall` removes them)");
+    } else {
+        tracing::info!("stopped; eBPF programs detached");
+    }
     Ok(())
 }
 
@@ -92,6 +97,14 @@ async fn bind_admin(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::
     tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} for {what}"))
+}
+
+/// Runs `uninstall`: detaches the programs and removes every pin.
+pub fn run_uninstall(args: crate::config::UninstallArgs) -> anyhow::Result<()> {
+    let removed = ebpf::uninstall(&args.bpffs_dir)
+        .with_context(|| format!("removing pins under {}", args.bpffs_dir.display()))?;
+    tracing::info!(dir = %args.bpffs_dir.display(), removed, "eBPF programs detached and pins removed");
+    Ok(())
 }
 
 /// Runs `initialize`: sets up (or with `--remove`, deletes) the credential link.
@@ -138,6 +151,7 @@ fn attach(args: &ServerArgs) -> anyhow::Result<Steering> {
             port: args.port,
             attributed_port: args.attributed_port,
         },
+        (!args.no_pin).then_some(args.bpffs_dir.as_path()),
     )
     .with_context(|| format!("attaching eBPF programs to {}", root.display()))?;
     let missing = steering.verify_effective(&root)?;

@@ -14,6 +14,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Server(args) => run(agent::run_server(*args)),
         Command::Initialize(args) => run(agent::run_initialize(args)),
+        Command::Uninstall(args) => run(async { agent::run_uninstall(args) }),
     }
 }
 

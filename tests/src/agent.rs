@@ -80,6 +80,7 @@ impl Agent {
             .env("AWS_SECRET_ACCESS_KEY", "sandbox-node-secret")
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("AWS_ENDPOINT_URL_EKS_AUTH", fake.endpoint())
+            .env("POD_IDENTITY_BPFFS_DIR", sandbox.bpf_dir())
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)

@@ -130,8 +130,12 @@ pub fn sdk_client(sb: &Sandbox, i: usize, url: &str) -> Result<Output> {
 pub struct LoadResult {
     /// Responses by status code.
     pub statuses: std::collections::BTreeMap<String, u64>,
-    /// Requests that failed to connect or read.
+    /// Requests that got no HTTP answer.
     pub errors: u64,
+    /// Of those, connects that failed (nothing listening).
+    pub refused: u64,
+    /// Of those, connections that broke without an answer.
+    pub broken: u64,
     /// Median latency, µs.
     pub p50_us: u64,
     /// 99th percentile latency, µs.

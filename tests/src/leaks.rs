@@ -25,6 +25,10 @@ pub fn leftovers(prefix: &str) -> Result<Vec<String>> {
         ("network namespace", Path::new("/run/netns").to_path_buf()),
         ("cgroup", cgroup2_mount()?),
         ("scratch directory", std::env::temp_dir()),
+        (
+            "bpffs pin directory",
+            Path::new("/sys/fs/bpf").to_path_buf(),
+        ),
     ] {
         if let Ok(rd) = std::fs::read_dir(&dir) {
             for e in rd.flatten() {

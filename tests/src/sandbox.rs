@@ -146,6 +146,11 @@ impl Sandbox {
         &self.issuer
     }
 
+    /// The bpffs directory the sandbox's agents pin into (removed with the sandbox).
+    pub fn bpf_dir(&self) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf").join(&self.name)
+    }
+
     /// A scratch directory removed with the sandbox.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -283,8 +288,10 @@ fn uuid_like(seed: &str, n: usize) -> String {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        // Processes first (they hold cgroups busy), then namespaces, then files.
+        // Processes first (they hold cgroups busy), then pins (they keep programs attached),
+        // then namespaces, then files.
         crate::cgroups::remove_tree(self.cgroups.pods_root());
+        let _ = std::fs::remove_dir_all(self.bpf_dir());
         self.pods.clear();
         let _ = std::fs::remove_dir_all(&self.dir);
     }

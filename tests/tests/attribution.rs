@@ -223,3 +223,81 @@ fn the_attribution_map_does_not_grow_with_closed_connections() -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// (program ids, link ids) of the cgroup links attached directly to `cgroup`.
+fn attachment(cgroup: &std::path::Path) -> Result<(Vec<u64>, Vec<u64>)> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup)
+        .output()?;
+    let progs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let prog_ids: Vec<u64> = progs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["id"].as_u64())
+        .collect();
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "link", "show"])
+        .output()?;
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let mut link_ids: Vec<u64> = links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["prog_id"].as_u64().is_some_and(|p| prog_ids.contains(&p)))
+        .filter_map(|l| l["id"].as_u64())
+        .collect();
+    link_ids.sort_unstable();
+    Ok((prog_ids, link_ids))
+}
+
+#[test]
+fn a_restart_under_load_swaps_programs_in_place_and_fails_nothing_but_refused_connects(
+) -> Result<()> {
+    let (mut sb, fake) = node(Driver::Systemd)?;
+    let pod = sb.add_pod(PodSpec::new("app", "reader"))?;
+    let root = sb.cgroups().pods_root().to_path_buf();
+    let first = Agent::start(&sb, &fake, &[])?;
+    let (progs_before, links_before) = attachment(&root)?;
+    assert_eq!((progs_before.len(), links_before.len()), (5, 5));
+
+    let load = spawn_load(&sb, pod, 0, "169.254.170.23:80", "/v1/credentials", 3000, 4)?;
+    std::thread::sleep(Duration::from_millis(400));
+    let down = Instant::now();
+    assert!(first.stop()?.success());
+    let second = Agent::start(&sb, &fake, &[])?;
+    let restart = down.elapsed();
+    let load = load_result(load)?;
+
+    // Every answered request succeeded: none refused for lack of attribution after the swap.
+    let answered: u64 = load.statuses.values().sum();
+    assert_eq!(load.count(200), answered, "{load:?}");
+    assert_eq!(
+        load.broken, 0,
+        "connections broken by the restart: {load:?}"
+    );
+    assert_eq!(answered + load.refused, 3000, "{load:?}");
+    assert!(answered > 0 && load.count(200) > 0);
+    // One attachment, not two: the same links, new programs inside them.
+    let (progs_after, links_after) = attachment(&root)?;
+    assert_eq!(
+        links_after, links_before,
+        "links were re-created instead of updated"
+    );
+    assert_eq!(progs_after.len(), 5);
+    assert!(
+        progs_after.iter().all(|p| !progs_before.contains(p)),
+        "programs were not replaced"
+    );
+    let text = scrape(&sb)?;
+    assert_eq!(
+        attribution(&text, "attributed", "unattributed"),
+        0,
+        "{text}"
+    );
+    assert_eq!(attribution(&text, "attributed", "mismatch"), 0, "{text}");
+    eprintln!("restart took {restart:?}; load: {load:?}");
+    drop(second);
+    Ok(())
+}

@@ -194,10 +194,10 @@ fn without_ebpf_the_plain_listener_serves() -> Result<()> {
 }
 
 #[test]
-fn sigterm_detaches_the_programs_and_exits_zero() -> Result<()> {
+fn sigterm_exits_zero_and_unpinned_programs_detach() -> Result<()> {
     let (mut sb, fake) = node(Driver::Systemd)?;
     let pod = sb.add_pod(PodSpec::new("app", "reader"))?;
-    let agent = Agent::start(&sb, &fake, &[])?;
+    let agent = Agent::start(&sb, &fake, &["--no-pin"])?;
     let (status, body) = probe(&sb, "/readyz")?;
     assert_eq!((status, body.contains("\"ebpf\"")), (200, true), "{body}");
     let root = sb.cgroups().pods_root().to_path_buf();
@@ -212,6 +212,36 @@ fn sigterm_detaches_the_programs_and_exits_zero() -> Result<()> {
     assert_eq!(attached(&root)?, 0, "programs still attached after SIGTERM");
     // With nothing steering and nothing listening, the pod's connect is refused.
     assert_eq!(curl(&sb, pod, 0, credentials_url(false), &[])?.status, 0);
+    Ok(())
+}
+
+#[test]
+fn pinned_programs_outlive_the_agent_until_uninstall() -> Result<()> {
+    let (mut sb, fake) = node(Driver::Cgroupfs)?;
+    let pod = sb.add_pod(PodSpec::new("app", "reader"))?;
+    let agent = Agent::start(&sb, &fake, &[])?;
+    let root = sb.cgroups().pods_root().to_path_buf();
+    assert!(agent.stop()?.success());
+    assert_eq!(
+        attached(&root)?,
+        5,
+        "pinned programs must stay attached across a restart"
+    );
+    // Still steered: the connect goes to the (now closed) attributed port, not to port 80.
+    let peer = curl(&sb, pod, 0, credentials_url(false), &[])?;
+    assert_eq!(peer.status, 0);
+    let out = std::process::Command::new(tests::agent::agent_bin()?)
+        .arg("uninstall")
+        .arg("--bpffs-dir")
+        .arg(sb.bpf_dir())
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(attached(&root)?, 0, "uninstall left programs attached");
+    assert!(!sb.bpf_dir().exists(), "uninstall left pins");
     Ok(())
 }
 

@@ -5,10 +5,12 @@ mod sys;
 
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use agent_common::{names, Counter, SteerConfig, TupleKey, CONFIG_INDEX};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
 use aya::{Ebpf, EbpfLoader};
 
@@ -48,6 +50,15 @@ pub enum EbpfError {
     #[error("cannot open cgroup {path}: {source}")]
     Cgroup {
         /// The cgroup directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Pinning, or re-opening a pin, failed.
+    #[error("pin {path}: {source}")]
+    Pin {
+        /// The pin path.
         path: PathBuf,
         /// Cause.
         #[source]
@@ -135,11 +146,138 @@ impl std::fmt::Debug for Steering {
     }
 }
 
+/// Attaches `$prog` to `$cgroup` through a bpf_link, or, when a link pinned under `$pins`
+/// from an earlier run exists on the same cgroup, swaps the program inside it atomically.
+macro_rules! attach_or_update {
+    ($prog:expr, $name:expr, $cgroup:expr, $pins:expr) => {{
+        let wrap = |source| EbpfError::Program { name: $name, source };
+        match pinned_link($pins, $name, $cgroup)? {
+            Some(link) => {
+                let fd = $prog.fd().map_err(wrap)?;
+                sys::link_update(&link, fd).map_err(|source| EbpfError::Pin {
+                    path: link_path($pins, $name),
+                    source,
+                })?;
+                tracing::info!(program = $name, "replaced the program inside the pinned link");
+            }
+            None => {
+                // `Single` is what makes a bpf_link; aya 0.14's AllowMultiple fails (EBPF-NOTES P2).
+                let id = $prog.attach($cgroup.fd, CgroupAttachMode::Single).map_err(wrap)?;
+                if let Some(dir) = $pins {
+                    let link: FdLink = $prog
+                        .take_link(id)
+                        .map_err(wrap)?
+                        .try_into()
+                        .map_err(|_| EbpfError::Missing("an fd-based link"))?;
+                    let path = dir.join(format!("link_{}", $name));
+                    link.pin(&path).map_err(|e| EbpfError::Pin {
+                        path,
+                        source: std::io::Error::other(e.to_string()),
+                    })?;
+                }
+            }
+        }
+        $prog.info().map_err(wrap)?.id()
+    }};
+}
+
+/// The attach cgroup, open, with its id.
+struct Cgroup<'a> {
+    fd: &'a File,
+    id: u64,
+}
+
+fn link_path(pins: Option<&Path>, name: &str) -> PathBuf {
+    pins.map(|d| d.join(format!("link_{name}")))
+        .unwrap_or_default()
+}
+
+/// The link pinned for program `name`, if one exists and is attached to `cgroup`. A link
+/// pinned on another cgroup (the root changed) is unpinned, which detaches it.
+fn pinned_link(
+    pins: Option<&Path>,
+    name: &'static str,
+    cgroup: &Cgroup,
+) -> Result<Option<std::os::fd::OwnedFd>, EbpfError> {
+    let Some(dir) = pins else { return Ok(None) };
+    let path = dir.join(format!("link_{name}"));
+    if !path.exists() {
+        return Ok(None);
+    }
+    let pin_err = |source| EbpfError::Pin {
+        path: path.clone(),
+        source,
+    };
+    let link = sys::obj_get(&path).map_err(pin_err)?;
+    if sys::link_cgroup_id(&link).map_err(pin_err)? == cgroup.id {
+        return Ok(Some(link));
+    }
+    tracing::warn!(link = %path.display(), "pinned link is attached to another cgroup; replacing it");
+    std::fs::remove_file(&path).map_err(pin_err)?;
+    Ok(None)
+}
+
+/// Makes sure `dir` exists on a bpf file system, mounting one on its parent if needed.
+pub fn prepare_pin_dir(dir: &Path) -> Result<(), EbpfError> {
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    let pin_err = |source| EbpfError::Pin {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(parent).map_err(pin_err)?;
+    if !sys::is_bpffs(parent).map_err(pin_err)? {
+        sys::mount_bpffs(parent).map_err(pin_err)?;
+        tracing::info!(path = %parent.display(), "mounted a bpf file system");
+    }
+    std::fs::create_dir_all(dir).map_err(pin_err)
+}
+
+/// Detaches everything an agent pinned under `dir` and removes the pins. Returns how many
+/// pins were removed.
+pub fn uninstall(dir: &Path) -> std::io::Result<usize> {
+    let mut removed = 0;
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            for e in entries.flatten() {
+                // Removing the last reference to a link detaches it.
+                std::fs::remove_file(e.path())?;
+                removed += 1;
+            }
+            std::fs::remove_dir(dir)?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    Ok(removed)
+}
+
+/// Maps one program hands to another: pinned so a restarted agent's programs share them.
+const PINNED_MAPS: [&str; 4] = [
+    names::CONFIG,
+    names::TUPLES,
+    names::SK_CGROUP,
+    names::COUNTERS,
+];
+
 impl Steering {
     /// Loads the object, writes `target` into its config map and attaches every program to
     /// `cgroup` through a `bpf_link` (multi-attach: other agents' programs keep running).
-    pub fn attach(cgroup: &Path, target: SteerTarget) -> Result<Self, EbpfError> {
-        let mut bpf = EbpfLoader::new().load(OBJECT)?;
+    ///
+    /// With `pins`, maps and links are pinned there: they outlive this process, and a later
+    /// run re-opens the maps and swaps its programs into the links with no unsteered window.
+    pub fn attach(
+        cgroup: &Path,
+        target: SteerTarget,
+        pins: Option<&Path>,
+    ) -> Result<Self, EbpfError> {
+        let mut loader = EbpfLoader::new();
+        if let Some(dir) = pins {
+            prepare_pin_dir(dir)?;
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, dir.join(format!("map_{name}")));
+            }
+        }
+        let mut bpf = loader.load(OBJECT)?;
         let mut config: Array<_, SteerConfig> = bpf
             .map_mut(names::CONFIG)
             .ok_or(EbpfError::Missing(names::CONFIG))?
@@ -159,26 +297,31 @@ impl Steering {
             path: cgroup.to_path_buf(),
             source,
         })?;
+        let cg = Cgroup {
+            fd: &cgroup_fd,
+            id: cgroup_fd
+                .metadata()
+                .map_err(|source| EbpfError::Cgroup {
+                    path: cgroup.to_path_buf(),
+                    source,
+                })?
+                .ino(),
+        };
         let mut program_ids = Vec::new();
         // sock_ops first: a connect steered before it is attached would never be recorded.
         let sock_ops: &mut SockOps = program(&mut bpf, names::SOCK_OPS)?;
-        let wrap = |source| EbpfError::Program {
+        sock_ops.load().map_err(|source| EbpfError::Program {
             name: names::SOCK_OPS,
             source,
-        };
-        sock_ops.load().map_err(wrap)?;
-        sock_ops
-            .attach(&cgroup_fd, CgroupAttachMode::Single)
-            .map_err(wrap)?;
-        program_ids.push((AttachType::SockOps, sock_ops.info().map_err(wrap)?.id()));
+        })?;
+        let id = attach_or_update!(sock_ops, names::SOCK_OPS, &cg, pins);
+        program_ids.push((AttachType::SockOps, id));
         for (name, kind) in SOCK_ADDR_PROGRAMS {
             let prog: &mut CgroupSockAddr = program(&mut bpf, name)?;
-            let wrap = |source| EbpfError::Program { name, source };
-            prog.load().map_err(wrap)?;
-            // `Single` is what makes a bpf_link; aya 0.14's AllowMultiple fails (EBPF-NOTES P2).
-            prog.attach(&cgroup_fd, CgroupAttachMode::Single)
-                .map_err(wrap)?;
-            program_ids.push((kind, prog.info().map_err(wrap)?.id()));
+            prog.load()
+                .map_err(|source| EbpfError::Program { name, source })?;
+            let id = attach_or_update!(prog, name, &cg, pins);
+            program_ids.push((kind, id));
         }
 
         let tuples = take_map(&mut bpf, names::TUPLES)?;

@@ -188,19 +188,7 @@ async fn accept_loop(
 ) {
     let local = bound.listener.local_addr().ok();
     tracing::info!(addr = ?local, kind = ?bound.kind, "listening");
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = stop.changed() => return,
-            accepted = bound.listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    let dispatch = |stream: TcpStream, peer: SocketAddr| {
         let caller = identify(&state, bound.kind, &stream, peer);
         tokio::spawn(serve_connection(
             state.clone(),
@@ -209,6 +197,28 @@ async fn accept_loop(
             caller,
             graceful.watcher(),
         ));
+    };
+    loop {
+        tokio::select! {
+            _ = stop.changed() => {
+                // Serve what already sits in the accept queue: closing the listener would
+                // reset those connections.
+                while let Ok(Ok((stream, peer))) =
+                    tokio::time::timeout(Duration::ZERO, bound.listener.accept()).await
+                {
+                    dispatch(stream, peer);
+                }
+                return;
+            }
+            accepted = bound.listener.accept() => match accepted {
+                Ok((stream, peer)) => dispatch(stream, peer),
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
     }
 }
 

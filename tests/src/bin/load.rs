@@ -2,7 +2,7 @@
 //! `load ADDR HOST TOKEN_FILE COUNT CONCURRENCY [PATH]`.
 //! Each request is a new connection (as SDKs do): connect, `GET PATH` (default
 //! `/v1/credentials`), read to EOF.
-//! Stops after COUNT requests or 120 s. Prints one JSON line with status counts, connection
+//! A refused connect backs off 10 ms. Stops after COUNT requests or 120 s. Prints one JSON line with status counts, connection
 //! errors and latency percentiles (µs).
 
 use std::collections::BTreeMap;
@@ -31,7 +31,7 @@ fn main() {
     let next = Arc::new(AtomicUsize::new(0));
     let results = Arc::new(Mutex::new((
         BTreeMap::<u16, u64>::new(),
-        0u64,
+        [0u64; 2],
         Vec::<u64>::new(),
     )));
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -47,8 +47,15 @@ fn main() {
                     let micros = t.elapsed().as_micros() as u64;
                     let mut r = results.lock().unwrap();
                     match status {
-                        Some(s) => *r.0.entry(s).or_default() += 1,
-                        None => r.1 += 1,
+                        Ok(s) => *r.0.entry(s).or_default() += 1,
+                        Err(Failure::Refused) => {
+                            r.1[0] += 1;
+                            drop(r);
+                            // Back off like an SDK would, instead of burning the budget.
+                            std::thread::sleep(Duration::from_millis(10));
+                            continue;
+                        }
+                        Err(Failure::Broken) => r.1[1] += 1,
                     }
                     r.2.push(micros);
                 }
@@ -58,7 +65,8 @@ fn main() {
     for w in workers {
         w.join().expect("worker");
     }
-    let (statuses, errors, mut lat) = Arc::try_unwrap(results).unwrap().into_inner().unwrap();
+    let (statuses, [refused, broken], mut lat) =
+        Arc::try_unwrap(results).unwrap().into_inner().unwrap();
     lat.sort_unstable();
     let pct = |p: f64| {
         lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
@@ -73,7 +81,9 @@ fn main() {
         "{}",
         serde_json::json!({
             "statuses": statuses,
-            "errors": errors,
+            "errors": refused + broken,
+            "refused": refused,
+            "broken": broken,
             "p50_us": pct(0.50),
             "p99_us": pct(0.99),
             "elapsed_ms": started.elapsed().as_millis() as u64,
@@ -81,12 +91,24 @@ fn main() {
     );
 }
 
-/// One request on a fresh connection; the status, or None on a connection error.
-fn one(addr: &str, request: &str) -> Option<u16> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    s.write_all(request.as_bytes()).ok()?;
+/// How a request failed without an HTTP answer.
+enum Failure {
+    /// The connect itself failed (nothing listening).
+    Refused,
+    /// Connected, but no complete answer (reset, timeout, garbage).
+    Broken,
+}
+
+/// One request on a fresh connection; the status, or how it failed.
+fn one(addr: &str, request: &str) -> Result<u16, Failure> {
+    let mut s = TcpStream::connect(addr).map_err(|_| Failure::Refused)?;
+    let broken = |_| Failure::Broken;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(broken)?;
+    s.write_all(request.as_bytes()).map_err(broken)?;
     let mut buf = Vec::with_capacity(1024);
-    s.read_to_end(&mut buf).ok()?;
-    std::str::from_utf8(buf.get(9..12)?).ok()?.parse().ok()
+    s.read_to_end(&mut buf).map_err(broken)?;
+    buf.get(9..12)
+        .and_then(|b| std::str::from_utf8(b).ok()?.parse().ok())
+        .ok_or(Failure::Broken)
 }
