@@ -159,6 +159,20 @@ fn cargo_test(name: &str, args: &[&str], env: &[(&str, &str)], tally: &mut Tally
     })
 }
 
+/// The end-to-end test binaries of the `tests` crate (the leak check runs after them).
+const E2E_SUITES: [&str; 10] = [
+    "-p",
+    "tests",
+    "--test",
+    "e2e",
+    "--test",
+    "dropin",
+    "--test",
+    "clients",
+    "--test",
+    "attribution",
+];
+
 /// The full suite, as CI runs it.
 pub fn test() -> Result<()> {
     setup::all()?;
@@ -200,9 +214,7 @@ pub fn test() -> Result<()> {
     .and_then(|()| {
         cargo_test(
             "end-to-end suite (node sandbox)",
-            &[
-                "-p", "tests", "--test", "e2e", "--test", "dropin", "--test", "clients",
-            ],
+            &E2E_SUITES,
             &env,
             &mut tally,
         )
