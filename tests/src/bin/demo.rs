@@ -63,6 +63,23 @@ fn main() -> Result<()> {
         v6.json()?["AccessKeyId"].as_str().unwrap_or("?")
     );
 
+    let stolen = format!(
+        "Authorization: {}",
+        std::fs::read_to_string(&sb.pods()[checkout].token_file)?
+    );
+    let replay = curl(&sb, billing, 0, credentials_url(false), &["-H", &stolen])?;
+    ensure!(
+        replay.status == 403,
+        "a replayed token was served: {}",
+        replay.body
+    );
+    println!("\npod shop/billing replaying shop/checkout's token:");
+    println!(
+        "  HTTP {} {}",
+        replay.status,
+        replay.json()?["message"].as_str().unwrap_or("?")
+    );
+
     println!("\nwhat the kernel attributed (agent log):");
     for line in agent.log_lines() {
         if line["message"] == "request served" {
@@ -75,7 +92,10 @@ fn main() -> Result<()> {
             );
         }
     }
-    println!("\nfake EKS Auth calls: {}", fake.calls());
+    println!(
+        "\nfake EKS Auth calls: {} (none for the replayed token)",
+        fake.calls()
+    );
     let status = agent.stop()?;
     ensure!(status.success(), "agent exited with {status}");
     println!("agent stopped cleanly; sandbox removed");
