@@ -123,3 +123,28 @@ impl Resolver {
         Some(resolved)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_removed_cgroup_stops_resolving() {
+        let root = std::env::temp_dir().join(format!("resolver-{}", std::process::id()));
+        let uid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+        let dir = root.join(format!("kubepods/besteffort/pod{uid}/ctr"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let id = std::fs::metadata(&dir).unwrap().ino();
+        let r = Resolver::new(&root);
+        let got = r.resolve(id).unwrap();
+        assert_eq!(
+            (got.path.as_path(), got.pod_uid.as_deref()),
+            (dir.as_path(), Some(uid))
+        );
+        // Cached, and still checked against the file system.
+        assert_eq!(r.resolve(id), Some(got));
+        std::fs::remove_dir(&dir).unwrap();
+        assert_eq!(r.resolve(id), None);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

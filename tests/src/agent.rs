@@ -67,11 +67,30 @@ impl Agent {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        Self::launch_wrapped(sandbox, fake, &[], args, env)
+    }
+
+    /// Like [`Agent::launch`], with the agent run by `wrapper` (e.g. `setpriv ... --`), whose
+    /// last argument is followed by the agent binary.
+    pub fn launch_wrapped(
+        sandbox: &Sandbox,
+        fake: &FakeEksAuth,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let log = sandbox
             .dir()
             .join(format!("agent-{}.log", crate::names::unique()));
         let log_file = std::fs::File::create(&log)?;
-        let mut cmd = sandbox.node_command(agent_bin()?, None)?;
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = sandbox.node_command(program, None)?;
+                c.args(rest).arg(agent_bin()?);
+                c
+            }
+            None => sandbox.node_command(agent_bin()?, None)?,
+        };
         cmd.args(args)
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")

@@ -301,3 +301,49 @@ fn a_restart_under_load_swaps_programs_in_place_and_fails_nothing_but_refused_co
     drop(second);
     Ok(())
 }
+
+#[test]
+fn without_bpf_privileges_the_agent_falls_back_and_says_so() -> Result<()> {
+    let (mut sb, fake) = node(Driver::Cgroupfs)?;
+    let pod = sb.add_pod(PodSpec::new("app", "reader"))?;
+    let root = sb.cgroups().pods_root().display().to_string();
+    // Root without CAP_BPF, CAP_SYS_ADMIN and CAP_PERFMON: loading programs fails.
+    let mut agent = Agent::launch_wrapped(
+        &sb,
+        &fake,
+        &[
+            "setpriv",
+            "--bounding-set",
+            "-bpf,-sys_admin,-perfmon",
+            "--",
+        ],
+        &[
+            "server",
+            "-c",
+            CLUSTER,
+            "-v",
+            "debug",
+            "--cgroup-root",
+            &root,
+        ],
+        &[],
+    )?;
+    agent.wait_ready(&sb, Duration::from_secs(20))?;
+    let (status, body) = tests::agent::probe(&sb, "/readyz")?;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"fallback\""), "{body}");
+    assert!(
+        agent.log_text().contains("eBPF unavailable"),
+        "{}",
+        agent.log_text()
+    );
+    let got = curl(&sb, pod, 0, credentials_url(false), &[])?;
+    assert_eq!(got.status, 200, "{}", got.body);
+    let text = scrape(&sb)?;
+    assert!(
+        text.contains("pod_identity_agent_mode{mode=\"fallback\"} 1\n"),
+        "{text}"
+    );
+    assert_eq!(attribution(&text, "plain", "unattributed"), 1, "{text}");
+    Ok(())
+}
