@@ -51,6 +51,19 @@ pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
             }
         }
     };
+    if steering.is_none() {
+        // Programs pinned by an earlier run would keep steering pods to an attributed port
+        // nobody listens on now: remove them so routing reaches the plain listener.
+        match ebpf::uninstall(&args.bpffs_dir) {
+            Ok(0) => {}
+            Ok(removed) => {
+                tracing::warn!(pins = %args.bpffs_dir.display(), removed, "removed the eBPF programs an earlier run pinned")
+            }
+            Err(e) => {
+                tracing::error!(pins = %args.bpffs_dir.display(), error = %e, "cannot remove the eBPF programs an earlier run pinned; pods may be steered to a closed port")
+            }
+        }
+    }
     let resolver = steering.as_ref().map(|s| Resolver::new(s.cgroup()));
     let attributed_port = steering.as_ref().map(|_| args.attributed_port);
     let listeners = server::bind_all(&args.bind_hosts, args.port, attributed_port).await?;

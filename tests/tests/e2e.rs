@@ -174,7 +174,15 @@ fn a_direct_connect_to_the_attributed_port_is_refused_never_guessed() -> Result<
 fn without_ebpf_the_plain_listener_serves() -> Result<()> {
     let (mut sb, fake) = node(Driver::Cgroupfs)?;
     let pod = sb.add_pod(PodSpec::new("app", "reader"))?;
+    // An earlier run left its programs pinned; switching eBPF off must not leave pods steered
+    // to an attributed port nobody listens on.
+    assert!(Agent::start(&sb, &fake, &[])?.stop()?.success());
     let agent = Agent::start(&sb, &fake, &["--no-ebpf"])?;
+    assert_eq!(
+        attached(sb.cgroups().pods_root())?,
+        0,
+        "stale programs still attached"
+    );
     let (status, body) = probe(&sb, "/readyz")?;
     assert_eq!(status, 200);
     assert!(body.contains("\"fallback\""), "{body}");
