@@ -126,6 +126,34 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = 3, env = "POD_IDENTITY_MAX_SERVICE_QPS")]
     pub max_service_qps: u32,
 
+    /// Renew cached credentials when less than this is left before they expire.
+    #[arg(long, default_value = "30m", env = "POD_IDENTITY_REFRESH_BEFORE_EXPIRY", value_parser = parse_duration)]
+    pub refresh_before_expiry: Duration,
+
+    /// Never serve credentials with less than this left (stale credentials are served until then).
+    #[arg(long, default_value = "5m", env = "POD_IDENTITY_MIN_CREDENTIAL_LIFETIME", value_parser = parse_duration)]
+    pub min_credential_lifetime: Duration,
+
+    /// How long a permanent EKS Auth error (no association, access denied, bad token) is remembered.
+    #[arg(long, default_value = "10s", env = "POD_IDENTITY_NEGATIVE_CACHE_TTL", value_parser = parse_duration)]
+    pub negative_cache_ttl: Duration,
+
+    /// Longest a request waits for EKS Auth before a 503 "retry" (the call goes on and fills the cache).
+    #[arg(long, default_value = "900ms", env = "POD_IDENTITY_RESPONSE_DEADLINE", value_parser = parse_duration)]
+    pub response_deadline: Duration,
+
+    /// Most EKS Auth calls in flight at once (refreshes may use half).
+    #[arg(long, default_value_t = 32, env = "POD_IDENTITY_MAX_UPSTREAM_INFLIGHT")]
+    pub max_upstream_inflight: usize,
+
+    /// How often entries of deleted pods and expired tokens are swept.
+    #[arg(long, default_value = "10s", env = "POD_IDENTITY_CACHE_SWEEP_INTERVAL", value_parser = parse_duration)]
+    pub cache_sweep_interval: Duration,
+
+    /// First retry delay after a failed background refresh (doubles up to 5m).
+    #[arg(long, default_value = "1s", env = "POD_IDENTITY_REFRESH_RETRY_BACKOFF", value_parser = parse_duration)]
+    pub refresh_retry_backoff: Duration,
+
     /// Sign EKS Auth calls with the shared credentials file's default profile, re-read every
     /// minute (hybrid nodes without IMDS).
     #[arg(long, env = "POD_IDENTITY_ROTATE_CREDENTIALS", num_args = 0..=1,
@@ -173,6 +201,24 @@ pub struct ServerArgs {
     /// Upper bound of one EKS Auth call, all retries included (e.g. 5s, 800ms).
     #[arg(long, default_value = "5s", env = "POD_IDENTITY_UPSTREAM_TIMEOUT", value_parser = parse_duration)]
     pub upstream_timeout: Duration,
+}
+
+impl ServerArgs {
+    /// The cache tuning these flags describe.
+    pub fn cache_config(&self) -> crate::cache::CacheConfig {
+        crate::cache::CacheConfig {
+            max_entries: self.max_cache_size,
+            max_retention: self.max_credential_retention_before_renewal,
+            refresh_before_expiry: self.refresh_before_expiry,
+            min_remaining: self.min_credential_lifetime,
+            negative_ttl: self.negative_cache_ttl,
+            response_deadline: self.response_deadline,
+            refresh_qps: f64::from(self.max_service_qps),
+            max_inflight: self.max_upstream_inflight,
+            sweep_interval: self.cache_sweep_interval,
+            retry_backoff: self.refresh_retry_backoff,
+        }
+    }
 }
 
 fn parse_verbosity(s: &str) -> Result<tracing::Level, String> {

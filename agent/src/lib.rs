@@ -3,6 +3,7 @@
 #![deny(missing_docs)]
 
 pub mod attribution;
+pub mod cache;
 pub mod cgroup;
 pub mod config;
 pub mod credentials;
@@ -70,15 +71,17 @@ pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     let probe_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), args.probe_port);
     let probe = bind_admin(probe_addr, "probes").await?;
     let metrics_addr = SocketAddr::new(args.metrics_address, args.metrics_port);
-    let metrics = bind_admin(metrics_addr, "metrics").await?;
+    let metrics_listener = bind_admin(metrics_addr, "metrics").await?;
 
+    let metrics = Arc::new(metrics::Metrics::default());
+    let cache = cache::Cache::new(Arc::new(eks), args.cache_config(), metrics.clone());
     let state = Arc::new(State {
-        eks,
+        cache,
         steering,
         resolver,
         unattributed: args.unattributed,
         ready: AtomicBool::new(false),
-        metrics: metrics::Metrics::default(),
+        metrics,
     });
     let addrs: Vec<String> = listeners
         .iter()
@@ -94,7 +97,14 @@ pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         cluster = %args.cluster_name,
         "eks-pod-identity-agent started"
     );
-    server::serve(state.clone(), listeners, probe, metrics, shutdown_signal()).await;
+    server::serve(
+        state.clone(),
+        listeners,
+        probe,
+        metrics_listener,
+        shutdown_signal(),
+    )
+    .await;
     let pinned = state.steering.is_some() && !args.no_pin;
     // Dropping the last reference detaches unpinned programs.
     drop(state);

@@ -82,6 +82,31 @@ pub struct AttributionLabels {
     pub outcome: String,
 }
 
+/// `reason` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EvictionLabel {
+    /// Why: lru, pod_gone, token_expired, expired.
+    pub reason: String,
+}
+
+/// `result` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// hit, stale, miss, coalesced, negative.
+    pub result: String,
+}
+
+/// `purpose`, `outcome` and `code` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    /// request or refresh.
+    pub purpose: String,
+    /// success, rejected, not_found, unavailable.
+    pub outcome: String,
+    /// EKS Auth error code, empty on success.
+    pub code: String,
+}
+
 /// `mode` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModeLabel {
@@ -114,6 +139,18 @@ pub struct Metrics {
     pub mode: Family<ModeLabel, Gauge>,
     /// Requests by listener and kernel attribution outcome.
     pub attribution: Family<AttributionLabels, Counter>,
+    /// Cache entries (set at scrape time).
+    pub cache_entries: Gauge<u64, AtomicU64>,
+    /// Request-path cache results.
+    pub cache_requests: Family<ResultLabel, Counter>,
+    /// Evictions by reason.
+    pub cache_evictions: Family<EvictionLabel, Counter>,
+    /// EKS Auth calls by purpose, outcome and code.
+    pub upstream_calls: Family<UpstreamLabels, Counter>,
+    /// EKS Auth calls in flight.
+    pub upstream_inflight: Gauge,
+    /// How late refreshes ran after they were due, seconds.
+    pub refresh_lag: Histogram,
     /// Live entries in the kernel's tuple map (read at scrape time).
     pub ebpf_tuples: Gauge<u64, AtomicU64>,
     /// The eBPF programs' counters, read from the kernel at scrape time.
@@ -143,6 +180,44 @@ impl Default for Metrics {
         let ebpf_events = Family::default();
         let attribution = Family::default();
         let ebpf_tuples = Gauge::default();
+        let cache_entries = Gauge::default();
+        let cache_requests = Family::default();
+        let cache_evictions = Family::default();
+        let upstream_calls = Family::default();
+        let upstream_inflight = Gauge::default();
+        let refresh_lag = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.001, 4.0, 10),
+        );
+        registry.register(
+            "pod_identity_cache_entries",
+            "Identities with cached credentials",
+            cache_entries.clone(),
+        );
+        registry.register(
+            "pod_identity_cache_requests",
+            "Credentials requests by cache result (hit, stale, miss, coalesced, negative)",
+            cache_requests.clone(),
+        );
+        registry.register(
+            "pod_identity_cache_evictions",
+            "Cache evictions by reason",
+            cache_evictions.clone(),
+        );
+        registry.register(
+            "pod_identity_upstream_calls",
+            "EKS Auth calls by purpose, outcome and error code",
+            upstream_calls.clone(),
+        );
+        registry.register(
+            "pod_identity_upstream_inflight",
+            "EKS Auth calls in flight",
+            upstream_inflight.clone(),
+        );
+        registry.register(
+            "pod_identity_refresh_lag_seconds",
+            "How late background refreshes ran after they were due",
+            refresh_lag.clone(),
+        );
         registry.register(
             "pod_identity_http_response",
             "Pod Identity http response code",
@@ -190,6 +265,12 @@ impl Default for Metrics {
         );
         Self {
             registry,
+            cache_entries,
+            cache_requests,
+            cache_evictions,
+            upstream_calls,
+            upstream_inflight,
+            refresh_lag,
             attribution,
             ebpf_tuples,
             http_response,

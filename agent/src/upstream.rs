@@ -43,6 +43,32 @@ pub enum UpstreamError {
     Incomplete(&'static str),
 }
 
+impl UpstreamError {
+    /// EKS Auth's error code (or ours for local failures).
+    pub fn code(&self) -> &str {
+        match self {
+            Self::Rejected { code, .. }
+            | Self::NotFound { code, .. }
+            | Self::Unavailable { code, .. } => code,
+            Self::Incomplete(_) => "IncompleteResponse",
+        }
+    }
+
+    /// Metric label.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::Rejected { .. } => "rejected",
+            Self::NotFound { .. } => "not_found",
+            Self::Unavailable { .. } | Self::Incomplete(_) => "unavailable",
+        }
+    }
+
+    /// Whether retrying the same token cannot help (drop cached credentials, cache the error).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Rejected { .. } | Self::NotFound { .. })
+    }
+}
+
 /// A configured EKS Auth client for one cluster.
 #[derive(Clone, Debug)]
 pub struct EksAuth {
@@ -139,6 +165,18 @@ impl EksAuth {
             account_id: account_from_arn(role_arn).unwrap_or_default().to_owned(),
             expiration_epoch_secs: expiration,
         })
+    }
+}
+
+impl crate::cache::Fetcher for EksAuth {
+    fn fetch(
+        &self,
+        token: String,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Credentials, UpstreamError>> + Send>,
+    > {
+        let this = self.clone();
+        Box::pin(async move { this.assume_role(&token).await })
     }
 }
 

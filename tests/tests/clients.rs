@@ -86,6 +86,8 @@ fn every_client_resolves_credentials_and_reports_failures_over_both_families() -
     fake.associate("app", "reader", "ReaderRole");
     let reader = sb.add_pod(PodSpec::new("app", "reader"))?;
     let stranger = sb.add_pod(PodSpec::new("app", "stranger"))?;
+    // Asked only while EKS Auth fails, so it never has cached credentials to fall back on.
+    let unlucky = sb.add_pod(PodSpec::new("app", "reader"))?;
     let _agent = Agent::start(&sb, &fake, &["--upstream-timeout", "1s"])?;
 
     for client in [Client::Rust, Client::Botocore, Client::Curl] {
@@ -132,7 +134,7 @@ fn every_client_resolves_credentials_and_reports_failures_over_both_families() -
             // EKS Auth failing: 503, which every SDK retries.
             fake.set_fault(Fault::Status(500));
             let before = answered(&sb, 503)?;
-            let err = fetch(&sb, reader, client, ipv6)?
+            let err = fetch(&sb, unlucky, client, ipv6)?
                 .expect_err("got credentials while EKS Auth fails");
             let asked = answered(&sb, 503)? - before;
             match client {

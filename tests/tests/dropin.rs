@@ -359,28 +359,21 @@ fn malformed_huge_and_slow_requests_cannot_hold_the_agent() -> Result<()> {
 #[test]
 fn eks_auth_errors_map_to_statuses_every_sdk_handles() -> Result<()> {
     let (sb, fake, pod) = node()?;
-    let _agent = Agent::start(&sb, &fake, &["--upstream-timeout", "1500ms"])?;
+    // No negative caching and a deadline past the upstream timeout: every request reaches
+    // EKS Auth and reports exactly what happened there.
+    let _agent = Agent::start(
+        &sb,
+        &fake,
+        &[
+            "--upstream-timeout",
+            "1500ms",
+            "--response-deadline",
+            "3s",
+            "--negative-cache-ttl",
+            "0s",
+        ],
+    )?;
     let url = credentials_url(false);
-    for (fault, status, code) in [
-        (Fault::Status(429), 503, "ThrottlingException"),
-        (Fault::Status(500), 503, "InternalServerException"),
-        (Fault::Status(503), 503, "ServiceUnavailableException"),
-        (Fault::Status(400), 400, "InvalidRequestException"),
-        (Fault::Reset, 503, "RequestFailed"),
-        (Fault::Latency(Duration::from_secs(3)), 503, "Timeout"),
-    ] {
-        fake.set_fault(fault.clone());
-        let started = Instant::now();
-        let (got, body) = ask(&sb, pod, url, &[])?;
-        assert_eq!(got, status, "{fault:?}: {body}");
-        assert_eq!(body["code"], code, "{fault:?}: {body}");
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "{fault:?} took {:?}",
-            started.elapsed()
-        );
-    }
-    fake.set_fault(Fault::None);
     // A token EKS Auth cannot verify (another issuer's key) passes through as 400 with its code.
     let stranger = Issuer::new()?.mint(&sb.pods()[pod].subject(), Duration::from_secs(3600));
     let (got, body) = ask(
@@ -394,6 +387,26 @@ fn eks_auth_errors_map_to_statuses_every_sdk_handles() -> Result<()> {
         (400, Some("InvalidTokenException")),
         "{body}"
     );
+    for (fault, status, code) in [
+        (Fault::Status(429), 503, "ThrottlingException"),
+        (Fault::Status(500), 503, "InternalServerException"),
+        (Fault::Status(503), 503, "ServiceUnavailableException"),
+        (Fault::Status(400), 400, "InvalidRequestException"),
+        (Fault::Reset, 503, "RequestFailed"),
+        (Fault::Latency(Duration::from_secs(2)), 503, "Timeout"),
+    ] {
+        fake.set_fault(fault.clone());
+        let started = Instant::now();
+        let (got, body) = ask(&sb, pod, url, &[])?;
+        assert_eq!(got, status, "{fault:?}: {body}");
+        assert_eq!(body["code"], code, "{fault:?}: {body}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{fault:?} took {:?}",
+            started.elapsed()
+        );
+    }
+    fake.set_fault(Fault::None);
     assert_eq!(ask(&sb, pod, url, &[])?.0, 200, "recovered");
     Ok(())
 }
@@ -454,11 +467,13 @@ fn metrics_keep_the_reference_names_and_count_what_happened() -> Result<()> {
     for want in [
         "pod_identity_http_response{code=\"200\"} 3\n",
         "pod_identity_http_response{code=\"404\"} 1\n",
-        "pod_identity_cache_state{state=\"miss\"} 3\n",
+        "pod_identity_cache_state{state=\"miss\"} 1\n",
+        "pod_identity_cache_state{state=\"hit\"} 2\n",
+        "pod_identity_cache_entries 1\n",
         "pod_identity_agent_mode{mode=\"ebpf\"} 1\n",
         "pod_identity_ebpf_events{event=\"steered4\"} 4\n",
         "pod_identity_request_duration_seconds_count{outcome=\"success\"} 3\n",
-        "pod_identity_upstream_duration_seconds_count{outcome=\"success\"} 3\n",
+        "pod_identity_upstream_duration_seconds_count{outcome=\"success\"} 1\n",
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
@@ -469,10 +484,10 @@ fn metrics_keep_the_reference_names_and_count_what_happened() -> Result<()> {
 fn logs_never_carry_tokens_or_secrets_even_at_trace() -> Result<()> {
     let (sb, fake, pod) = node()?;
     let agent = Agent::start(&sb, &fake, &["-v", "trace"])?;
-    fake.associate("app", "reader", "ReaderRole");
-    assert_eq!(curl(&sb, pod, 0, credentials_url(false), &[])?.status, 200);
     fake.set_fault(Fault::Status(500));
     assert_eq!(curl(&sb, pod, 0, credentials_url(true), &[])?.status, 503);
+    fake.set_fault(Fault::None);
+    assert_eq!(curl(&sb, pod, 0, credentials_url(false), &[])?.status, 200);
     let log = agent.log_text();
     assert!(
         log.lines()
@@ -516,7 +531,9 @@ fn logs_never_carry_tokens_or_secrets_even_at_trace() -> Result<()> {
 
 #[test]
 fn rotate_credentials_rereads_the_shared_credentials_file() -> Result<()> {
-    let (sb, fake, pod) = node()?;
+    let (mut sb, fake, pod) = node()?;
+    // A second pod, so its first request is a cache miss signed after the file changed.
+    let other = sb.add_pod(PodSpec::new("app", "reader"))?;
     let file = sb.dir().join("aws-credentials");
     let write = |akid: &str| {
         std::fs::write(
@@ -550,7 +567,10 @@ fn rotate_credentials_rereads_the_shared_credentials_file() -> Result<()> {
     assert_eq!(curl(&sb, pod, 0, credentials_url(false), &[])?.status, 200);
     write("AKIDSECOND")?;
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(curl(&sb, pod, 0, credentials_url(false), &[])?.status, 200);
+    assert_eq!(
+        curl(&sb, other, 0, credentials_url(false), &[])?.status,
+        200
+    );
     assert_eq!(fake.signers(), ["AKIDFIRST", "AKIDSECOND"]);
     Ok(())
 }
@@ -558,7 +578,7 @@ fn rotate_credentials_rereads_the_shared_credentials_file() -> Result<()> {
 #[test]
 fn sigterm_lets_in_flight_requests_finish() -> Result<()> {
     let (sb, fake, pod) = node()?;
-    let agent = Agent::start(&sb, &fake, &[])?;
+    let agent = Agent::start(&sb, &fake, &["--response-deadline", "5s"])?;
     fake.set_fault(Fault::Latency(Duration::from_millis(1500)));
     let token = std::fs::read_to_string(&sb.pods()[pod].token_file)?;
     let client = sb

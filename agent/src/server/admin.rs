@@ -122,6 +122,7 @@ pub fn metrics(state: &State, path: &str) -> Response<Full<Bytes>> {
             mode: state.mode().into(),
         })
         .set(1);
+    m.cache_entries.set(state.cache.len() as u64);
     if let Some(steering) = &state.steering {
         m.ebpf_tuples.set(steering.live_tuples() as u64);
         for (counter, value) in steering.counters() {

@@ -7,9 +7,10 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
 use super::State;
-use crate::attribution::{Caller, Outcome, UnattributedPolicy};
+use crate::attribution::{Caller, Outcome, PodCgroup, UnattributedPolicy};
+use crate::cache::{CacheError, Key, Lookup};
 use crate::credentials::error_json;
-use crate::metrics::{AttributionLabels, OutcomeLabel, StateLabel};
+use crate::metrics::AttributionLabels;
 use crate::token::{self, TokenError};
 use crate::upstream::UpstreamError;
 
@@ -51,6 +52,9 @@ pub enum RequestError {
     /// EKS Auth said no, or could not be reached.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// The upstream call outlived the response deadline; it goes on and fills the cache.
+    #[error("credentials are being fetched from EKS Auth; retry")]
+    Pending,
 }
 
 impl RequestError {
@@ -64,6 +68,7 @@ impl RequestError {
             Self::NotAPod => (StatusCode::FORBIDDEN, "NotAPod"),
             Self::Mismatch => (StatusCode::FORBIDDEN, "TokenPodMismatch"),
             Self::Token(_) => (StatusCode::BAD_REQUEST, "InvalidToken"),
+            Self::Pending => (StatusCode::SERVICE_UNAVAILABLE, "CredentialsPending"),
             Self::Upstream(e) => match e {
                 UpstreamError::Rejected { code, .. } => (StatusCode::BAD_REQUEST, code.as_str()),
                 UpstreamError::NotFound { code, .. } => (StatusCode::NOT_FOUND, code.as_str()),
@@ -88,6 +93,7 @@ impl RequestError {
             Self::NotAPod => "not_a_pod",
             Self::Mismatch => "mismatch",
             Self::Upstream(e) => upstream_outcome(e),
+            Self::Pending => "pending",
         }
     }
 
@@ -99,6 +105,15 @@ impl RequestError {
                 .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         }
         resp
+    }
+}
+
+impl From<CacheError> for RequestError {
+    fn from(e: CacheError) -> Self {
+        match e {
+            CacheError::Upstream(u) => RequestError::Upstream(u),
+            CacheError::Pending => RequestError::Pending,
+        }
     }
 }
 
@@ -185,37 +200,41 @@ async fn credentials<B>(
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
     let claims = token::parse(token, now)?;
-    if let Some(uid) = caller_pod {
-        if claims.pod_uid() != Some(uid.as_str()) {
-            count_attribution(state, caller, Outcome::Mismatch);
-            return Err(RequestError::Mismatch);
+    let key = match &caller_pod {
+        Some(pod) => {
+            let uid = pod.pod_uid.as_deref().expect("identify returns pods only");
+            if claims.pod_uid() != Some(uid) {
+                count_attribution(state, caller, Outcome::Mismatch);
+                return Err(RequestError::Mismatch);
+            }
+            count_attribution(state, caller, Outcome::Attributed);
+            // The kernel proved the pod; the token names its service account.
+            let k8s = claims.kubernetes.as_ref();
+            Key::Pod {
+                uid: uid.to_owned(),
+                namespace: k8s.and_then(|k| k.namespace.clone()).unwrap_or_default(),
+                service_account: k8s
+                    .and_then(|k| k.serviceaccount.as_ref()?.name.clone())
+                    .unwrap_or_default(),
+            }
         }
-        count_attribution(state, caller, Outcome::Attributed);
-    }
-    // No cache yet: every request is a miss, counted as the reference agent counts misses.
-    state
-        .metrics
-        .cache_state
-        .get_or_create(&StateLabel {
-            state: "miss".into(),
+        None => Key::for_token(token),
+    };
+    let creds = state
+        .cache
+        .get(Lookup {
+            key,
+            token: token.to_owned(),
+            token_exp: claims.exp,
+            cgroup: caller_pod.map(|p| p.path),
         })
-        .inc();
-    let started = Instant::now();
-    let result = state.eks.assume_role(token).await;
-    let outcome = result.as_ref().err().map_or("success", upstream_outcome);
-    state
-        .metrics
-        .upstream_seconds
-        .get_or_create(&OutcomeLabel {
-            outcome: outcome.into(),
-        })
-        .observe(started.elapsed().as_secs_f64());
-    Ok(result?.to_json())
+        .await?;
+    Ok(creds.to_json())
 }
 
-/// The calling pod's UID when the kernel attributed the connection; `None` for plain-listener
-/// callers the policy allows. Refusals are counted here.
-fn identify(state: &State, caller: &Caller) -> Result<Option<String>, RequestError> {
+/// The calling pod's cgroup (with its UID) when the kernel attributed the connection; `None`
+/// for plain-listener callers the policy allows. Refusals are counted here.
+fn identify(state: &State, caller: &Caller) -> Result<Option<PodCgroup>, RequestError> {
     match caller {
         Caller::Plain => {
             count_attribution(state, caller, Outcome::Unattributed);
@@ -229,13 +248,13 @@ fn identify(state: &State, caller: &Caller) -> Result<Option<String>, RequestErr
             Err(RequestError::Unattributed)
         }
         Caller::Attributed(id) => {
-            let uid = state
+            let pod = state
                 .resolver
                 .as_ref()
                 .and_then(|r| r.resolve(*id))
-                .and_then(|pod| pod.pod_uid);
-            match uid {
-                Some(uid) => Ok(Some(uid)),
+                .filter(|pod| pod.pod_uid.is_some());
+            match pod {
+                Some(pod) => Ok(Some(pod)),
                 None => {
                     count_attribution(state, caller, Outcome::NotAPod);
                     Err(RequestError::NotAPod)

@@ -21,7 +21,6 @@ use tokio::sync::watch;
 
 use crate::attribution::{Caller, Resolver};
 use crate::ebpf::Steering;
-use crate::upstream::EksAuth;
 
 /// Bound on reading a request's head, so slow clients cannot hold connections.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -33,8 +32,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Everything a request handler needs, shared by all connections.
 #[derive(Debug)]
 pub struct State {
-    /// The EKS Auth client.
-    pub eks: EksAuth,
+    /// The credential cache in front of EKS Auth.
+    pub cache: Arc<crate::cache::Cache>,
     /// Attached programs, when eBPF is on.
     pub steering: Option<Steering>,
     /// cgroup id resolver, when eBPF is on.
@@ -44,7 +43,7 @@ pub struct State {
     /// Set once every listener is bound and serving.
     pub ready: AtomicBool,
     /// Prometheus metrics.
-    pub metrics: crate::metrics::Metrics,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl State {

@@ -1,0 +1,581 @@
+//! The credential cache: sharded (`dashmap`), keyed by the proven pod identity (or, without
+//! kernel attribution, by a hash of the token), with single-flight upstream calls detached
+//! from callers, refresh-ahead within a budget, stale-serving through EKS Auth trouble,
+//! negative caching of hard errors, and bounded size.
+//!
+//! Time is `tokio::time` throughout, so tests run on a paused clock; credential expiry (wall
+//! clock) is turned into an `Instant` once, when credentials arrive.
+
+mod schedule;
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
+
+use crate::credentials::Credentials;
+use crate::metrics::{
+    ErrorLabels, EvictionLabel, Metrics, OutcomeLabel, ResultLabel, StateLabel, UpstreamLabels,
+};
+use crate::upstream::UpstreamError;
+use schedule::{jittered, Queue, TokenBucket};
+
+/// What identifies a cache entry.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Key {
+    /// A pod proven by the kernel, with the service account its token names.
+    Pod {
+        /// Pod UID (from the caller's cgroup, equal to the token's).
+        uid: String,
+        /// Namespace from the token.
+        namespace: String,
+        /// Service account from the token.
+        service_account: String,
+    },
+    /// Fallback mode: SHA-256 of the token (never unverified claims alone).
+    Token([u8; 32]),
+}
+
+impl Key {
+    /// The fallback key for `token`.
+    pub fn for_token(token: &str) -> Self {
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+        Key::Token(d.as_ref().try_into().expect("SHA-256 is 32 bytes"))
+    }
+}
+
+/// Exchanges a token for credentials (EKS Auth in production, fakes in tests).
+pub trait Fetcher: Send + Sync + 'static {
+    /// One upstream call.
+    fn fetch(
+        &self,
+        token: String,
+    ) -> Pin<Box<dyn Future<Output = Result<Credentials, UpstreamError>> + Send>>;
+}
+
+/// Cache tuning; every duration is configurable so tests run in seconds.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// Most entries (`--max-cache-size`); 0 disables caching.
+    pub max_entries: usize,
+    /// Renew at the latest this long after fetching (`--max-credential-retention-before-renewal`).
+    pub max_retention: Duration,
+    /// Renew when less than this is left before expiry.
+    pub refresh_before_expiry: Duration,
+    /// Never serve credentials with less than this left.
+    pub min_remaining: Duration,
+    /// How long a hard EKS Auth error is remembered.
+    pub negative_ttl: Duration,
+    /// Longest a request waits for an upstream call before getting a 503 "retry".
+    pub response_deadline: Duration,
+    /// Background refreshes per second (`--max-service-qps`).
+    pub refresh_qps: f64,
+    /// Most upstream calls in flight at once.
+    pub max_inflight: usize,
+    /// How often entries of gone pods and expired tokens are swept.
+    pub sweep_interval: Duration,
+    /// First retry delay after a transient refresh failure (doubles, capped at 5 min).
+    pub retry_backoff: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_entries: 2000,
+            max_retention: Duration::from_secs(3 * 3600),
+            refresh_before_expiry: Duration::from_secs(30 * 60),
+            min_remaining: Duration::from_secs(5 * 60),
+            negative_ttl: Duration::from_secs(10),
+            response_deadline: Duration::from_millis(900),
+            refresh_qps: 3.0,
+            max_inflight: 32,
+            sweep_interval: Duration::from_secs(10),
+            retry_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why the cache could not produce credentials.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum CacheError {
+    /// EKS Auth's answer (possibly remembered from a recent call).
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The upstream call outlived the response deadline; it goes on and fills the cache.
+    #[error("credentials are being fetched from EKS Auth; retry")]
+    Pending,
+}
+
+/// What a request brings besides its key.
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    /// The entry's identity.
+    pub key: Key,
+    /// The token presented (the newest one becomes the entry's refresh token).
+    pub token: String,
+    /// The token's `exp` (epoch seconds), if it has one.
+    pub token_exp: Option<i64>,
+    /// The caller's cgroup directory (attribution mode): the entry dies with it.
+    pub cgroup: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+struct Cached {
+    creds: Credentials,
+    fetched_at: Instant,
+    expires_at: Instant,
+}
+
+type Outcome = Option<Result<Credentials, UpstreamError>>;
+
+#[derive(Debug, Default)]
+struct SlotState {
+    creds: Option<Cached>,
+    token: String,
+    token_exp: Option<i64>,
+    /// The last token EKS Auth accepted: retried when a newer one is refused.
+    accepted_token: Option<String>,
+    negative: Option<(UpstreamError, Instant)>,
+    inflight: Option<watch::Receiver<Outcome>>,
+    cgroup: Option<PathBuf>,
+    failures: u32,
+    next_refresh: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    state: Mutex<SlotState>,
+    /// Milliseconds since the cache started, for LRU.
+    last_used: AtomicU64,
+}
+
+/// Why an upstream call is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Request,
+    Refresh,
+}
+
+impl Purpose {
+    fn label(self) -> &'static str {
+        match self {
+            Purpose::Request => "request",
+            Purpose::Refresh => "refresh",
+        }
+    }
+}
+
+/// The cache. Create with [`Cache::new`], which also starts its background tasks.
+pub struct Cache {
+    entries: DashMap<Key, Arc<Slot>>,
+    fetcher: Arc<dyn Fetcher>,
+    config: CacheConfig,
+    metrics: Arc<Metrics>,
+    queue: Arc<Queue<Key>>,
+    bucket: TokenBucket,
+    inflight_all: Semaphore,
+    /// Refreshes may hold at most half the in-flight permits: request misses come first.
+    inflight_refresh: Semaphore,
+    started: Instant,
+    /// Wall-clock seconds at `started`, to turn expirations into `Instant`s.
+    epoch_at_start: f64,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("entries", &self.entries.len())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Cache {
+    /// A cache over `fetcher`; spawns the refresh scheduler and the sweeper.
+    pub fn new(fetcher: Arc<dyn Fetcher>, config: CacheConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+        let cache = Arc::new(Self {
+            entries: DashMap::new(),
+            fetcher,
+            bucket: TokenBucket::new(config.refresh_qps.max(0.01), config.refresh_qps.max(1.0)),
+            inflight_all: Semaphore::new(config.max_inflight.max(2)),
+            inflight_refresh: Semaphore::new((config.max_inflight / 2).max(1)),
+            config,
+            metrics,
+            queue: Arc::new(Queue::new()),
+            started: Instant::now(),
+            epoch_at_start: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        });
+        tokio::spawn(Self::run_refreshes(
+            Arc::downgrade(&cache),
+            cache.queue.clone(),
+        ));
+        tokio::spawn(Self::run_sweeps(Arc::downgrade(&cache)));
+        cache
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the cache holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn disabled(&self) -> bool {
+        self.config.max_entries == 0 || self.config.max_retention.is_zero()
+    }
+
+    /// Credentials for `lookup`, from memory when possible.
+    pub async fn get(self: &Arc<Self>, lookup: Lookup) -> Result<Credentials, CacheError> {
+        if self.disabled() {
+            self.count_state("miss");
+            return Ok(self.fetcher.fetch(lookup.token).await?);
+        }
+        let slot = self.slot(&lookup.key);
+        slot.last_used.store(self.millis(), Ordering::Relaxed);
+        let mut rx = {
+            let mut st = slot.state.lock().expect("not poisoned");
+            if lookup.token_exp >= st.token_exp || st.token.is_empty() {
+                st.token = lookup.token;
+                st.token_exp = lookup.token_exp;
+            }
+            if lookup.cgroup.is_some() {
+                st.cgroup = lookup.cgroup;
+            }
+            let now = Instant::now();
+            if let Some(c) = st.creds.as_ref().filter(|c| self.fresh(c, now)) {
+                self.count_state("hit");
+                self.count_result("hit");
+                return Ok(c.creds.clone());
+            }
+            if let Some((err, _)) = st.negative.as_ref().filter(|(_, until)| now < *until) {
+                self.count_result("negative");
+                return Err(err.clone().into());
+            }
+            let usable = st
+                .creds
+                .as_ref()
+                .filter(|c| self.usable(c, now))
+                .map(|c| c.creds.clone());
+            let joined = st.inflight.is_some();
+            let rx = match &st.inflight {
+                Some(rx) => rx.clone(),
+                None => self.start_fetch(&lookup.key, &slot, &mut st, Purpose::Request),
+            };
+            if let Some(creds) = usable {
+                // Not fresh but still valid: answer now, the refresh goes on in the background.
+                self.count_state("hit");
+                self.count_result("stale");
+                return Ok(creds);
+            }
+            self.count_state("miss");
+            self.count_result(if joined { "coalesced" } else { "miss" });
+            rx
+        };
+        let deadline = Instant::now() + self.config.response_deadline;
+        loop {
+            if let Some(result) = rx.borrow_and_update().clone() {
+                return result.map_err(CacheError::from);
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) | Err(_) => return Err(CacheError::Pending),
+            }
+        }
+    }
+
+    /// The entry for `key`, created if needed (evicting the least recently used beyond the bound).
+    fn slot(&self, key: &Key) -> Arc<Slot> {
+        if let Some(s) = self.entries.get(key) {
+            return s.clone();
+        }
+        let slot = self.entries.entry(key.clone()).or_default().clone();
+        while self.entries.len() > self.config.max_entries {
+            let victim = self
+                .entries
+                .iter()
+                .filter(|e| e.key() != key)
+                .min_by_key(|e| e.value().last_used.load(Ordering::Relaxed))
+                .map(|e| e.key().clone());
+            match victim {
+                Some(v) => self.evict(&v, "lru"),
+                None => break,
+            }
+        }
+        slot
+    }
+
+    fn evict(&self, key: &Key, reason: &str) {
+        if self.entries.remove(key).is_some() {
+            self.metrics
+                .cache_evictions
+                .get_or_create(&EvictionLabel {
+                    reason: reason.into(),
+                })
+                .inc();
+        }
+    }
+
+    fn millis(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Fresh: fetched within the retention and far enough from expiry not to need a refresh.
+    fn fresh(&self, c: &Cached, now: Instant) -> bool {
+        now < c.fetched_at + self.config.max_retention
+            && now + self.config.refresh_before_expiry < c.expires_at
+    }
+
+    /// Usable: still comfortably valid, so it may be served while a refresh runs or fails.
+    fn usable(&self, c: &Cached, now: Instant) -> bool {
+        now + self.config.min_remaining < c.expires_at
+    }
+
+    fn expires_at(&self, creds: &Credentials) -> Instant {
+        let now_epoch = self.epoch_at_start + self.started.elapsed().as_secs_f64();
+        let left = creds.expiration_epoch_secs as f64 - now_epoch;
+        Instant::now() + Duration::from_secs_f64(left.max(0.0))
+    }
+
+    /// When to refresh credentials fetched now: the earlier of the retention bound and
+    /// `refresh_before_expiry` ahead of expiry, shortened by up to 10% at random.
+    fn refresh_due(&self, c: &Cached) -> Instant {
+        let by_expiry = c
+            .expires_at
+            .checked_sub(self.config.refresh_before_expiry)
+            .unwrap_or(c.fetched_at);
+        let due = by_expiry.min(c.fetched_at + self.config.max_retention);
+        c.fetched_at + jittered(due.saturating_duration_since(c.fetched_at), 0.1)
+    }
+
+    fn count_state(&self, state: &str) {
+        self.metrics
+            .cache_state
+            .get_or_create(&StateLabel {
+                state: state.into(),
+            })
+            .inc();
+    }
+
+    fn count_result(&self, result: &str) {
+        self.metrics
+            .cache_requests
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// Starts the one upstream call for this entry, detached from any caller.
+    fn start_fetch(
+        self: &Arc<Self>,
+        key: &Key,
+        slot: &Arc<Slot>,
+        st: &mut SlotState,
+        purpose: Purpose,
+    ) -> watch::Receiver<Outcome> {
+        let (tx, rx) = watch::channel(None);
+        st.inflight = Some(rx.clone());
+        let (cache, slot, key) = (self.clone(), slot.clone(), key.clone());
+        let token = st.token.clone();
+        let fallback = st.accepted_token.clone().filter(|t| *t != token);
+        tokio::spawn(async move {
+            let result = cache.call_upstream(token.clone(), purpose).await;
+            // A newer token EKS Auth refuses: the last accepted one may still work.
+            let (result, token) = match (&result, fallback) {
+                (Err(UpstreamError::Rejected { .. }), Some(old)) => {
+                    (cache.call_upstream(old.clone(), purpose).await, old)
+                }
+                _ => (result, token),
+            };
+            cache.settle(&key, &slot, token, &result);
+            let _ = tx.send(Some(result));
+        });
+        rx
+    }
+
+    /// One upstream call within the budgets, measured.
+    async fn call_upstream(
+        &self,
+        token: String,
+        purpose: Purpose,
+    ) -> Result<Credentials, UpstreamError> {
+        let _refresh_permit = match purpose {
+            Purpose::Refresh => {
+                self.bucket.acquire().await;
+                Some(self.inflight_refresh.acquire().await.expect("never closed"))
+            }
+            Purpose::Request => None,
+        };
+        let _permit = self.inflight_all.acquire().await.expect("never closed");
+        self.metrics.upstream_inflight.inc();
+        let started = Instant::now();
+        let result = self.fetcher.fetch(token).await;
+        self.metrics.upstream_inflight.dec();
+        let (outcome, code) = match &result {
+            Ok(_) => ("success", String::new()),
+            Err(e) => (e.outcome(), e.code().to_owned()),
+        };
+        self.metrics
+            .upstream_seconds
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.into(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .upstream_calls
+            .get_or_create(&UpstreamLabels {
+                purpose: purpose.label().into(),
+                outcome: outcome.into(),
+                code,
+            })
+            .inc();
+        result
+    }
+
+    /// Records an upstream result in the entry and schedules what comes next.
+    fn settle(
+        &self,
+        key: &Key,
+        slot: &Arc<Slot>,
+        token: String,
+        result: &Result<Credentials, UpstreamError>,
+    ) {
+        let mut st = slot.state.lock().expect("not poisoned");
+        st.inflight = None;
+        let now = Instant::now();
+        match result {
+            Ok(creds) => {
+                let cached = Cached {
+                    expires_at: self.expires_at(creds),
+                    creds: creds.clone(),
+                    fetched_at: now,
+                };
+                let due = self.refresh_due(&cached);
+                st.creds = Some(cached);
+                st.accepted_token = Some(token);
+                st.negative = None;
+                st.failures = 0;
+                st.next_refresh = Some(due);
+                self.queue.push(key.clone(), due);
+            }
+            Err(e) if e.is_permanent() => {
+                // The identity has no (valid) association: forget its credentials, remember why.
+                st.creds = None;
+                st.next_refresh = None;
+                st.negative = Some((e.clone(), now + self.config.negative_ttl));
+                self.metrics
+                    .cache_errors
+                    .get_or_create(&ErrorLabels {
+                        r#type: "NonRecoverable".into(),
+                        code: e.code().into(),
+                    })
+                    .inc();
+            }
+            Err(_) => {
+                // Transient: keep serving what we have; retry with backoff while it is usable.
+                st.failures += 1;
+                if st.creds.as_ref().is_some_and(|c| self.usable(c, now)) {
+                    let backoff = self
+                        .config
+                        .retry_backoff
+                        .saturating_mul(1 << st.failures.min(16).saturating_sub(1))
+                        .min(Duration::from_secs(300));
+                    let due = now + jittered(backoff, 0.5);
+                    st.next_refresh = Some(due);
+                    self.queue.push(key.clone(), due);
+                }
+            }
+        }
+    }
+
+    async fn run_refreshes(cache: std::sync::Weak<Self>, queue: Arc<Queue<Key>>) {
+        loop {
+            let (key, due) = queue.next().await;
+            // A weak reference: a dropped cache ends this task.
+            let Some(cache) = cache.upgrade() else { return };
+            cache.refresh(&key, due);
+        }
+    }
+
+    fn refresh(self: &Arc<Self>, key: &Key, due: Instant) {
+        let Some(slot) = self.entries.get(key).map(|s| s.clone()) else {
+            return;
+        };
+        let mut st = slot.state.lock().expect("not poisoned");
+        if st.next_refresh != Some(due) || st.inflight.is_some() || st.creds.is_none() {
+            return; // superseded, already running, or nothing to refresh
+        }
+        if let Some(reason) = self.gone(&st) {
+            drop(st);
+            self.evict(key, reason);
+            return;
+        }
+        self.metrics
+            .refresh_lag
+            .observe(Instant::now().saturating_duration_since(due).as_secs_f64());
+        let _ = self.start_fetch(key, &slot, &mut st, Purpose::Refresh);
+    }
+
+    /// Why an entry must go without another upstream call, if it must.
+    fn gone(&self, st: &SlotState) -> Option<&'static str> {
+        if st.cgroup.as_ref().is_some_and(|c| !c.exists()) {
+            return Some("pod_gone");
+        }
+        let now_epoch = self.epoch_at_start + self.started.elapsed().as_secs_f64();
+        if st.token_exp.is_some_and(|exp| (exp as f64) <= now_epoch) {
+            return Some("token_expired");
+        }
+        None
+    }
+
+    async fn run_sweeps(cache: std::sync::Weak<Self>) {
+        let interval = match cache.upgrade() {
+            Some(c) => c.config.sweep_interval,
+            None => return,
+        };
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(c) = cache.upgrade() else { return };
+            c.sweep();
+        }
+    }
+
+    /// Drops entries of gone pods, expired tokens, and entries with nothing left to serve.
+    fn sweep(&self) {
+        let now = Instant::now();
+        let mut doomed = Vec::new();
+        for e in self.entries.iter() {
+            let st = e.value().state.lock().expect("not poisoned");
+            if st.inflight.is_some() {
+                continue;
+            }
+            if let Some(reason) = self.gone(&st) {
+                doomed.push((e.key().clone(), reason));
+                continue;
+            }
+            let nothing_to_serve = st.creds.as_ref().is_none_or(|c| c.expires_at <= now);
+            let negative_over = st.negative.as_ref().is_none_or(|(_, until)| *until <= now);
+            if nothing_to_serve && negative_over {
+                doomed.push((e.key().clone(), "expired"));
+            }
+        }
+        for (key, reason) in doomed {
+            self.evict(&key, reason);
+        }
+    }
+}

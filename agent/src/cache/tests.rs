@@ -1,0 +1,359 @@
+//! Cache behaviour on tokio's paused clock.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
+
+use super::*;
+
+/// What the fake EKS Auth does on each call.
+#[derive(Clone)]
+enum Behaviour {
+    /// Credentials valid for this long.
+    Issue(Duration),
+    /// This error.
+    Fail(UpstreamError),
+    /// InvalidTokenException for this token, credentials (1 h) for any other.
+    Refuse(String),
+}
+
+struct FakeUpstream {
+    calls: AtomicUsize,
+    delay: Mutex<Duration>,
+    behaviour: Mutex<Behaviour>,
+    tokens: Mutex<Vec<String>>,
+    base_epoch: f64,
+    start: Instant,
+}
+
+impl FakeUpstream {
+    fn new(behaviour: Behaviour) -> Arc<Self> {
+        Arc::new(Self {
+            calls: AtomicUsize::new(0),
+            delay: Mutex::new(Duration::from_millis(50)),
+            behaviour: Mutex::new(behaviour),
+            tokens: Mutex::new(Vec::new()),
+            base_epoch: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64(),
+            start: Instant::now(),
+        })
+    }
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+    fn set(&self, b: Behaviour) {
+        *self.behaviour.lock().unwrap() = b;
+    }
+}
+
+impl Fetcher for FakeUpstream {
+    fn fetch(
+        &self,
+        token: String,
+    ) -> Pin<Box<dyn Future<Output = Result<Credentials, UpstreamError>> + Send>> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        self.tokens.lock().unwrap().push(token.clone());
+        let delay = *self.delay.lock().unwrap();
+        let behaviour = self.behaviour.lock().unwrap().clone();
+        let now_epoch = self.base_epoch + self.start.elapsed().as_secs_f64();
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            match behaviour {
+                Behaviour::Issue(life) => Ok(Credentials {
+                    access_key_id: format!("ASIA{n}"),
+                    secret_access_key: "s".into(),
+                    session_token: format!("t-{token}"),
+                    account_id: "123456789012".into(),
+                    expiration_epoch_secs: (now_epoch + life.as_secs_f64()) as u64,
+                }),
+                Behaviour::Fail(e) => Err(e),
+                Behaviour::Refuse(bad) if bad == token => Err(UpstreamError::Rejected {
+                    code: "InvalidTokenException".into(),
+                    message: "bad token".into(),
+                }),
+                Behaviour::Refuse(_) => Ok(Credentials {
+                    access_key_id: format!("ASIA{n}"),
+                    secret_access_key: "s".into(),
+                    session_token: format!("t-{token}"),
+                    account_id: "123456789012".into(),
+                    expiration_epoch_secs: (now_epoch + 3600.0) as u64,
+                }),
+            }
+        })
+    }
+}
+
+fn unavailable() -> UpstreamError {
+    UpstreamError::Unavailable {
+        code: "ThrottlingException".into(),
+        message: "slow down".into(),
+    }
+}
+
+fn not_found() -> UpstreamError {
+    UpstreamError::NotFound {
+        code: "ResourceNotFoundException".into(),
+        message: "no association".into(),
+    }
+}
+
+fn pod(uid: &str) -> Key {
+    Key::Pod {
+        uid: uid.into(),
+        namespace: "ns".into(),
+        service_account: "sa".into(),
+    }
+}
+
+fn lookup(key: Key, token: &str) -> Lookup {
+    Lookup {
+        key,
+        token: token.into(),
+        token_exp: Some(i64::MAX / 2),
+        cgroup: None,
+    }
+}
+
+fn cache(up: &Arc<FakeUpstream>, config: CacheConfig) -> Arc<Cache> {
+    Cache::new(up.clone(), config, Arc::new(Metrics::default()))
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+const MIN: Duration = Duration::from_secs(60);
+
+#[tokio::test(start_paused = true)]
+async fn a_thousand_concurrent_callers_make_one_upstream_call_and_share_its_result() {
+    for behaviour in [Behaviour::Issue(HOUR), Behaviour::Fail(unavailable())] {
+        let up = FakeUpstream::new(behaviour.clone());
+        *up.delay.lock().unwrap() = Duration::from_millis(300);
+        let c = cache(&up, CacheConfig::default());
+        let waiters: Vec<_> = (0..1000)
+            .map(|_| {
+                let c = c.clone();
+                tokio::spawn(async move { c.get(lookup(pod("a"), "tok")).await })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for w in waiters {
+            results.push(w.await.unwrap());
+        }
+        assert_eq!(up.calls(), 1);
+        assert!(
+            results.windows(2).all(|w| w[0] == w[1]),
+            "all callers share one result"
+        );
+        match behaviour {
+            Behaviour::Issue(_) => assert_eq!(results[0].as_ref().unwrap().access_key_id, "ASIA0"),
+            Behaviour::Fail(e) => assert_eq!(results[0], Err(CacheError::Upstream(e))),
+            Behaviour::Refuse(_) => unreachable!(),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_that_gives_up_does_not_cancel_the_fetch() {
+    let up = FakeUpstream::new(Behaviour::Issue(HOUR));
+    *up.delay.lock().unwrap() = Duration::from_secs(2);
+    let c = cache(&up, CacheConfig::default());
+    // The SDK gives up after 100 ms and drops its request.
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(100), c.get(lookup(pod("a"), "tok"))).await;
+    assert!(gave_up.is_err());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Its retry is a hit: the detached call finished and filled the cache.
+    assert!(c.get(lookup(pod("a"), "tok")).await.is_ok());
+    assert_eq!(up.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_upstream_gets_a_bounded_answer_and_fills_the_cache_anyway() {
+    let up = FakeUpstream::new(Behaviour::Issue(HOUR));
+    *up.delay.lock().unwrap() = Duration::from_secs(3);
+    let c = cache(&up, CacheConfig::default());
+    let started = Instant::now();
+    assert_eq!(
+        c.get(lookup(pod("a"), "tok")).await,
+        Err(CacheError::Pending)
+    );
+    assert_eq!(started.elapsed(), Duration::from_millis(900));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(c.get(lookup(pod("a"), "tok")).await.is_ok());
+    assert_eq!(up.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn refreshes_run_ahead_of_expiry_and_within_the_retention_bound() {
+    // 1 h credentials, refresh 30 min before expiry (minus up to 10% jitter): between 27 and 30 min.
+    let up = FakeUpstream::new(Behaviour::Issue(HOUR));
+    let c = cache(&up, CacheConfig::default());
+    let first = c.get(lookup(pod("a"), "tok")).await.unwrap();
+    tokio::time::sleep(26 * MIN).await;
+    assert_eq!(up.calls(), 1);
+    tokio::time::sleep(5 * MIN).await;
+    assert_eq!(up.calls(), 2, "refreshed ahead of expiry");
+    let second = c.get(lookup(pod("a"), "tok")).await.unwrap();
+    assert_ne!(first, second, "the refreshed credentials are served");
+    assert_eq!(up.calls(), 2, "and serving them is a hit");
+
+    // 6 h credentials, 1 h retention: renewed within the hour, not 30 min before expiry.
+    let up = FakeUpstream::new(Behaviour::Issue(6 * HOUR));
+    let c = cache(
+        &up,
+        CacheConfig {
+            max_retention: HOUR,
+            ..CacheConfig::default()
+        },
+    );
+    c.get(lookup(pod("a"), "tok")).await.unwrap();
+    tokio::time::sleep(HOUR + MIN).await;
+    assert_eq!(up.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn through_an_outage_cached_credentials_are_served_until_the_safety_margin() {
+    let up = FakeUpstream::new(Behaviour::Issue(HOUR));
+    let c = cache(&up, CacheConfig::default());
+    let creds = c.get(lookup(pod("a"), "tok")).await.unwrap();
+    up.set(Behaviour::Fail(unavailable()));
+    // Refreshes fail from ~27 min on; every request still gets the cached credentials.
+    for _ in 0..27 {
+        tokio::time::sleep(2 * MIN).await; // up to 54 min
+        assert_eq!(c.get(lookup(pod("a"), "tok")).await, Ok(creds.clone()));
+    }
+    let calls_during_outage = up.calls() - 1;
+    assert!(
+        calls_during_outage >= 3,
+        "retried with backoff: {calls_during_outage}"
+    );
+    assert!(
+        calls_during_outage < 40,
+        "backoff bounds the retries: {calls_during_outage}"
+    );
+    // Under 5 minutes left: no longer served.
+    tokio::time::sleep(2 * MIN).await; // 56 min
+    assert_eq!(
+        c.get(lookup(pod("a"), "tok")).await,
+        Err(CacheError::Upstream(unavailable()))
+    );
+    // Recovery.
+    up.set(Behaviour::Issue(HOUR));
+    let fresh = c.get(lookup(pod("a"), "tok")).await.unwrap();
+    assert_ne!(fresh, creds);
+}
+
+#[tokio::test(start_paused = true)]
+async fn permanent_errors_are_remembered_for_the_negative_ttl() {
+    let up = FakeUpstream::new(Behaviour::Fail(not_found()));
+    let c = cache(&up, CacheConfig::default());
+    for _ in 0..50 {
+        assert_eq!(
+            c.get(lookup(pod("a"), "tok")).await,
+            Err(CacheError::Upstream(not_found()))
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // 5 s of a tight loop: one call.
+    assert_eq!(up.calls(), 1);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let _ = c.get(lookup(pod("a"), "tok")).await;
+    assert_eq!(up.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rotated_token_is_a_hit_and_becomes_the_refresh_token() {
+    let up = FakeUpstream::new(Behaviour::Issue(HOUR));
+    let c = cache(&up, CacheConfig::default());
+    let first = c.get(lookup(pod("a"), "old")).await.unwrap();
+    let mut rotated = lookup(pod("a"), "new");
+    rotated.token_exp = Some(i64::MAX / 2 + 1);
+    assert_eq!(c.get(rotated).await.unwrap(), first);
+    assert_eq!(up.calls(), 1);
+    tokio::time::sleep(31 * MIN).await;
+    assert_eq!(
+        *up.tokens.lock().unwrap(),
+        ["old", "new"],
+        "refreshed with the newest token"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_new_token_falls_back_to_the_last_accepted_one() {
+    let up = FakeUpstream::new(Behaviour::Issue(HOUR));
+    let c = cache(&up, CacheConfig::default());
+    c.get(lookup(pod("a"), "good")).await.unwrap();
+    let mut newer = lookup(pod("a"), "bad");
+    newer.token_exp = Some(i64::MAX / 2 + 1);
+    c.get(newer).await.unwrap();
+    // The refresh with "bad" is refused; "good" is tried next and works.
+    up.set(Behaviour::Refuse("bad".into()));
+    tokio::time::sleep(31 * MIN).await;
+    assert_eq!(*up.tokens.lock().unwrap(), ["good", "bad", "good"]);
+    let creds = c.get(lookup(pod("a"), "good")).await.unwrap();
+    assert_eq!(
+        creds.session_token, "t-good",
+        "served what the accepted token fetched"
+    );
+    assert_eq!(up.calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_cache_keeps_its_bound_by_evicting_the_least_recently_used() {
+    let up = FakeUpstream::new(Behaviour::Issue(HOUR));
+    let c = cache(
+        &up,
+        CacheConfig {
+            max_entries: 3,
+            ..CacheConfig::default()
+        },
+    );
+    for uid in ["a", "b", "c"] {
+        c.get(lookup(pod(uid), uid)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    c.get(lookup(pod("a"), "a")).await.unwrap(); // a is now the most recent
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    c.get(lookup(pod("d"), "d")).await.unwrap();
+    assert_eq!(c.len(), 3);
+    assert!(c.entries.contains_key(&pod("a")));
+    assert!(
+        !c.entries.contains_key(&pod("b")),
+        "b was least recently used"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deleted_pods_entry_is_evicted_and_never_refreshed() {
+    let dir = std::env::temp_dir().join(format!("cache-pod-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let up = FakeUpstream::new(Behaviour::Issue(HOUR));
+    let c = cache(&up, CacheConfig::default());
+    let mut l = lookup(pod("a"), "tok");
+    l.cgroup = Some(dir.clone());
+    c.get(l).await.unwrap();
+    std::fs::remove_dir(&dir).unwrap();
+    tokio::time::sleep(Duration::from_secs(11)).await; // one sweep
+    assert!(c.is_empty());
+    tokio::time::sleep(HOUR).await;
+    assert_eq!(up.calls(), 1, "no renewal for a pod that is gone");
+}
+
+#[tokio::test(start_paused = true)]
+async fn fallback_keys_are_token_hashes_and_die_with_the_token() {
+    assert_ne!(Key::for_token("a"), Key::for_token("b"));
+    let up = FakeUpstream::new(Behaviour::Issue(HOUR));
+    let c = cache(&up, CacheConfig::default());
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        + 20;
+    let mut l = lookup(Key::for_token("tok"), "tok");
+    l.token_exp = Some(exp);
+    c.get(l).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(31)).await; // token expired, swept
+    assert!(c.is_empty());
+}
