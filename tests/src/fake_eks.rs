@@ -47,6 +47,8 @@ pub struct Issued {
     pub namespace: String,
     /// Service account.
     pub service_account: String,
+    /// The pod the token named.
+    pub pod_name: String,
     /// Role ARN.
     pub role_arn: String,
     /// Access key id.
@@ -288,6 +290,7 @@ async fn answer(s: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let issued = Issued {
         namespace: namespace.clone(),
         service_account: service_account.clone(),
+        pod_name: pod_name.clone(),
         role_arn: role_arn.clone(),
         access_key_id: format!("ASIA{}", random_hex(8).to_uppercase()),
         secret_access_key: random_hex(20),

@@ -160,7 +160,7 @@ fn cargo_test(name: &str, args: &[&str], env: &[(&str, &str)], tally: &mut Tally
 }
 
 /// The end-to-end test binaries of the `tests` crate (the leak check runs after them).
-const E2E_SUITES: [&str; 10] = [
+const E2E_SUITES: [&str; 12] = [
     "-p",
     "tests",
     "--test",
@@ -171,6 +171,8 @@ const E2E_SUITES: [&str; 10] = [
     "clients",
     "--test",
     "attribution",
+    "--test",
+    "cache",
 ];
 
 /// The full suite, as CI runs it.

@@ -269,17 +269,21 @@ impl Cache {
                 .as_ref()
                 .filter(|c| self.usable(c, now))
                 .map(|c| c.creds.clone());
+            if let Some(creds) = usable {
+                // Not fresh but still valid: answer now. A refresh is on its way within the
+                // budget, unless one runs already or a retry after a failure is scheduled.
+                if st.inflight.is_none() && st.failures == 0 {
+                    let _ = self.start_fetch(&lookup.key, &slot, &mut st, Purpose::Refresh);
+                }
+                self.count_state("hit");
+                self.count_result("stale");
+                return Ok(creds);
+            }
             let joined = st.inflight.is_some();
             let rx = match &st.inflight {
                 Some(rx) => rx.clone(),
                 None => self.start_fetch(&lookup.key, &slot, &mut st, Purpose::Request),
             };
-            if let Some(creds) = usable {
-                // Not fresh but still valid: answer now, the refresh goes on in the background.
-                self.count_state("hit");
-                self.count_result("stale");
-                return Ok(creds);
-            }
             self.count_state("miss");
             self.count_result(if joined { "coalesced" } else { "miss" });
             rx
@@ -487,13 +491,18 @@ impl Cache {
             Err(_) => {
                 // Transient: keep serving what we have; retry with backoff while it is usable.
                 st.failures += 1;
-                if st.creds.as_ref().is_some_and(|c| self.usable(c, now)) {
+                if let Some(c) = st.creds.as_ref().filter(|c| self.usable(c, now)) {
                     let backoff = self
                         .config
                         .retry_backoff
                         .saturating_mul(1 << st.failures.min(16).saturating_sub(1))
                         .min(Duration::from_secs(300));
-                    let due = now + jittered(backoff, 0.5);
+                    // Never back off past the last moment the credentials can be served.
+                    let last_chance = c
+                        .expires_at
+                        .checked_sub(self.config.min_remaining)
+                        .unwrap_or(now);
+                    let due = (now + jittered(backoff, 0.5)).min(last_chance.max(now));
                     st.next_refresh = Some(due);
                     self.queue.push(key.clone(), due);
                 }
