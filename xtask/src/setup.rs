@@ -34,6 +34,7 @@ pub fn all() -> Result<()> {
     step("setup: Debian packages", apt)?;
     step("setup: bpf-linker", bpf_linker)?;
     step("setup: botocore virtualenv", botocore)?;
+    step("setup: bpffs on /sys/fs/bpf", bpffs)?;
     Ok(())
 }
 
@@ -133,4 +134,18 @@ fn botocore() -> Result<()> {
         ])
         .arg(format!("botocore=={BOTOCORE_VERSION}")))
     .context("installing botocore")
+}
+
+/// Mounts bpffs on /sys/fs/bpf once, before parallel tests start agents that pin there (two
+/// agents mounting at the same moment would stack two file systems).
+fn bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    if mounts
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some("/sys/fs/bpf") && l.split(' ').nth(2) == Some("bpf"))
+    {
+        println!("  already mounted");
+        return Ok(());
+    }
+    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
 }
