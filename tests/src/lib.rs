@@ -9,6 +9,7 @@ pub mod agent;
 pub mod cgroups;
 pub mod clients;
 pub mod fake_eks;
+pub mod fixtures;
 pub mod issuer;
 pub mod leaks;
 pub mod names;

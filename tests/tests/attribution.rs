@@ -8,29 +8,8 @@ use anyhow::Result;
 use tests::agent::{scrape, Agent, CLUSTER};
 use tests::cgroups::Driver;
 use tests::clients::{credentials_url, curl, load_result, spawn_load};
-use tests::fake_eks::FakeEksAuth;
-use tests::sandbox::{PodSpec, Sandbox};
-
-fn node(driver: Driver) -> Result<(Sandbox, FakeEksAuth)> {
-    let sb = Sandbox::new(driver)?;
-    let fake = FakeEksAuth::start(sb.node(), CLUSTER, sb.issuer().decoding_key())?;
-    fake.associate("app", "reader", "ReaderRole");
-    Ok((sb, fake))
-}
-
-/// The value of the first metric line starting with `prefix ` (0 when absent).
-fn metric(text: &str, prefix: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(prefix)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn attribution(text: &str, listener: &str, outcome: &str) -> u64 {
-    metric(
-        text,
-        &format!("pod_identity_attribution_total{{listener=\"{listener}\",outcome=\"{outcome}\"}}"),
-    )
-}
+use tests::fixtures::{attachment, attribution, metric, node};
+use tests::sandbox::PodSpec;
 
 #[test]
 fn a_token_replayed_from_another_pod_is_refused_and_eks_auth_is_not_called() -> Result<()> {
@@ -222,34 +201,6 @@ fn the_attribution_map_does_not_grow_with_closed_connections() -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// (program ids, link ids) of the cgroup links attached directly to `cgroup`.
-fn attachment(cgroup: &std::path::Path) -> Result<(Vec<u64>, Vec<u64>)> {
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "cgroup", "show"])
-        .arg(cgroup)
-        .output()?;
-    let progs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let prog_ids: Vec<u64> = progs
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p["id"].as_u64())
-        .collect();
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "link", "show"])
-        .output()?;
-    let links: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let mut link_ids: Vec<u64> = links
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|l| l["prog_id"].as_u64().is_some_and(|p| prog_ids.contains(&p)))
-        .filter_map(|l| l["id"].as_u64())
-        .collect();
-    link_ids.sort_unstable();
-    Ok((prog_ids, link_ids))
 }
 
 #[test]

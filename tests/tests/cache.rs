@@ -9,6 +9,7 @@ use tests::agent::{scrape, Agent, CLUSTER};
 use tests::cgroups::Driver;
 use tests::clients::{credentials_url, curl, load_result, spawn_load};
 use tests::fake_eks::{FakeEksAuth, Fault};
+use tests::fixtures::metric;
 use tests::sandbox::{PodSpec, Sandbox};
 
 /// Credentials live 30 s; the agent refreshes them when 28 s or less are left (so about 2 s
@@ -34,12 +35,6 @@ fn node(pods: usize) -> Result<(Sandbox, FakeEksAuth)> {
         sb.add_pod(PodSpec::new("app", "reader"))?;
     }
     Ok((sb, fake))
-}
-
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
 }
 
 fn key_of(sb: &Sandbox, pod: usize) -> Result<String> {

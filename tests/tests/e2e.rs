@@ -7,24 +7,9 @@ use anyhow::Result;
 use tests::agent::{probe, Agent};
 use tests::cgroups::Driver;
 use tests::clients::{credentials_url, curl, sdk_client};
-use tests::fake_eks::{FakeEksAuth, ACCOUNT};
-use tests::sandbox::{PodSpec, Sandbox};
-
-/// A sandbox whose fake EKS Auth knows `app/reader` (role ReaderRole) but not `app/stranger`.
-fn node(driver: Driver) -> Result<(Sandbox, FakeEksAuth)> {
-    let sb = Sandbox::new(driver)?;
-    let fake = FakeEksAuth::start(sb.node(), tests::agent::CLUSTER, sb.issuer().decoding_key())?;
-    fake.associate("app", "reader", "ReaderRole");
-    Ok((sb, fake))
-}
-
-fn served_lines(agent: &Agent) -> Vec<serde_json::Value> {
-    agent
-        .log_lines()
-        .into_iter()
-        .filter(|l| l["message"] == "request served")
-        .collect()
-}
+use tests::fake_eks::ACCOUNT;
+use tests::fixtures::{attached, node, served_lines};
+use tests::sandbox::PodSpec;
 
 #[test]
 fn curl_in_a_pod_gets_the_credentials_eks_auth_issued_over_ipv4_and_ipv6() -> Result<()> {
@@ -248,22 +233,4 @@ fn pinned_programs_outlive_the_agent_until_uninstall() -> Result<()> {
     assert_eq!(attached(&root)?, 0, "uninstall left programs attached");
     assert!(!sb.bpf_dir().exists(), "uninstall left pins");
     Ok(())
-}
-
-/// Programs attached directly to `cgroup` (bpftool cgroup show).
-fn attached(cgroup: &std::path::Path) -> Result<usize> {
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "cgroup", "show"])
-        .arg(cgroup)
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "bpftool: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if out.stdout.iter().all(u8::is_ascii_whitespace) {
-        return Ok(0);
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok(v.as_array().map_or(0, Vec::len))
 }

@@ -1,0 +1,82 @@
+//! Helpers the suites share: a standard node, reading metrics, and the kernel's view of
+//! what is attached to a cgroup.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::Result;
+
+use crate::agent::{Agent, CLUSTER};
+use crate::cgroups::Driver;
+use crate::fake_eks::FakeEksAuth;
+use crate::sandbox::Sandbox;
+
+/// A sandbox whose fake EKS Auth knows `app/reader` (role ReaderRole) but not `app/stranger`.
+pub fn node(driver: Driver) -> Result<(Sandbox, FakeEksAuth)> {
+    let sb = Sandbox::new(driver)?;
+    let fake = FakeEksAuth::start(sb.node(), CLUSTER, sb.issuer().decoding_key())?;
+    fake.associate("app", "reader", "ReaderRole");
+    Ok((sb, fake))
+}
+
+/// The value of the sample `name` (with its labels) in a Prometheus exposition; 0 if absent.
+pub fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `pod_identity_attribution_total{listener, outcome}`.
+pub fn attribution(text: &str, listener: &str, outcome: &str) -> u64 {
+    metric(
+        text,
+        &format!("pod_identity_attribution_total{{listener=\"{listener}\",outcome=\"{outcome}\"}}"),
+    )
+}
+
+/// The agent's per-request log lines.
+pub fn served_lines(agent: &Agent) -> Vec<serde_json::Value> {
+    agent
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["message"] == "request served")
+        .collect()
+}
+
+/// (program ids, link ids) of what is attached directly to `cgroup` (bpftool).
+pub fn attachment(cgroup: &Path) -> Result<(Vec<u64>, Vec<u64>)> {
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let progs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let prog_ids: Vec<u64> = progs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["id"].as_u64())
+        .collect();
+    let out = Command::new("bpftool")
+        .args(["-j", "link", "show"])
+        .output()?;
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let mut link_ids: Vec<u64> = links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["prog_id"].as_u64().is_some_and(|p| prog_ids.contains(&p)))
+        .filter_map(|l| l["id"].as_u64())
+        .collect();
+    link_ids.sort_unstable();
+    Ok((prog_ids, link_ids))
+}
+
+/// How many programs are attached directly to `cgroup`.
+pub fn attached(cgroup: &Path) -> Result<usize> {
+    Ok(attachment(cgroup)?.0.len())
+}
