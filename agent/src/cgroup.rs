@@ -24,25 +24,33 @@ pub enum CgroupError {
     },
 }
 
-/// The cgroup2 mount point, from /proc/self/mountinfo.
-pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
+/// Every cgroup2 mount point, from /proc/self/mountinfo.
+pub fn cgroup2_mounts() -> Result<Vec<PathBuf>, CgroupError> {
     let infos = procfs::process::Process::myself()?.mountinfo()?;
-    infos
+    let mounts: Vec<PathBuf> = infos
         .0
         .into_iter()
-        .find(|m| m.fs_type == "cgroup2")
+        .filter(|m| m.fs_type == "cgroup2")
         .map(|m| m.mount_point)
-        .ok_or(CgroupError::NoCgroup2)
+        .collect();
+    if mounts.is_empty() {
+        return Err(CgroupError::NoCgroup2);
+    }
+    Ok(mounts)
 }
 
-/// The kubelet's pods cgroup under the cgroup2 mount (systemd or cgroupfs driver).
+/// The kubelet's pods cgroup (systemd or cgroupfs driver) under a cgroup2 mount. In a
+/// container the first cgroup2 mount may be its own namespaced one; the host's tree mounted
+/// beside it is the one that holds the pods.
 pub fn default_pods_root() -> Result<PathBuf, CgroupError> {
-    let mount = cgroup2_mount()?;
-    ["kubepods.slice", "kubepods"]
+    let mounts = cgroup2_mounts()?;
+    mounts
         .iter()
-        .map(|name| mount.join(name))
+        .flat_map(|m| ["kubepods.slice", "kubepods"].map(|name| m.join(name)))
         .find(|p| p.is_dir())
-        .ok_or(CgroupError::NoPodsCgroup { mount })
+        .ok_or_else(|| CgroupError::NoPodsCgroup {
+            mount: mounts[0].clone(),
+        })
 }
 
 /// Finds the directory under `root` whose inode is `id` (a cgroup id is its directory's

@@ -125,6 +125,7 @@ pub struct EventLabel {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    names: Vec<&'static str>,
     /// `pod_identity_http_response{code}` (reference).
     pub http_response: Family<CodeLabel, ReferenceCounter>,
     /// `pod_identity_cache_state{state}` (reference).
@@ -157,6 +158,17 @@ pub struct Metrics {
     pub ebpf_events: Family<EventLabel, Gauge<u64, AtomicU64>>,
 }
 
+fn register<M: prometheus_client::registry::Metric>(
+    registry: &mut Registry,
+    names: &mut Vec<&'static str>,
+    name: &'static str,
+    help: &str,
+    metric: M,
+) {
+    names.push(name);
+    registry.register(name, help, metric);
+}
+
 fn latency_histogram() -> Histogram {
     // 50 µs .. ~6.5 s: a cache hit is tens of µs, an EKS Auth call tens to hundreds of ms.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -167,6 +179,7 @@ fn latency_histogram() -> Histogram {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::default();
+        let mut names = Vec::new();
         let http_response = Family::default();
         let cache_state = Family::default();
         let cache_errors = Family::default();
@@ -188,83 +201,114 @@ impl Default for Metrics {
         let refresh_lag = Histogram::new(
             prometheus_client::metrics::histogram::exponential_buckets(0.001, 4.0, 10),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "pod_identity_cache_entries",
             "Identities with cached credentials",
             cache_entries.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "pod_identity_cache_requests",
             "Credentials requests by cache result (hit, stale, miss, coalesced, negative)",
             cache_requests.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "pod_identity_cache_evictions",
             "Cache evictions by reason",
             cache_evictions.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "pod_identity_upstream_calls",
             "EKS Auth calls by purpose, outcome and error code",
             upstream_calls.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "pod_identity_upstream_inflight",
             "EKS Auth calls in flight",
             upstream_inflight.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "pod_identity_refresh_lag_seconds",
             "How late background refreshes ran after they were due",
             refresh_lag.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "pod_identity_http_response",
             "Pod Identity http response code",
             http_response.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "pod_identity_cache_state",
             "The state of credential in cache",
             cache_state.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "pod_identity_cache_errors",
             "Removing credentials from cache, got non recoverable error",
             cache_errors.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "pod_identity_request_duration_seconds",
             "Credentials request latency by outcome",
             request_seconds.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "pod_identity_upstream_duration_seconds",
             "EKS Auth AssumeRoleForPodIdentity latency by outcome",
             upstream_seconds.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "pod_identity_agent_mode",
             "1 for the active attribution mode (ebpf or fallback)",
             mode.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "pod_identity_ebpf_events",
             "Counters of the kernel programs (steered connects, recorded tuples, misses)",
             ebpf_events.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "pod_identity_attribution",
             "Credentials requests by listener and kernel attribution outcome",
             attribution.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut names,
             "pod_identity_ebpf_tuples",
             "Live connections in the kernel's attribution map",
             ebpf_tuples.clone(),
         );
         Self {
             registry,
+            names,
             cache_entries,
             cache_requests,
             cache_evictions,
@@ -285,6 +329,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Every metric family's name (as registered; counters gain `_total` in the exposition).
+    pub fn names(&self) -> &[&'static str] {
+        &self.names
+    }
+
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();

@@ -18,8 +18,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what building and testing need (Debian packages, bpf-linker); skips what is there.
-    Setup,
+    /// Install what building and testing need (Debian packages, bpf-linker, the Python test
+    /// clients, bpffs); skips what is there.
+    Setup {
+        /// Only what building needs (for image builds): no test clients, no bpffs mount.
+        #[arg(long)]
+        toolchain_only: bool,
+    },
     /// Build the BPF object with Debian's toolchain (release).
     BuildEbpf,
     /// Build the agent (release, BPF object embedded): target/release/eks-pod-identity-agent.
@@ -28,16 +33,19 @@ enum Cmd {
     Test,
     /// Run the agent for real in a node sandbox; a pod gets credentials.
     Demo,
+    /// Build the images and run the kind recipe (deploy/kind) where docker and kind exist.
+    KindE2e,
 }
 
 fn main() -> std::process::ExitCode {
     let started = Instant::now();
     let result = match Cli::parse().command {
-        Cmd::Setup => setup::all(),
+        Cmd::Setup { toolchain_only } => setup::run(toolchain_only),
         Cmd::BuildEbpf => steps::build_ebpf(),
         Cmd::Build => steps::build().map(|_| ()),
         Cmd::Test => steps::test(),
         Cmd::Demo => steps::demo(),
+        Cmd::KindE2e => steps::kind_e2e(),
     };
     println!("xtask: finished in {:.1?}", started.elapsed());
     match result {

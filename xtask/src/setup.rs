@@ -4,7 +4,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::steps::{cargo_bin_dir, run, step};
+use crate::steps::run as run_cmd;
+use crate::steps::{cargo_bin_dir, step};
 
 /// Debian packages: the BPF compiler and its prebuilt core (TOOLCHAIN.md), LLVM for
 /// bpf-linker, and the tools the sandbox uses.
@@ -22,19 +23,32 @@ pub const APT_PACKAGES: &[&str] = &[
     "procps",
 ];
 
-/// botocore, the Python SDK's core, pinned for the client matrix.
-pub const BOTOCORE_VERSION: &str = "1.44.5";
+/// Python test tools, pinned: botocore (the client matrix), kubernetes-validate and yamllint
+/// (manifest checks).
+pub const PYTHON_TOOLS: [(&str, &str); 3] = [
+    ("botocore", "1.44.5"),
+    ("kubernetes-validate", "1.37.0"),
+    ("yamllint", "1.38.0"),
+];
 
 /// The bpf-linker release that works with LLVM 22 and rustc 1.95/1.96.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Makes sure we are root, then installs missing packages and bpf-linker.
+/// Everything building and testing need.
 pub fn all() -> Result<()> {
+    run(false)
+}
+
+/// Makes sure we are root, then installs what is missing: packages and bpf-linker, and
+/// unless `toolchain_only`, the Python test tools and the bpffs mount.
+pub fn run(toolchain_only: bool) -> Result<()> {
     require_root()?;
     step("setup: Debian packages", apt)?;
     step("setup: bpf-linker", bpf_linker)?;
-    step("setup: botocore virtualenv", botocore)?;
-    step("setup: bpffs on /sys/fs/bpf", bpffs)?;
+    if !toolchain_only {
+        step("setup: Python test tools (virtualenv)", python_tools)?;
+        step("setup: bpffs on /sys/fs/bpf", bpffs)?;
+    }
     Ok(())
 }
 
@@ -68,13 +82,17 @@ fn apt() -> Result<()> {
         return Ok(());
     }
     println!("  installing {}", missing.join(" "));
-    run(Command::new("apt-get")
-        .arg("update")
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run_cmd(
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
     Ok(())
 }
 
@@ -90,17 +108,19 @@ fn bpf_linker() -> Result<()> {
         return Ok(());
     }
     println!("  building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
-    run(Command::new(env!("CARGO"))
-        .args([
-            "install",
-            "bpf-linker",
-            "--force",
-            "--version",
-            BPF_LINKER_VERSION,
-        ])
-        .args(["--no-default-features", "--features", "llvm-22"])
-        // Without it the link fails with "unable to find library -lLLVM".
-        .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
+    run_cmd(
+        Command::new(env!("CARGO"))
+            .args([
+                "install",
+                "bpf-linker",
+                "--force",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            // Without it the link fails with "unable to find library -lLLVM".
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+    )
     .context("installing bpf-linker")?;
     Ok(())
 }
@@ -110,30 +130,40 @@ pub fn venv() -> std::path::PathBuf {
     crate::steps::root().join("target/pyenv")
 }
 
-fn botocore() -> Result<()> {
+fn python_tools() -> Result<()> {
     let python = venv().join("bin/python");
+    let wanted: Vec<String> = PYTHON_TOOLS
+        .iter()
+        .map(|(p, v)| format!("{p}=={v}"))
+        .collect();
     let have = Command::new(&python)
-        .args(["-c", "import botocore; print(botocore.__version__)"])
+        .args(["-m", "pip", "freeze", "--disable-pip-version-check"])
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_lowercase())
         .unwrap_or_default();
-    if have == BOTOCORE_VERSION {
-        println!("  botocore {have} present in {}", venv().display());
+    let missing: Vec<&String> = wanted
+        .iter()
+        .filter(|w| !have.lines().any(|l| l == w.to_lowercase()))
+        .collect();
+    if missing.is_empty() {
+        println!("  {} present in {}", wanted.join(" "), venv().display());
         return Ok(());
     }
     if !python.exists() {
-        run(Command::new("python3").arg("-m").arg("venv").arg(venv()))?;
+        run_cmd(Command::new("python3").arg("-m").arg("venv").arg(venv()))?;
     }
-    run(Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
-        .arg(format!("botocore=={BOTOCORE_VERSION}")))
-    .context("installing botocore")
+    run_cmd(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(&missing),
+    )
+    .context("installing the Python test tools")
 }
 
 /// Mounts bpffs on /sys/fs/bpf once, before parallel tests start agents that pin there (two
@@ -147,5 +177,5 @@ fn bpffs() -> Result<()> {
         println!("  already mounted");
         return Ok(());
     }
-    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+    run_cmd(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
 }

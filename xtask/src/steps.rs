@@ -160,7 +160,7 @@ fn cargo_test(name: &str, args: &[&str], env: &[(&str, &str)], tally: &mut Tally
 }
 
 /// The end-to-end test binaries of the `tests` crate (the leak check runs after them).
-const E2E_SUITES: [&str; 12] = [
+const E2E_SUITES: [&str; 14] = [
     "-p",
     "tests",
     "--test",
@@ -173,6 +173,8 @@ const E2E_SUITES: [&str; 12] = [
     "attribution",
     "--test",
     "cache",
+    "--test",
+    "deploy",
 ];
 
 /// The full suite, as CI runs it.
@@ -199,6 +201,10 @@ pub fn test() -> Result<()> {
             "warnings",
         ]))
     })?;
+    step(
+        "manifests: yamllint, kubernetes-validate",
+        validate_manifests,
+    )?;
     let agent = build()?;
     let run_id = format!("pia{}", std::process::id());
     let agent_bin = agent.to_string_lossy().into_owned();
@@ -238,6 +244,110 @@ pub fn test() -> Result<()> {
     }
     println!("total: {} passed, {} failed", tally.passed, tally.failed);
     result.and(leaks)
+}
+
+/// Kubernetes versions the manifests are validated against.
+const KUBERNETES_VERSIONS: [&str; 2] = ["1.30.0", "1.33.0"];
+
+/// Kubernetes resources (kustomizations, patches and kind's own config are linted only).
+const MANIFESTS: [&str; 4] = [
+    "deploy/serviceaccount.yaml",
+    "deploy/daemonset.yaml",
+    "deploy/kind/fake-eks-auth.yaml",
+    "deploy/kind/sample-pod.yaml",
+];
+
+/// yamllint over deploy/, then every resource against each Kubernetes version (strict).
+fn validate_manifests() -> Result<()> {
+    let bin = setup::venv().join("bin");
+    run(Command::new(bin.join("yamllint"))
+        .current_dir(root())
+        .args(["--strict", "-c", ".yamllint", "deploy"]))?;
+    for version in KUBERNETES_VERSIONS {
+        run(Command::new(bin.join("kubernetes-validate"))
+            .current_dir(root())
+            .args(["--strict", "--quiet", "-k", version])
+            .args(MANIFESTS))?;
+        println!(
+            "  {} manifests valid for Kubernetes {version}",
+            MANIFESTS.len()
+        );
+    }
+    Ok(())
+}
+
+/// The kind recipe: images, cluster, the agent and a sample pod. Skipped, and said so, where
+/// no Docker engine or kind exists (as on the development machines).
+pub fn kind_e2e() -> Result<()> {
+    let docker = Command::new("docker")
+        .arg("info")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let kind = Command::new("kind")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !docker || !kind {
+        println!(
+            "kind-e2e SKIPPED: needs a running Docker engine ({}) and kind ({}); nothing was run.",
+            if docker { "found" } else { "missing" },
+            if kind { "found" } else { "missing" }
+        );
+        return Ok(());
+    }
+    let cluster = "pod-identity";
+    step("images", || {
+        run(Command::new("docker").current_dir(root()).args([
+            "build",
+            "-t",
+            "eks-pod-identity-agent:kind",
+            ".",
+        ]))?;
+        run(Command::new("docker").current_dir(root()).args([
+            "build",
+            "--target",
+            "fake-eks-auth",
+            "-t",
+            "fake-eks-auth:kind",
+            ".",
+        ]))
+    })?;
+    let result = step("kind flow", || {
+        run(Command::new("kind").current_dir(root()).args([
+            "create",
+            "cluster",
+            "--config",
+            "deploy/kind/cluster.yaml",
+        ]))?;
+        for image in ["eks-pod-identity-agent:kind", "fake-eks-auth:kind"] {
+            run(Command::new("kind").args(["load", "docker-image", image, "--name", cluster]))?;
+        }
+        run(Command::new("kubectl")
+            .current_dir(root())
+            .args(["apply", "-k", "deploy/kind"]))?;
+        run(Command::new("kubectl").args([
+            "-n",
+            "default",
+            "wait",
+            "--for=jsonpath={.status.phase}=Succeeded",
+            "pod/pod-identity-sample",
+            "--timeout=180s",
+        ]))?;
+        let logs = Command::new("kubectl")
+            .args(["-n", "default", "logs", "pod-identity-sample"])
+            .output()?;
+        let logs = String::from_utf8_lossy(&logs.stdout);
+        anyhow::ensure!(
+            logs.contains("\"AccessKeyId\""),
+            "the sample pod got no credentials: {logs}"
+        );
+        println!("  the sample pod got credentials");
+        Ok(())
+    });
+    let _ = Command::new("kind")
+        .args(["delete", "cluster", "--name", cluster])
+        .status();
+    result
 }
 
 /// Builds everything and runs the demo binary (a sandbox, two pods, the real agent).

@@ -1,0 +1,201 @@
+//! The deploy manifests against the agent itself: their arguments parse with its CLI, the
+//! capability set they grant is enough (and each capability is needed), and the operator's
+//! guide documents every flag and metric the binary has.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser as _;
+use tests::agent::{agent_bin, probe, Agent, CLUSTER};
+use tests::cgroups::Driver;
+use tests::clients::{credentials_url, curl};
+use tests::fixtures::{attached, node};
+use tests::names;
+use tests::netns::NetNs;
+use tests::sandbox::PodSpec;
+
+fn repo(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+}
+
+/// The DaemonSet as JSON (PyYAML from the test virtualenv reads the YAML).
+fn daemonset() -> Result<serde_json::Value> {
+    let python = repo("target/pyenv/bin/python");
+    let out = Command::new(python)
+        .args([
+            "-c",
+            "import json,sys,yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
+        ])
+        .arg(repo("deploy/daemonset.yaml"))
+        .output()
+        .context("running the virtualenv python (cargo xtask setup)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// (args with `$(VAR)` expanded from the container's env, capabilities added) of a container.
+fn container(ds: &serde_json::Value, init: bool, cluster: &str) -> (Vec<String>, Vec<String>) {
+    let list = if init { "initContainers" } else { "containers" };
+    let c = &ds["spec"]["template"]["spec"][list][0];
+    let args = c["args"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| {
+            a.as_str()
+                .unwrap_or_default()
+                .replace("$(CLUSTER_NAME)", cluster)
+        })
+        .collect();
+    let caps = c["securityContext"]["capabilities"]["add"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| a.as_str().unwrap_or_default().to_lowercase())
+        .collect();
+    (args, caps)
+}
+
+/// `setpriv` arguments that leave exactly `caps`.
+fn only(caps: &[String]) -> Vec<String> {
+    let set = std::iter::once("-all".to_owned())
+        .chain(caps.iter().map(|c| format!("+{c}")))
+        .collect::<Vec<_>>()
+        .join(",");
+    vec!["setpriv".into(), "--bounding-set".into(), set, "--".into()]
+}
+
+#[test]
+fn the_daemonset_arguments_parse_with_the_agents_own_cli() -> Result<()> {
+    let ds = daemonset()?;
+    for init in [true, false] {
+        let (args, _) = container(&ds, init, "my-cluster");
+        let argv = std::iter::once("eks-pod-identity-agent".to_owned()).chain(args.clone());
+        let cli = agent::config::Cli::try_parse_from(argv)
+            .map_err(|e| anyhow::anyhow!("{args:?}: {e}"))?;
+        let want_server = !init;
+        assert_eq!(
+            matches!(cli.command, agent::config::Command::Server(_)),
+            want_server,
+            "{args:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn the_manifests_capabilities_are_enough_and_each_is_needed() -> Result<()> {
+    let ds = daemonset()?;
+    let (mut args, caps) = container(&ds, false, CLUSTER);
+    assert_eq!(caps, ["bpf", "net_admin", "net_bind_service"]);
+    let (mut sb, fake) = node(Driver::Cgroupfs)?;
+    let pod = sb.add_pod(PodSpec::new("app", "reader"))?;
+    // The sandbox's own pin directory, instead of the node-wide one.
+    let pins = args
+        .iter()
+        .position(|a| a == "--bpffs-dir")
+        .context("--bpffs-dir in args")?;
+    args[pins + 1] = sb.bpf_dir().display().to_string();
+    let root = sb.cgroups().pods_root().display().to_string();
+    let env = [("POD_IDENTITY_CGROUP_ROOT", root.as_str())];
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+
+    // Exactly the manifest's set: attached, steering, serving.
+    let wrapper = only(&caps);
+    let wrap: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let mut agent = Agent::launch_wrapped(&sb, &fake, &wrap, &argv, &env)?;
+    agent.wait_ready(&sb, Duration::from_secs(20))?;
+    let (_, body) = probe(&sb, "/readyz")?;
+    assert!(body.contains("\"ebpf\""), "{body}\n{}", agent.log_text());
+    assert_eq!(attached(sb.cgroups().pods_root())?, 5);
+    let got = curl(&sb, pod, 0, credentials_url(false), &[])?;
+    assert_eq!((got.status, got.peer_port), (200, 80), "{}", got.body);
+    assert!(agent.stop()?.success());
+    let _ = Command::new(agent_bin()?)
+        .arg("uninstall")
+        .arg("--bpffs-dir")
+        .arg(sb.bpf_dir())
+        .status();
+
+    // Each capability is needed: without it the agent cannot start or falls back.
+    for missing in &caps {
+        let fewer: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
+        let wrapper = only(&fewer);
+        let wrap: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+        let mut agent = Agent::launch_wrapped(&sb, &fake, &wrap, &argv, &env)?;
+        let degraded = match agent.wait_ready(&sb, Duration::from_secs(20)) {
+            Err(_) => true, // exited: cannot bind port 80
+            Ok(()) => probe(&sb, "/readyz")?.1.contains("\"fallback\""),
+        };
+        assert!(
+            degraded,
+            "without {missing} the agent still ran in eBPF mode:\n{}",
+            agent.log_text()
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn the_init_container_needs_only_net_admin() -> Result<()> {
+    let ds = daemonset()?;
+    let (args, caps) = container(&ds, true, CLUSTER);
+    assert_eq!(caps, ["net_admin"]);
+    let ns = NetNs::create(&format!("{}-init", names::unique()))?;
+    let wrapper = only(&caps);
+    let out = ns
+        .command(&wrapper[0])?
+        .args(&wrapper[1..])
+        .arg(agent_bin()?)
+        .args(&args)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ns.ip(&["addr", "show", "dev", "pod-id-link0"])?;
+    Ok(())
+}
+
+#[test]
+fn the_operators_guide_documents_every_flag_and_metric() -> Result<()> {
+    let guide = std::fs::read_to_string(repo("docs/operator-guide.md"))?;
+    let help = Command::new(agent_bin()?)
+        .args(["server", "--help"])
+        .output()?;
+    let help = String::from_utf8_lossy(&help.stdout);
+    let flags: std::collections::BTreeSet<&str> = help
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .filter(|w| w.starts_with("--") && w.len() > 2 && *w != "--help")
+        .collect();
+    assert!(flags.len() > 20, "{flags:?}");
+    let undocumented: Vec<_> = flags
+        .iter()
+        .filter(|f| !guide.contains(&format!("`{f}`")))
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "flags missing from docs/operator-guide.md: {undocumented:?}"
+    );
+    let registry = agent::metrics::Metrics::default();
+    let metrics = registry.names();
+    assert!(metrics.len() > 10, "{metrics:?}");
+    let missing: Vec<_> = metrics
+        .iter()
+        .filter(|m| !guide.contains(&format!("`{m}")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "metrics missing from docs/operator-guide.md: {missing:?}"
+    );
+    Ok(())
+}
