@@ -51,7 +51,8 @@ fn a_cold_burst_of_100_pods_times_10_requests_makes_100_upstream_calls() -> Resu
     let (sb, fake) = node(100)?;
     // 100 client processes x 10 threads on this 2-CPU machine starve everything for seconds:
     // a longer deadline keeps the assertion on what the cache did (100 calls), not on CPU.
-    let _agent = Agent::start(&sb, &fake, &["--response-deadline", "10s"])?;
+    let agent = Agent::start(&sb, &fake, &["--response-deadline", "10s"])?;
+    let idle_rss = agent.rss_kib();
     let started = Instant::now();
     let loads: Vec<_> = (0..100)
         .map(|pod| spawn_load(&sb, pod, 0, "169.254.170.23:80", "/v1/credentials", 10, 10))
@@ -62,7 +63,11 @@ fn a_cold_burst_of_100_pods_times_10_requests_makes_100_upstream_calls() -> Resu
         assert_eq!((r.count(200), r.errors), (10, 0), "pod {pod}: {r:?}");
         ok += r.count(200);
     }
-    eprintln!("1000 cold requests served in {:?}", started.elapsed());
+    eprintln!(
+        "1000 cold requests served in {:?}; agent RSS {idle_rss} KiB idle, {} KiB with 100 identities cached",
+        started.elapsed(),
+        agent.rss_kib()
+    );
     assert_eq!(ok, 1000);
     assert_eq!(fake.calls(), 100, "exactly one EKS Auth call per pod");
     Ok(())
