@@ -11,6 +11,8 @@ pub mod ebpf;
 pub mod logging;
 pub mod metrics;
 pub mod netsetup;
+#[cfg(test)]
+mod proptests;
 pub mod server;
 pub mod token;
 pub mod upstream;

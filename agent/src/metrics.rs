@@ -107,6 +107,13 @@ pub struct UpstreamLabels {
     pub code: String,
 }
 
+/// `kind` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// parse, timeout, incomplete, io.
+    pub kind: String,
+}
+
 /// `mode` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModeLabel {
@@ -140,6 +147,8 @@ pub struct Metrics {
     pub mode: Family<ModeLabel, Gauge>,
     /// Requests by listener and kernel attribution outcome.
     pub attribution: Family<AttributionLabels, Counter>,
+    /// Connections that ended without a well-formed exchange, by kind.
+    pub connection_errors: Family<KindLabel, Counter>,
     /// Cache entries (set at scrape time).
     pub cache_entries: Gauge<u64, AtomicU64>,
     /// Request-path cache results.
@@ -194,6 +203,14 @@ impl Default for Metrics {
         let attribution = Family::default();
         let ebpf_tuples = Gauge::default();
         let cache_entries = Gauge::default();
+        let connection_errors = Family::default();
+        register(
+            &mut registry,
+            &mut names,
+            "pod_identity_connection_errors",
+            "Connections that ended without a well-formed exchange (parse, timeout, incomplete, io)",
+            connection_errors.clone(),
+        );
         let cache_requests = Family::default();
         let cache_evictions = Family::default();
         let upstream_calls = Family::default();
@@ -309,6 +326,7 @@ impl Default for Metrics {
         Self {
             registry,
             names,
+            connection_errors,
             cache_entries,
             cache_requests,
             cache_evictions,

@@ -145,8 +145,14 @@ impl EksAuth {
             .send()
             .await
             .map_err(classify)?;
+        // The SDK fills absent required members with defaults: check what matters.
         let creds = out
             .credentials()
+            .filter(|c| {
+                !c.access_key_id().is_empty()
+                    && !c.secret_access_key().is_empty()
+                    && !c.session_token().is_empty()
+            })
             .ok_or(UpstreamError::Incomplete("credentials"))?;
         let role_arn = out
             .assumed_role_user()
@@ -157,6 +163,7 @@ impl EksAuth {
             .to_millis()
             .ok()
             .and_then(|ms| u64::try_from(ms / 1000).ok())
+            .filter(|&exp| exp > now_epoch_secs())
             .ok_or(UpstreamError::Incomplete("a valid expiration"))?;
         Ok(Credentials {
             access_key_id: creds.access_key_id().to_owned(),
@@ -211,6 +218,12 @@ impl ProvideCredentials for RotatingSharedCredentials {
     }
 }
 
+fn now_epoch_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// The account of an ARN (`arn:partition:service:region:account:resource`).
 pub fn account_from_arn(arn: &str) -> Option<&str> {
     let account = arn.split(':').nth(4)?;
@@ -225,6 +238,11 @@ fn classify(err: SdkError<AssumeRoleForPodIdentityError>) -> UpstreamError {
             let code = e.code().unwrap_or("UnknownError").to_owned();
             let message = e.message().unwrap_or("no message").to_owned();
             match (status, code.as_str()) {
+                // A success status with a body the SDK could not read: the service misbehaved.
+                (..400, _) => UpstreamError::Unavailable {
+                    code: "InvalidResponse".into(),
+                    message: format!("EKS Auth answered {status} with an unreadable body"),
+                },
                 (404, _) | (_, "ResourceNotFoundException") => {
                     UpstreamError::NotFound { code, message }
                 }

@@ -87,20 +87,18 @@ pub struct RawResult {
     pub closed_after_ms: u64,
 }
 
-/// Sends `request` verbatim from pod `i` to `addr` (optionally one byte every `drip` seconds).
+/// Sends `request` verbatim from pod `i` to `addr`; `flags` are raw-http's (`--drip SECONDS`,
+/// `--half-close`).
 pub fn raw_http(
     sb: &Sandbox,
     i: usize,
     addr: &str,
     request: &[u8],
-    drip: Option<f64>,
+    flags: &[&str],
 ) -> Result<RawResult> {
     use std::io::Write as _;
     let mut cmd = sb.pod_command(i, 0, helper_bin("raw-http"))?;
-    cmd.arg(addr);
-    if let Some(d) = drip {
-        cmd.args(["--drip", &d.to_string()]);
-    }
+    cmd.arg(addr).args(flags);
     let mut child = cmd
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -162,21 +160,38 @@ pub fn spawn_load(
     count: usize,
     concurrency: usize,
 ) -> Result<std::process::Child> {
+    spawn_load_expecting(sb, i, c, addr, path, count, concurrency, None)
+}
+
+/// Like [`spawn_load`]; a 200 whose body lacks `expect` is counted as status 299.
+#[allow(clippy::too_many_arguments)] // reason: a test helper mirroring the load client's argv
+pub fn spawn_load_expecting(
+    sb: &Sandbox,
+    i: usize,
+    c: usize,
+    addr: &str,
+    path: &str,
+    count: usize,
+    concurrency: usize,
+    expect: Option<&str>,
+) -> Result<std::process::Child> {
     let host = if addr.starts_with('[') {
         "[fd00:ec2::23]"
     } else {
         "169.254.170.23"
     };
-    sb.pod_command(i, c, helper_bin("load"))?
-        .arg(addr)
+    let mut cmd = sb.pod_command(i, c, helper_bin("load"))?;
+    cmd.arg(addr)
         .arg(host)
         .arg(&sb.pods()[i].token_file)
         .arg(count.to_string())
         .arg(concurrency.to_string())
         .arg(path)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .context("starting load")
+        .stdout(std::process::Stdio::piped());
+    if let Some(e) = expect {
+        cmd.env("LOAD_EXPECT", e);
+    }
+    cmd.spawn().context("starting load")
 }
 
 /// Waits for a `spawn_load` child and parses its result.

@@ -38,6 +38,12 @@ pub enum Fault {
     Status(u16),
     /// Close the connection without answering.
     Reset,
+    /// Answer 200 with a body that is not JSON.
+    Garbage,
+    /// Answer 200 with a well-formed body that lacks the credentials.
+    NoCredentials,
+    /// Send a response head promising more body than follows, then close.
+    Truncated,
 }
 
 /// Credentials the fake handed out.
@@ -116,6 +122,11 @@ impl FakeEksAuth {
         let s = shared.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                if *s.fault.lock().unwrap() == Fault::Truncated {
+                    s.calls.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(truncated(stream));
+                    continue;
+                }
                 if *s.fault.lock().unwrap() == Fault::Reset {
                     s.calls.fetch_add(1, Ordering::SeqCst);
                     // Linger 0: the close sends RST, as a dying load balancer would.
@@ -227,6 +238,22 @@ async fn answer(s: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
         Fault::Status(code) => {
             return error(code, code_for_status(code), "injected fault");
         }
+        Fault::Garbage => {
+            return Response::builder()
+                .status(200)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(b"<html>this is not JSON {")))
+                .expect("valid response");
+        }
+        Fault::NoCredentials => {
+            let body = serde_json::json!({"audience": AUDIENCE, "subject": {"namespace": "x", "serviceAccount": "y"}});
+            return Response::builder()
+                .status(200)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body.to_string())))
+                .expect("valid response");
+        }
+        Fault::Truncated => unreachable!("handled at accept"),
     }
     let expected_path = format!("/clusters/{}/assume-role-for-pod-identity", s.cluster);
     if req.method() != http::Method::POST || req.uri().path() != expected_path {
@@ -320,7 +347,8 @@ async fn answer(s: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
         role_arn: role_arn.clone(),
         access_key_id: format!("ASIA{}", random_hex(8).to_uppercase()),
         secret_access_key: random_hex(20),
-        session_token: format!("IQoJb3JpZ2luX2Vj{}", random_hex(32)),
+        // The pod's name inside the session token lets tests check whose credentials a pod got.
+        session_token: format!("IQoJb3JpZ2luX2Vj.{pod_name}.{}", random_hex(32)),
         expiration,
     };
     s.issued.lock().unwrap().push(issued.clone());
@@ -349,6 +377,17 @@ async fn answer(s: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.to_string())))
         .expect("valid response")
+}
+
+/// Reads the request, then answers with a head promising 500 bytes and sends 12.
+async fn truncated(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    let _ = tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buf)).await;
+    let _ = stream
+        .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n{\"subject\":{")
+        .await;
+    let _ = stream.shutdown().await;
 }
 
 fn random_hex(bytes: usize) -> String {

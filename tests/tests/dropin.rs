@@ -334,17 +334,17 @@ fn malformed_huge_and_slow_requests_cannot_hold_the_agent() -> Result<()> {
     let cr = format!(
         "GET /v1/credentials HTTP/1.1\r\nHost: 169.254.170.23\r\nAuthorization: {token}\rX\r\n\r\n"
     );
-    assert_eq!(raw_http(&sb, pod, addr, cr.as_bytes(), None)?.status, 400);
+    assert_eq!(raw_http(&sb, pod, addr, cr.as_bytes(), &[])?.status, 400);
     // A head larger than the 32 KiB buffer: 431.
     let big = format!(
         "GET /v1/credentials HTTP/1.1\r\nHost: 169.254.170.23\r\nX-Big: {}\r\n\r\n",
         "b".repeat(40 * 1024)
     );
-    let r = raw_http(&sb, pod, addr, big.as_bytes(), None)?;
+    let r = raw_http(&sb, pod, addr, big.as_bytes(), &[])?;
     assert_eq!(r.status, 431, "{}", r.response);
     // Slowloris: a byte every second never completes a head; the agent hangs up (5 s limit).
     let slow = b"GET /v1/credentials HTTP/1.1\r\nHost: 169.254.170.23\r\nX-Slow: aaaaaaaaaaaaaaaaaaaa\r\n\r\n";
-    let r = raw_http(&sb, pod, addr, slow, Some(1.0))?;
+    let r = raw_http(&sb, pod, addr, slow, &["--drip", "1"])?;
     assert!(
         r.closed_after_ms < 9_000,
         "held for {} ms",

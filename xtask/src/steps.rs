@@ -160,7 +160,7 @@ fn cargo_test(name: &str, args: &[&str], env: &[(&str, &str)], tally: &mut Tally
 }
 
 /// The end-to-end test binaries of the `tests` crate (the leak check runs after them).
-const E2E_SUITES: [&str; 14] = [
+const E2E_SUITES: [&str; 16] = [
     "-p",
     "tests",
     "--test",
@@ -175,6 +175,8 @@ const E2E_SUITES: [&str; 14] = [
     "cache",
     "--test",
     "deploy",
+    "--test",
+    "hardening",
 ];
 
 /// The full suite, as CI runs it.

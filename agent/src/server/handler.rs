@@ -26,6 +26,9 @@ pub enum RequestError {
     /// Anything but GET or HEAD.
     #[error("method not allowed: use GET")]
     MethodNotAllowed,
+    /// An HTTP/1.1 request without a Host header.
+    #[error("Bad Request. HTTP/1.1 requests must carry a Host header")]
+    MissingHost,
     /// Host header other than the credential addresses.
     #[error("Access Denied. Called agent through invalid address, please use either [{hosts}] address not {got}")]
     BadHost {
@@ -64,6 +67,7 @@ impl RequestError {
             Self::NotFound => (StatusCode::NOT_FOUND, "NotFound"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
             Self::BadHost { .. } => (StatusCode::FORBIDDEN, "AccessDenied"),
+            Self::MissingHost => (StatusCode::BAD_REQUEST, "MissingHost"),
             Self::Unattributed | Self::PlainDenied => (StatusCode::FORBIDDEN, "Unattributed"),
             Self::NotAPod => (StatusCode::FORBIDDEN, "NotAPod"),
             Self::Mismatch => (StatusCode::FORBIDDEN, "TokenPodMismatch"),
@@ -87,7 +91,7 @@ impl RequestError {
         match self {
             Self::NotFound => "no_such_path",
             Self::MethodNotAllowed => "method_not_allowed",
-            Self::BadHost { .. } => "bad_host",
+            Self::BadHost { .. } | Self::MissingHost => "bad_host",
             Self::Token(_) => "bad_token",
             Self::Unattributed | Self::PlainDenied => "unattributed",
             Self::NotAPod => "not_a_pod",
@@ -178,11 +182,12 @@ async fn credentials<B>(
     caller: &Caller,
     req: &Request<B>,
 ) -> Result<Vec<u8>, RequestError> {
-    if req.uri().path() != CREDENTIALS_PATH {
-        return Err(RequestError::NotFound);
-    }
+    // The method first: CONNECT and friends have no path to match.
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Err(RequestError::MethodNotAllowed);
+    }
+    if req.uri().path() != CREDENTIALS_PATH {
+        return Err(RequestError::NotFound);
     }
     check_host(req)?;
     // Who is calling, per the kernel, before the token is even looked at.
@@ -282,8 +287,17 @@ fn check_host<B>(req: &Request<B>) -> Result<(), RequestError> {
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().host())
-        .unwrap_or("");
+        .or_else(|| req.uri().host());
+    let Some(raw) = raw else {
+        // HTTP/1.1 requires Host (RFC 9112 §3.2); HTTP/1.0 falls through to the address check.
+        if req.version() == http::Version::HTTP_11 {
+            return Err(RequestError::MissingHost);
+        }
+        return Err(RequestError::BadHost {
+            hosts: HOSTS.join(" "),
+            got: String::new(),
+        });
+    };
     let host = host_without_port(raw);
     if HOSTS.contains(&host) {
         Ok(())
@@ -296,7 +310,7 @@ fn check_host<B>(req: &Request<B>) -> Result<(), RequestError> {
 }
 
 /// `169.254.170.23:80` → `169.254.170.23`, `[fd00:ec2::23]:80` → `fd00:ec2::23`.
-fn host_without_port(raw: &str) -> &str {
+pub fn host_without_port(raw: &str) -> &str {
     if let Some(rest) = raw.strip_prefix('[') {
         return rest.split_once(']').map_or(raw, |(h, _)| h);
     }

@@ -241,8 +241,9 @@ async fn serve_connection(
 ) {
     let _ = stream.set_nodelay(true);
     let caller = Arc::new(caller);
+    let handler_state = state.clone();
     let service = service_fn(move |req| {
-        let state = state.clone();
+        let state = handler_state.clone();
         let caller = caller.clone();
         async move { Ok::<_, Infallible>(handler::handle(&state, &caller, req).await) }
     });
@@ -253,6 +254,20 @@ async fn serve_connection(
         .max_header_size(MAX_HEAD_BYTES)
         .serve_connection(TokioIo::new(stream), service);
     if let Err(e) = graceful.watch(conn).await {
-        tracing::debug!(%peer, error = %e, "connection ended with an error");
+        let kind = if e.is_parse() || e.is_parse_too_large() || e.is_parse_status() {
+            "parse"
+        } else if e.is_timeout() {
+            "timeout"
+        } else if e.is_incomplete_message() {
+            "incomplete"
+        } else {
+            "io"
+        };
+        state
+            .metrics
+            .connection_errors
+            .get_or_create(&crate::metrics::KindLabel { kind: kind.into() })
+            .inc();
+        tracing::debug!(%peer, kind, error = %e, "connection ended with an error");
     }
 }

@@ -34,16 +34,22 @@ fn main() {
         [0u64; 2],
         Vec::<u64>::new(),
     )));
+    let expect: Option<String> = std::env::var("LOAD_EXPECT").ok();
     let deadline = Instant::now() + Duration::from_secs(120);
     let started = Instant::now();
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
-            let (next, results, request, addr) =
-                (next.clone(), results.clone(), request.clone(), addr.clone());
+            let (next, results, request, addr, expect) = (
+                next.clone(),
+                results.clone(),
+                request.clone(),
+                addr.clone(),
+                expect.clone(),
+            );
             std::thread::spawn(move || {
                 while next.fetch_add(1, Ordering::Relaxed) < count && Instant::now() < deadline {
                     let t = Instant::now();
-                    let status = one(&addr, &request);
+                    let status = one(&addr, &request, expect.as_deref());
                     let micros = t.elapsed().as_micros() as u64;
                     let mut r = results.lock().unwrap();
                     match status {
@@ -100,7 +106,9 @@ enum Failure {
 }
 
 /// One request on a fresh connection; the status, or how it failed.
-fn one(addr: &str, request: &str) -> Result<u16, Failure> {
+/// A 200 whose body lacks `$LOAD_EXPECT` (when set) is reported as status 299: an answer with
+/// the wrong content.
+fn one(addr: &str, request: &str, expect: Option<&str>) -> Result<u16, Failure> {
     let mut s = TcpStream::connect(addr).map_err(|_| Failure::Refused)?;
     let broken = |_| Failure::Broken;
     s.set_read_timeout(Some(Duration::from_secs(10)))
@@ -108,7 +116,10 @@ fn one(addr: &str, request: &str) -> Result<u16, Failure> {
     s.write_all(request.as_bytes()).map_err(broken)?;
     let mut buf = Vec::with_capacity(1024);
     s.read_to_end(&mut buf).map_err(broken)?;
-    buf.get(9..12)
+    let status: u16 = buf
+        .get(9..12)
         .and_then(|b| std::str::from_utf8(b).ok()?.parse().ok())
-        .ok_or(Failure::Broken)
+        .ok_or(Failure::Broken)?;
+    let wrong = status == 200 && expect.is_some_and(|e| !String::from_utf8_lossy(&buf).contains(e));
+    Ok(if wrong { 299 } else { status })
 }

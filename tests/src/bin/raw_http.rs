@@ -1,6 +1,7 @@
 //! A deliberately crude HTTP client for malformed and slow requests that curl will not send:
-//! `raw-http ADDR [--drip SECONDS]` writes stdin to ADDR (all at once, or one byte every
-//! SECONDS), then prints what came back and how long until the server answered or closed.
+//! `raw-http ADDR [--drip SECONDS] [--half-close]` writes stdin to ADDR (all at once, or one
+//! byte every SECONDS; then shuts its sending side with --half-close), and prints what came
+//! back and how long until the server answered or closed.
 //! Output: one JSON line `{"status":N,"response":"...","closed_after_ms":N}`.
 
 use std::io::{Read, Write};
@@ -10,12 +11,20 @@ use std::time::{Duration, Instant};
 fn main() {
     let mut args = std::env::args().skip(1);
     let addr = args.next().expect("usage: raw-http ADDR [--drip SECONDS]");
-    let drip = match (args.next().as_deref(), args.next()) {
-        (Some("--drip"), Some(secs)) => {
-            Some(Duration::from_secs_f64(secs.parse().expect("seconds")))
+    let (mut drip, mut half_close) = (None, false);
+    while let Some(flag) = args.next() {
+        match flag.as_str() {
+            "--drip" => {
+                let secs: f64 = args
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .expect("--drip SECONDS");
+                drip = Some(Duration::from_secs_f64(secs));
+            }
+            "--half-close" => half_close = true,
+            other => panic!("unknown flag {other}"),
         }
-        _ => None,
-    };
+    }
     let mut request = Vec::new();
     std::io::stdin().read_to_end(&mut request).expect("stdin");
     let mut stream = TcpStream::connect(&addr).expect("connect");
@@ -42,6 +51,9 @@ fn main() {
             }
             let _ = stream.set_nonblocking(false);
         }
+    }
+    if half_close {
+        let _ = stream.shutdown(std::net::Shutdown::Write);
     }
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response);
