@@ -10,8 +10,8 @@ use crate::cgroup;
 /// The caller of one connection, as far as the kernel vouches for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
-    /// Arrived on a plain listener: no hook ran, nothing is known.
-    Plain,
+    /// Arrived on a plain listener from this address: no hook ran, nothing else is known.
+    Plain(std::net::IpAddr),
     /// Arrived on the attributed listener and the kernel recorded the connecting cgroup.
     Attributed(u64),
     /// Arrived on the attributed listener without a kernel record: refused, never guessed.
@@ -22,7 +22,7 @@ impl Caller {
     /// The listener kind the connection arrived on, for logs and metrics.
     pub fn listener(&self) -> &'static str {
         match self {
-            Caller::Plain => "plain",
+            Caller::Plain(_) => "plain",
             Caller::Attributed(_) | Caller::Unattributed => "attributed",
         }
     }

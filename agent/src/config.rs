@@ -154,6 +154,14 @@ pub struct ServerArgs {
     #[arg(long, default_value = "1s", env = "POD_IDENTITY_REFRESH_RETRY_BACKOFF", value_parser = parse_duration)]
     pub refresh_retry_backoff: Duration,
 
+    /// Requests per second each pod (or unattributed peer) may make; 0 for no limit.
+    #[arg(long, default_value_t = 200.0, env = "POD_IDENTITY_POD_REQUEST_RATE")]
+    pub pod_request_rate: f64,
+
+    /// Burst each pod may make above its rate.
+    #[arg(long, default_value_t = 400.0, env = "POD_IDENTITY_POD_REQUEST_BURST")]
+    pub pod_request_burst: f64,
+
     /// Sign EKS Auth calls with the shared credentials file's default profile, re-read every
     /// minute (hybrid nodes without IMDS).
     #[arg(long, env = "POD_IDENTITY_ROTATE_CREDENTIALS", num_args = 0..=1,

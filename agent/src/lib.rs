@@ -2,6 +2,7 @@
 //! which pod is calling.
 #![deny(missing_docs)]
 
+pub mod admission;
 pub mod attribution;
 pub mod cache;
 pub mod cgroup;
@@ -82,6 +83,7 @@ pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         steering,
         resolver,
         unattributed: args.unattributed,
+        admission: admission::Admission::new(args.pod_request_rate, args.pod_request_burst),
         ready: AtomicBool::new(false),
         metrics,
     });

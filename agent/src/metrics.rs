@@ -107,6 +107,13 @@ pub struct UpstreamLabels {
     pub code: String,
 }
 
+/// `listener` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    /// `attributed` or `plain`.
+    pub listener: String,
+}
+
 /// `kind` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -147,6 +154,8 @@ pub struct Metrics {
     pub mode: Family<ModeLabel, Gauge>,
     /// Requests by listener and kernel attribution outcome.
     pub attribution: Family<AttributionLabels, Counter>,
+    /// Requests refused because their pod was over its budget.
+    pub admission_rejected: Family<ListenerLabel, Counter>,
     /// Connections that ended without a well-formed exchange, by kind.
     pub connection_errors: Family<KindLabel, Counter>,
     /// Cache entries (set at scrape time).
@@ -204,6 +213,14 @@ impl Default for Metrics {
         let ebpf_tuples = Gauge::default();
         let cache_entries = Gauge::default();
         let connection_errors = Family::default();
+        let admission_rejected = Family::default();
+        register(
+            &mut registry,
+            &mut names,
+            "pod_identity_admission_rejected",
+            "Requests refused with 503 because their pod was over its request budget",
+            admission_rejected.clone(),
+        );
         register(
             &mut registry,
             &mut names,
@@ -327,6 +344,7 @@ impl Default for Metrics {
             registry,
             names,
             connection_errors,
+            admission_rejected,
             cache_entries,
             cache_requests,
             cache_evictions,

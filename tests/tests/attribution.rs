@@ -125,7 +125,7 @@ fn thousands_of_connections_are_all_attributed_and_none_to_the_wrong_pod() -> Re
     let (mut sb, fake) = node(Driver::Systemd)?;
     let a = sb.add_pod(PodSpec::new("app", "reader"))?;
     let b = sb.add_pod(PodSpec::new("app", "reader"))?;
-    let _agent = Agent::start(&sb, &fake, &[])?;
+    let _agent = Agent::start(&sb, &fake, tests::fixtures::UNLIMITED)?;
     // Pod A sequentially, pod B 50 at a time, both at once, each with its own token: a
     // connection attributed to the wrong pod would fail the cross-check with 403.
     let seq = spawn_load(&sb, a, 0, "169.254.170.23:80", "/v1/credentials", 2000, 1)?;
@@ -171,7 +171,7 @@ fn thousands_of_connections_are_all_attributed_and_none_to_the_wrong_pod() -> Re
 fn the_attribution_map_does_not_grow_with_closed_connections() -> Result<()> {
     let (mut sb, fake) = node(Driver::Cgroupfs)?;
     let pod = sb.add_pod(PodSpec::new("app", "reader"))?;
-    let _agent = Agent::start(&sb, &fake, &[])?;
+    let _agent = Agent::start(&sb, &fake, tests::fixtures::UNLIMITED)?;
     // 10,000 short connections (answered 404 without an EKS Auth call, still steered).
     let load = load_result(spawn_load(
         &sb,
@@ -209,7 +209,7 @@ fn a_restart_under_load_swaps_programs_in_place_and_fails_nothing_but_refused_co
     let (mut sb, fake) = node(Driver::Systemd)?;
     let pod = sb.add_pod(PodSpec::new("app", "reader"))?;
     let root = sb.cgroups().pods_root().to_path_buf();
-    let first = Agent::start(&sb, &fake, &[])?;
+    let first = Agent::start(&sb, &fake, tests::fixtures::UNLIMITED)?;
     let (progs_before, links_before) = attachment(&root)?;
     assert_eq!((progs_before.len(), links_before.len()), (5, 5));
 
@@ -217,7 +217,7 @@ fn a_restart_under_load_swaps_programs_in_place_and_fails_nothing_but_refused_co
     std::thread::sleep(Duration::from_millis(400));
     let down = Instant::now();
     assert!(first.stop()?.success());
-    let second = Agent::start(&sb, &fake, &[])?;
+    let second = Agent::start(&sb, &fake, tests::fixtures::UNLIMITED)?;
     let restart = down.elapsed();
     let load = load_result(load)?;
 

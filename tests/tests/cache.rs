@@ -227,7 +227,7 @@ fn a_pod_without_an_association_hammering_the_agent_is_bounded_by_the_negative_t
     let mut sb = Sandbox::new(Driver::Cgroupfs)?;
     let fake = FakeEksAuth::start(sb.node(), CLUSTER, sb.issuer().decoding_key())?;
     let pod = sb.add_pod(PodSpec::new("app", "stranger"))?;
-    let _agent = Agent::start(&sb, &fake, SHORT)?;
+    let _agent = Agent::start(&sb, &fake, &[SHORT, tests::fixtures::UNLIMITED].concat())?;
     let started = Instant::now();
     let load = load_result(spawn_load(
         &sb,

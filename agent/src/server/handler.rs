@@ -10,7 +10,7 @@ use super::State;
 use crate::attribution::{Caller, Outcome, PodCgroup, UnattributedPolicy};
 use crate::cache::{CacheError, Key, Lookup};
 use crate::credentials::error_json;
-use crate::metrics::AttributionLabels;
+use crate::metrics::{AttributionLabels, ListenerLabel};
 use crate::token::{self, TokenError};
 use crate::upstream::UpstreamError;
 
@@ -58,6 +58,12 @@ pub enum RequestError {
     /// The upstream call outlived the response deadline; it goes on and fills the cache.
     #[error("credentials are being fetched from EKS Auth; retry")]
     Pending,
+    /// The calling pod is over its request budget.
+    #[error("this pod is over its request budget ({rate}/s); retry later")]
+    OverBudget {
+        /// Requests per second allowed per pod.
+        rate: f64,
+    },
 }
 
 impl RequestError {
@@ -73,6 +79,7 @@ impl RequestError {
             Self::Mismatch => (StatusCode::FORBIDDEN, "TokenPodMismatch"),
             Self::Token(_) => (StatusCode::BAD_REQUEST, "InvalidToken"),
             Self::Pending => (StatusCode::SERVICE_UNAVAILABLE, "CredentialsPending"),
+            Self::OverBudget { .. } => (StatusCode::SERVICE_UNAVAILABLE, "TooManyRequests"),
             Self::Upstream(e) => match e {
                 UpstreamError::Rejected { code, .. } => (StatusCode::BAD_REQUEST, code.as_str()),
                 UpstreamError::NotFound { code, .. } => (StatusCode::NOT_FOUND, code.as_str()),
@@ -98,6 +105,7 @@ impl RequestError {
             Self::Mismatch => "mismatch",
             Self::Upstream(e) => upstream_outcome(e),
             Self::Pending => "pending",
+            Self::OverBudget { .. } => "over_budget",
         }
     }
 
@@ -107,6 +115,10 @@ impl RequestError {
         if status == StatusCode::METHOD_NOT_ALLOWED {
             resp.headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
     }
@@ -192,6 +204,23 @@ async fn credentials<B>(
     check_host(req)?;
     // Who is calling, per the kernel, before the token is even looked at.
     let caller_pod = identify(state, caller)?;
+    let budget_key = match (&caller_pod, caller) {
+        (Some(pod), _) => pod.pod_uid.clone().unwrap_or_default(),
+        (None, Caller::Plain(ip)) => ip.to_string(),
+        (None, _) => String::new(),
+    };
+    if !state.admission.admit(&budget_key) {
+        state
+            .metrics
+            .admission_rejected
+            .get_or_create(&ListenerLabel {
+                listener: caller.listener().into(),
+            })
+            .inc();
+        return Err(RequestError::OverBudget {
+            rate: state.admission.rate(),
+        });
+    }
     let token = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -241,7 +270,7 @@ async fn credentials<B>(
 /// for plain-listener callers the policy allows. Refusals are counted here.
 fn identify(state: &State, caller: &Caller) -> Result<Option<PodCgroup>, RequestError> {
     match caller {
-        Caller::Plain => {
+        Caller::Plain(_) => {
             count_attribution(state, caller, Outcome::Unattributed);
             match state.unattributed {
                 UnattributedPolicy::Allow => Ok(None),

@@ -38,6 +38,8 @@ pub struct State {
     pub steering: Option<Steering>,
     /// cgroup id resolver, when eBPF is on.
     pub resolver: Option<Resolver>,
+    /// Per-pod (per-peer for unattributed callers) request budgets.
+    pub admission: crate::admission::Admission,
     /// What to do with plain-listener callers.
     pub unattributed: crate::attribution::UnattributedPolicy,
     /// Set once every listener is bound and serving.
@@ -228,7 +230,7 @@ fn identify(state: &State, kind: ListenerKind, stream: &TcpStream, peer: SocketA
             .lookup(peer, local)
             .map_or(Caller::Unattributed, Caller::Attributed),
         (ListenerKind::Attributed, _, _) => Caller::Unattributed,
-        (ListenerKind::Plain, _, _) => Caller::Plain,
+        (ListenerKind::Plain, _, _) => Caller::Plain(peer.ip()),
     }
 }
 

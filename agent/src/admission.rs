@@ -1,0 +1,83 @@
+//! Per-caller admission control: each pod (or, for unattributed callers, each peer address)
+//! gets its own token bucket, so one pod hammering the agent cannot crowd out the others (the
+//! reference agent has one global limiter for everyone).
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+
+/// Buckets kept before idle ones are pruned.
+const PRUNE_ABOVE: usize = 50_000;
+
+/// Token buckets by caller key.
+#[derive(Debug)]
+pub struct Admission {
+    rate: f64,
+    burst: f64,
+    buckets: DashMap<String, Mutex<(f64, Instant)>>,
+}
+
+impl Admission {
+    /// `rate` requests per second per caller, bursts up to `burst`; a rate of 0 admits all.
+    pub fn new(rate: f64, burst: f64) -> Self {
+        Self {
+            rate,
+            burst: burst.max(1.0),
+            buckets: DashMap::new(),
+        }
+    }
+
+    /// The configured rate (0: unlimited).
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+
+    /// Takes one token from `key`'s bucket; false when it is empty.
+    pub fn admit(&self, key: &str) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        let now = Instant::now();
+        if let Some(bucket) = self.buckets.get(key) {
+            return self.take(&bucket, now);
+        }
+        if self.buckets.len() > PRUNE_ABOVE {
+            let idle = Duration::from_secs_f64(self.burst / self.rate) + Duration::from_secs(1);
+            self.buckets
+                .retain(|_, b| now.duration_since(b.get_mut().expect("not poisoned").1) < idle);
+        }
+        let bucket = self
+            .buckets
+            .entry(key.to_owned())
+            .or_insert_with(|| Mutex::new((self.burst, now)));
+        self.take(&bucket, now)
+    }
+
+    fn take(&self, bucket: &Mutex<(f64, Instant)>, now: Instant) -> bool {
+        let mut b = bucket.lock().expect("not poisoned");
+        b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * self.rate).min(self.burst);
+        b.1 = now;
+        if b.0 >= 1.0 {
+            b.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_caller_has_its_own_budget() {
+        let a = Admission::new(1.0, 5.0);
+        let admitted = (0..20).filter(|_| a.admit("flooder")).count();
+        assert_eq!(admitted, 5, "the burst, then nothing until tokens refill");
+        assert!(a.admit("quiet"), "another caller is unaffected");
+        let unlimited = Admission::new(0.0, 1.0);
+        assert!((0..1000).all(|_| unlimited.admit("x")));
+    }
+}
