@@ -162,6 +162,11 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = 400.0, env = "POD_IDENTITY_POD_REQUEST_BURST")]
     pub pod_request_burst: f64,
 
+    /// How long a request's EKS Auth call keeps retrying throttling and 5xx in the background
+    /// (callers get a 503 "retry" at the response deadline and join it); 0 disables.
+    #[arg(long, default_value = "10s", env = "POD_IDENTITY_UPSTREAM_RETRY_WINDOW", value_parser = parse_duration)]
+    pub upstream_retry_window: Duration,
+
     /// Sign EKS Auth calls with the shared credentials file's default profile, re-read every
     /// minute (hybrid nodes without IMDS).
     #[arg(long, env = "POD_IDENTITY_ROTATE_CREDENTIALS", num_args = 0..=1,
@@ -225,6 +230,7 @@ impl ServerArgs {
             max_inflight: self.max_upstream_inflight,
             sweep_interval: self.cache_sweep_interval,
             retry_backoff: self.refresh_retry_backoff,
+            request_retry_window: self.upstream_retry_window,
         }
     }
 }

@@ -44,6 +44,8 @@ pub enum Fault {
     NoCredentials,
     /// Send a response head promising more body than follows, then close.
     Truncated,
+    /// Throttle (429) calls beyond this many in the last second.
+    RateLimit(usize),
 }
 
 /// Credentials the fake handed out.
@@ -78,6 +80,7 @@ struct Shared {
     issued: Mutex<Vec<Issued>>,
     signers: Mutex<Vec<String>>,
     lifetime: Mutex<Duration>,
+    recent: Mutex<std::collections::VecDeque<std::time::Instant>>,
 }
 
 /// Handle to a running fake, served by its own runtime; it stops when the last clone drops.
@@ -117,6 +120,7 @@ impl FakeEksAuth {
             calls: AtomicUsize::new(0),
             issued: Mutex::new(Vec::new()),
             signers: Mutex::new(Vec::new()),
+            recent: Mutex::new(std::collections::VecDeque::new()),
             lifetime: Mutex::new(Duration::from_secs(6 * 3600)),
         });
         let s = shared.clone();
@@ -254,6 +258,20 @@ async fn answer(s: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 .expect("valid response");
         }
         Fault::Truncated => unreachable!("handled at accept"),
+        Fault::RateLimit(per_sec) => {
+            let now = std::time::Instant::now();
+            let mut recent = s.recent.lock().unwrap();
+            while recent
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(1))
+            {
+                recent.pop_front();
+            }
+            if recent.len() >= per_sec {
+                return error(429, "ThrottlingException", "Rate exceeded");
+            }
+            recent.push_back(now);
+        }
     }
     let expected_path = format!("/clusters/{}/assume-role-for-pod-identity", s.cluster);
     if req.method() != http::Method::POST || req.uri().path() != expected_path {

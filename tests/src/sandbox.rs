@@ -261,6 +261,21 @@ impl Sandbox {
         command_in(program, ns, Some(&pod.containers[c]))
     }
 
+    /// A command in pod `i`'s network namespace but in another cgroup (e.g. one outside the
+    /// pods cgroup, where no program is attached).
+    pub fn pod_netns_command(
+        &self,
+        i: usize,
+        cgroup: &Path,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> Result<Command> {
+        let ns = match &self.pods[i].netns {
+            Some(ns) => ns.open()?,
+            None => self.node.open()?,
+        };
+        command_in(program, ns, Some(cgroup))
+    }
+
     /// A command in the node namespace, in the cgroup named (or the caller's).
     pub fn node_command(
         &self,

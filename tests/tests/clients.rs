@@ -88,7 +88,11 @@ fn every_client_resolves_credentials_and_reports_failures_over_both_families() -
     let stranger = sb.add_pod(PodSpec::new("app", "stranger"))?;
     // Asked only while EKS Auth fails, so it never has cached credentials to fall back on.
     let unlucky = sb.add_pod(PodSpec::new("app", "reader"))?;
-    let _agent = Agent::start(&sb, &fake, &["--upstream-timeout", "1s"])?;
+    let _agent = Agent::start(
+        &sb,
+        &fake,
+        &["--upstream-timeout", "1s", "--upstream-retry-window", "0s"],
+    )?;
 
     for client in [Client::Rust, Client::Botocore, Client::Curl] {
         for ipv6 in [false, true] {

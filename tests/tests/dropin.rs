@@ -371,6 +371,8 @@ fn eks_auth_errors_map_to_statuses_every_sdk_handles() -> Result<()> {
             "3s",
             "--negative-cache-ttl",
             "0s",
+            "--upstream-retry-window",
+            "0s",
         ],
     )?;
     let url = credentials_url(false);

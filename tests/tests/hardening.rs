@@ -325,7 +325,11 @@ fn upstream_faults_are_each_a_503_with_a_message_and_counted() -> Result<()> {
     for _ in 0..5 {
         sb.add_pod(PodSpec::new("app", "reader"))?;
     }
-    let agent = Agent::start(&sb, &fake, &["--upstream-timeout", "1s"])?;
+    let agent = Agent::start(
+        &sb,
+        &fake,
+        &["--upstream-timeout", "1s", "--upstream-retry-window", "0s"],
+    )?;
     // One pod per fault, so none is answered from the cache.
     for (pod, (fault, code)) in [
         (Fault::Latency(Duration::from_secs(3)), "CredentialsPending"),
@@ -362,7 +366,16 @@ fn an_unreachable_eks_auth_is_a_503_too() -> Result<()> {
     let (mut sb, fake) = node(Driver::Cgroupfs)?;
     let pod = sb.add_pod(PodSpec::new("app", "reader"))?;
     // Nothing listens on port 9 of the node's loopback: connection refused.
-    let _agent = Agent::start(&sb, &fake, &["--endpoint", "http://127.0.0.1:9"])?;
+    let _agent = Agent::start(
+        &sb,
+        &fake,
+        &[
+            "--endpoint",
+            "http://127.0.0.1:9",
+            "--upstream-retry-window",
+            "0s",
+        ],
+    )?;
     let got = curl(&sb, pod, 0, credentials_url(false), &[])?;
     assert_eq!(got.status, 503, "{}", got.body);
     assert_eq!(got.json()?["code"], "RequestFailed");

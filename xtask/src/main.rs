@@ -33,6 +33,9 @@ enum Cmd {
     Test,
     /// Run the agent for real in a node sandbox; a pod gets credentials.
     Demo,
+    /// Benchmarks in the node sandbox: ratios against baselines measured in the same run,
+    /// written to target/bench/.
+    Bench,
     /// Build the images and run the kind recipe (deploy/kind) where docker and kind exist.
     KindE2e,
 }
@@ -46,6 +49,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Test => steps::test(),
         Cmd::Demo => steps::demo(),
         Cmd::KindE2e => steps::kind_e2e(),
+        Cmd::Bench => steps::bench(),
     };
     println!("xtask: finished in {:.1?}", started.elapsed());
     match result {

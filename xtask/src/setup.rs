@@ -21,6 +21,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "curl",
     "procps",
+    "iptables",
 ];
 
 /// Python test tools, pinned: botocore (the client matrix), kubernetes-validate and yamllint

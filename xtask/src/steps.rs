@@ -363,3 +363,17 @@ pub fn demo() -> Result<()> {
             .env("PIA_RUN", format!("piademo{}", std::process::id())))
     })
 }
+
+/// Builds the agent and the bench tools in release mode and runs the bench.
+pub fn bench() -> Result<()> {
+    setup::all()?;
+    let agent = build()?;
+    step("build bench tools (release)", || {
+        run(cargo().args(["build", "--release", "-p", "tests", "--bins"]))
+    })?;
+    step("bench (node sandbox)", || {
+        run(Command::new(root().join("target/release/bench"))
+            .env("AGENT_BIN", &agent)
+            .env("PIA_RUN", format!("piabench{}", std::process::id())))
+    })
+}

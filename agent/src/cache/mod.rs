@@ -84,6 +84,8 @@ pub struct CacheConfig {
     pub sweep_interval: Duration,
     /// First retry delay after a transient refresh failure (doubles, capped at 5 min).
     pub retry_backoff: Duration,
+    /// How long a request-path call keeps retrying throttling and 5xx (0: not at all).
+    pub request_retry_window: Duration,
 }
 
 impl Default for CacheConfig {
@@ -99,6 +101,7 @@ impl Default for CacheConfig {
             max_inflight: 32,
             sweep_interval: Duration::from_secs(10),
             retry_backoff: Duration::from_secs(1),
+            request_retry_window: Duration::from_secs(10),
         }
     }
 }
@@ -139,10 +142,11 @@ type Outcome = Option<Result<Credentials, UpstreamError>>;
 #[derive(Debug, Default)]
 struct SlotState {
     creds: Option<Cached>,
-    token: String,
+    /// Shared with `accepted_token` when they are the same: tokens are about 1 KiB each.
+    token: Arc<str>,
     token_exp: Option<i64>,
     /// The last token EKS Auth accepted: retried when a newer one is refused.
-    accepted_token: Option<String>,
+    accepted_token: Option<Arc<str>>,
     negative: Option<(UpstreamError, Instant)>,
     inflight: Option<watch::Receiver<Outcome>>,
     cgroup: Option<PathBuf>,
@@ -247,8 +251,10 @@ impl Cache {
         slot.last_used.store(self.millis(), Ordering::Relaxed);
         let mut rx = {
             let mut st = slot.state.lock().expect("not poisoned");
-            if lookup.token_exp >= st.token_exp || st.token.is_empty() {
-                st.token = lookup.token;
+            if (lookup.token_exp >= st.token_exp || st.token.is_empty())
+                && *st.token != *lookup.token
+            {
+                st.token = Arc::from(lookup.token);
                 st.token_exp = lookup.token_exp;
             }
             if lookup.cgroup.is_some() {
@@ -394,9 +400,26 @@ impl Cache {
         st.inflight = Some(rx.clone());
         let (cache, slot, key) = (self.clone(), slot.clone(), key.clone());
         let token = st.token.clone();
-        let fallback = st.accepted_token.clone().filter(|t| *t != token);
+        let fallback = st.accepted_token.clone().filter(|t| **t != *token);
         tokio::spawn(async move {
-            let result = cache.call_upstream(token.clone(), purpose).await;
+            let mut result = cache.call_upstream(token.clone(), purpose).await;
+            if purpose == Purpose::Request {
+                // Throttling or an outage: keep trying (within the window) rather than hand the
+                // failure to every SDK retry, which would each start a new call. Waiters get a
+                // 503 "retry" at their deadline and their retries join this call.
+                let give_up = Instant::now() + cache.config.request_retry_window;
+                let mut attempt = 0u32;
+                while matches!(result, Err(UpstreamError::Unavailable { .. }))
+                    && Instant::now() < give_up
+                {
+                    let backoff = Duration::from_millis(200)
+                        .saturating_mul(1 << attempt.min(4))
+                        .min(Duration::from_secs(2));
+                    tokio::time::sleep(jittered(backoff, 0.5)).await;
+                    attempt += 1;
+                    result = cache.call_upstream(token.clone(), purpose).await;
+                }
+            }
             // A newer token EKS Auth refuses: the last accepted one may still work.
             let (result, token) = match (&result, fallback) {
                 (Err(UpstreamError::Rejected { .. }), Some(old)) => {
@@ -413,7 +436,7 @@ impl Cache {
     /// One upstream call within the budgets, measured.
     async fn call_upstream(
         &self,
-        token: String,
+        token: Arc<str>,
         purpose: Purpose,
     ) -> Result<Credentials, UpstreamError> {
         let _refresh_permit = match purpose {
@@ -426,7 +449,7 @@ impl Cache {
         let _permit = self.inflight_all.acquire().await.expect("never closed");
         self.metrics.upstream_inflight.inc();
         let started = Instant::now();
-        let result = self.fetcher.fetch(token).await;
+        let result = self.fetcher.fetch(token.to_string()).await;
         self.metrics.upstream_inflight.dec();
         let (outcome, code) = match &result {
             Ok(_) => ("success", String::new()),
@@ -454,7 +477,7 @@ impl Cache {
         &self,
         key: &Key,
         slot: &Arc<Slot>,
-        token: String,
+        token: Arc<str>,
         result: &Result<Credentials, UpstreamError>,
     ) {
         let mut st = slot.state.lock().expect("not poisoned");

@@ -130,7 +130,13 @@ async fn a_thousand_concurrent_callers_make_one_upstream_call_and_share_its_resu
     for behaviour in [Behaviour::Issue(HOUR), Behaviour::Fail(unavailable())] {
         let up = FakeUpstream::new(behaviour.clone());
         *up.delay.lock().unwrap() = Duration::from_millis(300);
-        let c = cache(&up, CacheConfig::default());
+        let c = cache(
+            &up,
+            CacheConfig {
+                request_retry_window: Duration::ZERO,
+                ..CacheConfig::default()
+            },
+        );
         let waiters: Vec<_> = (0..1000)
             .map(|_| {
                 let c = c.clone();
@@ -216,7 +222,13 @@ async fn refreshes_run_ahead_of_expiry_and_within_the_retention_bound() {
 #[tokio::test(start_paused = true)]
 async fn through_an_outage_cached_credentials_are_served_until_the_safety_margin() {
     let up = FakeUpstream::new(Behaviour::Issue(HOUR));
-    let c = cache(&up, CacheConfig::default());
+    let c = cache(
+        &up,
+        CacheConfig {
+            request_retry_window: Duration::ZERO,
+            ..CacheConfig::default()
+        },
+    );
     let creds = c.get(lookup(pod("a"), "tok")).await.unwrap();
     up.set(Behaviour::Fail(unavailable()));
     // Refreshes fail from ~27 min on; every request still gets the cached credentials.
@@ -356,4 +368,22 @@ async fn fallback_keys_are_token_hashes_and_die_with_the_token() {
     c.get(l).await.unwrap();
     tokio::time::sleep(Duration::from_secs(31)).await; // token expired, swept
     assert!(c.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_throttled_request_call_keeps_trying_and_sdk_retries_join_it() {
+    let up = FakeUpstream::new(Behaviour::Fail(unavailable()));
+    let c = cache(&up, CacheConfig::default());
+    // The first request waits its deadline and gets "retry".
+    assert_eq!(
+        c.get(lookup(pod("a"), "tok")).await,
+        Err(CacheError::Pending)
+    );
+    let calls = up.calls();
+    assert!(calls >= 2, "the call kept trying: {calls}");
+    // EKS Auth recovers; the SDK's retry a second later joins the same call and gets credentials.
+    up.set(Behaviour::Issue(HOUR));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let got = c.get(lookup(pod("a"), "tok")).await;
+    assert!(got.is_ok(), "{got:?}");
 }

@@ -156,10 +156,6 @@ pub async fn handle<B>(state: &State, caller: &Caller, req: Request<B>) -> Respo
     let started = Instant::now();
     let head_only = req.method() == Method::HEAD;
     let result = credentials(state, caller, &req).await;
-    let pod = match caller {
-        Caller::Attributed(id) => state.resolver.as_ref().and_then(|r| r.resolve(*id)),
-        _ => None,
-    };
     let (mut resp, outcome) = match result {
         Ok(body) => (json_response(StatusCode::OK, body), "success"),
         Err(e) => {
@@ -173,16 +169,23 @@ pub async fn handle<B>(state: &State, caller: &Caller, req: Request<B>) -> Respo
         outcome,
         started.elapsed().as_secs_f64(),
     );
-    tracing::debug!(
-        path = req.uri().path(),
-        status = resp.status().as_u16(),
-        listener = caller.listener(),
-        cgroup_id = caller.cgroup_id(),
-        cgroup_path = pod.as_ref().map(|p| p.path.display().to_string()),
-        pod_uid = pod.as_ref().and_then(|p| p.pod_uid.clone()),
-        micros = started.elapsed().as_micros() as u64,
-        "request served"
-    );
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        // Resolved again only for the log line (cached), and only when it is written.
+        let pod = match caller {
+            Caller::Attributed(id) => state.resolver.as_ref().and_then(|r| r.resolve(*id)),
+            _ => None,
+        };
+        tracing::debug!(
+            path = req.uri().path(),
+            status = resp.status().as_u16(),
+            listener = caller.listener(),
+            cgroup_id = caller.cgroup_id(),
+            cgroup_path = pod.as_ref().map(|p| p.path.display().to_string()),
+            pod_uid = pod.as_ref().and_then(|p| p.pod_uid.clone()),
+            micros = started.elapsed().as_micros() as u64,
+            "request served"
+        );
+    }
     if head_only {
         *resp.body_mut() = Full::new(Bytes::new());
     }

@@ -1,16 +1,48 @@
 //! A bounded load client run inside a pod:
 //! `load ADDR HOST TOKEN_FILE COUNT CONCURRENCY [PATH]`.
-//! Each request is a new connection (as SDKs do): connect, `GET PATH` (default
-//! `/v1/credentials`), read to EOF.
-//! A refused connect backs off 10 ms. Stops after COUNT requests or 120 s. Prints one JSON line with status counts, connection
-//! errors and latency percentiles (µs).
+//!
+//! By default each request is a new connection (as SDKs do): connect, `GET PATH` (default
+//! `/v1/credentials`), read to EOF. A refused connect backs off 10 ms. Stops after COUNT
+//! requests or 120 s, and prints one JSON line: status counts, connection failures, latency
+//! percentiles (µs), wall time.
+//!
+//! Environment:
+//! - `LOAD_KEEPALIVE=1`: one persistent connection per worker.
+//! - `LOAD_TOKENS=FILE`: one token per line, used in turn (instead of TOKEN_FILE's one token).
+//! - `LOAD_RETRIES=N`: retry a 5xx or a failed connection up to N times, 1 s apart (as SDKs do).
+//! - `LOAD_EXPECT=TEXT`: a 200 whose body lacks TEXT is counted as status 299 (wrong answer).
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// How a request failed without an HTTP answer.
+enum Failure {
+    /// The connect itself failed (nothing listening).
+    Refused,
+    /// Connected, but no complete answer (reset, timeout, garbage).
+    Broken,
+}
+
+#[derive(Default)]
+struct Tally {
+    statuses: BTreeMap<u16, u64>,
+    refused: u64,
+    broken: u64,
+    retries: u64,
+    latencies: Vec<u64>,
+}
+
+struct Options {
+    addr: String,
+    requests: Vec<String>,
+    keepalive: bool,
+    retries: u32,
+    expect: Option<String>,
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -22,74 +54,66 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let token = std::fs::read_to_string(token_file).expect("token file");
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {token}\r\nConnection: close\r\n\r\n"
-    );
+    let keepalive = std::env::var("LOAD_KEEPALIVE").is_ok_and(|v| v == "1");
+    let tokens: Vec<String> = match std::env::var("LOAD_TOKENS") {
+        Ok(file) => std::fs::read_to_string(file)
+            .expect("LOAD_TOKENS file")
+            .lines()
+            .map(str::to_owned)
+            .collect(),
+        Err(_) => vec![std::fs::read_to_string(token_file).expect("token file")],
+    };
+    let connection = if keepalive { "keep-alive" } else { "close" };
+    let options = Arc::new(Options {
+        addr: addr.clone(),
+        requests: tokens
+            .iter()
+            .map(|t| {
+                format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {t}\r\nConnection: {connection}\r\n\r\n")
+            })
+            .collect(),
+        keepalive,
+        retries: std::env::var("LOAD_RETRIES").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
+        expect: std::env::var("LOAD_EXPECT").ok(),
+    });
     let count: usize = count.parse().expect("COUNT");
     let concurrency: usize = concurrency.parse().expect("CONCURRENCY");
     let next = Arc::new(AtomicUsize::new(0));
-    let results = Arc::new(Mutex::new((
-        BTreeMap::<u16, u64>::new(),
-        [0u64; 2],
-        Vec::<u64>::new(),
-    )));
-    let expect: Option<String> = std::env::var("LOAD_EXPECT").ok();
+    let tally = Arc::new(Mutex::new(Tally::default()));
     let deadline = Instant::now() + Duration::from_secs(120);
     let started = Instant::now();
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
-            let (next, results, request, addr, expect) = (
-                next.clone(),
-                results.clone(),
-                request.clone(),
-                addr.clone(),
-                expect.clone(),
-            );
-            std::thread::spawn(move || {
-                while next.fetch_add(1, Ordering::Relaxed) < count && Instant::now() < deadline {
-                    let t = Instant::now();
-                    let status = one(&addr, &request, expect.as_deref());
-                    let micros = t.elapsed().as_micros() as u64;
-                    let mut r = results.lock().unwrap();
-                    match status {
-                        Ok(s) => *r.0.entry(s).or_default() += 1,
-                        Err(Failure::Refused) => {
-                            r.1[0] += 1;
-                            drop(r);
-                            // Back off like an SDK would, instead of burning the budget.
-                            std::thread::sleep(Duration::from_millis(10));
-                            continue;
-                        }
-                        Err(Failure::Broken) => r.1[1] += 1,
-                    }
-                    r.2.push(micros);
-                }
-            })
+            let (next, tally, options) = (next.clone(), tally.clone(), options.clone());
+            std::thread::spawn(move || worker(&options, &next, count, deadline, &tally))
         })
         .collect();
     for w in workers {
         w.join().expect("worker");
     }
-    let (statuses, [refused, broken], mut lat) =
-        Arc::try_unwrap(results).unwrap().into_inner().unwrap();
-    lat.sort_unstable();
+    let mut t = Arc::try_unwrap(tally)
+        .ok()
+        .expect("workers done")
+        .into_inner()
+        .unwrap();
+    t.latencies.sort_unstable();
     let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0)
+        let i = ((t.latencies.len() as f64 * p) as usize).min(t.latencies.len().saturating_sub(1));
+        t.latencies.get(i).copied().unwrap_or(0)
     };
-    let statuses: BTreeMap<String, u64> = statuses
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
+    let statuses: BTreeMap<String, u64> = t
+        .statuses
+        .iter()
+        .map(|(k, v)| (k.to_string(), *v))
         .collect();
     println!(
         "{}",
         serde_json::json!({
             "statuses": statuses,
-            "errors": refused + broken,
-            "refused": refused,
-            "broken": broken,
+            "errors": t.refused + t.broken,
+            "refused": t.refused,
+            "broken": t.broken,
+            "retries": t.retries,
             "p50_us": pct(0.50),
             "p99_us": pct(0.99),
             "elapsed_ms": started.elapsed().as_millis() as u64,
@@ -97,18 +121,54 @@ fn main() {
     );
 }
 
-/// How a request failed without an HTTP answer.
-enum Failure {
-    /// The connect itself failed (nothing listening).
-    Refused,
-    /// Connected, but no complete answer (reset, timeout, garbage).
-    Broken,
+fn worker(o: &Options, next: &AtomicUsize, count: usize, deadline: Instant, tally: &Mutex<Tally>) {
+    let mut conn: Option<BufReader<TcpStream>> = None;
+    loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= count || Instant::now() >= deadline {
+            return;
+        }
+        let request = &o.requests[i % o.requests.len()];
+        let started = Instant::now();
+        let mut attempt = 0;
+        let result = loop {
+            let r = if o.keepalive {
+                keepalive(&o.addr, request, &mut conn)
+            } else {
+                fresh(&o.addr, request)
+            };
+            let retry = matches!(&r, Ok((s, _)) if *s >= 500) || r.is_err();
+            if !retry || attempt >= o.retries {
+                break r;
+            }
+            attempt += 1;
+            tally.lock().unwrap().retries += 1;
+            std::thread::sleep(Duration::from_secs(1));
+        };
+        let micros = started.elapsed().as_micros() as u64;
+        let mut t = tally.lock().unwrap();
+        match result {
+            Ok((status, body)) => {
+                let wrong = status == 200 && o.expect.as_deref().is_some_and(|e| !body.contains(e));
+                *t.statuses
+                    .entry(if wrong { 299 } else { status })
+                    .or_default() += 1;
+            }
+            Err(Failure::Refused) => {
+                t.refused += 1;
+                drop(t);
+                // Back off like an SDK would, instead of burning the budget.
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            Err(Failure::Broken) => t.broken += 1,
+        }
+        t.latencies.push(micros);
+    }
 }
 
-/// One request on a fresh connection; the status, or how it failed.
-/// A 200 whose body lacks `$LOAD_EXPECT` (when set) is reported as status 299: an answer with
-/// the wrong content.
-fn one(addr: &str, request: &str, expect: Option<&str>) -> Result<u16, Failure> {
+/// One request on a fresh connection.
+fn fresh(addr: &str, request: &str) -> Result<(u16, String), Failure> {
     let mut s = TcpStream::connect(addr).map_err(|_| Failure::Refused)?;
     let broken = |_| Failure::Broken;
     s.set_read_timeout(Some(Duration::from_secs(10)))
@@ -116,10 +176,58 @@ fn one(addr: &str, request: &str, expect: Option<&str>) -> Result<u16, Failure> 
     s.write_all(request.as_bytes()).map_err(broken)?;
     let mut buf = Vec::with_capacity(1024);
     s.read_to_end(&mut buf).map_err(broken)?;
-    let status: u16 = buf
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
         .get(9..12)
-        .and_then(|b| std::str::from_utf8(b).ok()?.parse().ok())
+        .and_then(|s| s.parse().ok())
         .ok_or(Failure::Broken)?;
-    let wrong = status == 200 && expect.is_some_and(|e| !String::from_utf8_lossy(&buf).contains(e));
-    Ok(if wrong { 299 } else { status })
+    Ok((status, text))
+}
+
+/// One request on the worker's persistent connection (opened on first use or after a failure).
+fn keepalive(
+    addr: &str,
+    request: &str,
+    conn: &mut Option<BufReader<TcpStream>>,
+) -> Result<(u16, String), Failure> {
+    if conn.is_none() {
+        let s = TcpStream::connect(addr).map_err(|_| Failure::Refused)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|_| Failure::Broken)?;
+        let _ = s.set_nodelay(true);
+        *conn = Some(BufReader::new(s));
+    }
+    let r = exchange(conn.as_mut().expect("just set"), request);
+    if r.is_err() {
+        *conn = None;
+    }
+    r
+}
+
+fn exchange(c: &mut BufReader<TcpStream>, request: &str) -> Result<(u16, String), Failure> {
+    let broken = |_| Failure::Broken;
+    c.get_mut().write_all(request.as_bytes()).map_err(broken)?;
+    let mut head = String::new();
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        if c.read_line(&mut line).map_err(broken)? == 0 {
+            return Err(Failure::Broken);
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().map_err(|_| Failure::Broken)?;
+        }
+        let end = line == "\r\n";
+        head.push_str(&line);
+        if end {
+            break;
+        }
+    }
+    let mut body = vec![0u8; length];
+    c.read_exact(&mut body).map_err(broken)?;
+    let status = head
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .ok_or(Failure::Broken)?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }

@@ -1,0 +1,541 @@
+//! `cargo xtask bench`: the agent against its limits, in the node sandbox, every figure a
+//! ratio against a baseline measured in the same run (absolute times on a shared 2-CPU VM are
+//! noise). Writes `target/bench/results.md` and `target/bench/results.json`.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use serde_json::json;
+use tests::agent::{Agent, CLUSTER};
+use tests::cgroups::Driver;
+use tests::clients::{credentials_url, curl, helper_bin, LoadResult};
+use tests::fake_eks::{FakeEksAuth, Fault};
+use tests::issuer::TokenSubject;
+use tests::sandbox::{PodSpec, Sandbox};
+
+/// Rounds per comparison; medians are reported.
+const ROUNDS: usize = 3;
+
+struct Report {
+    md: String,
+    json: Vec<serde_json::Value>,
+}
+
+impl Report {
+    #[allow(clippy::too_many_arguments)] // reason: one table row, column by column
+    fn row(
+        &mut self,
+        case: &str,
+        figure: &str,
+        ours: f64,
+        baseline: f64,
+        ratio: f64,
+        target: &str,
+        met: bool,
+    ) {
+        let _ = writeln!(
+            self.md,
+            "| {case} | {figure} | {ours:.1} | {baseline:.1} | **{ratio:.3}** | {target} | {} |",
+            if met { "met" } else { "missed" }
+        );
+        self.json.push(
+            json!({"case": case, "figure": figure, "ours": ours, "baseline": baseline,
+            "ratio": ratio, "target": target, "met": met}),
+        );
+        eprintln!("{case} / {figure}: ours {ours:.1}, baseline {baseline:.1}, ratio {ratio:.3} ({target})");
+    }
+
+    fn note(&mut self, case: &str, figure: &str, value: String) {
+        let _ = writeln!(self.md, "| {case} | {figure} | {value} | | | | |");
+        self.json
+            .push(json!({"case": case, "figure": figure, "value": value}));
+        eprintln!("{case} / {figure}: {value}");
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    v[v.len() / 2]
+}
+
+fn node(driver: Driver, pods: usize) -> Result<(Sandbox, FakeEksAuth)> {
+    let mut sb = Sandbox::new(driver)?;
+    let fake = FakeEksAuth::start(sb.node(), CLUSTER, sb.issuer().decoding_key())?;
+    fake.associate("app", "reader", "ReaderRole");
+    for _ in 0..pods {
+        sb.add_pod(PodSpec::new("app", "reader"))?;
+    }
+    Ok((sb, fake))
+}
+
+/// The agent as an operator runs it (info logs), with no per-pod budget (the bench is one pod).
+fn agent(sb: &Sandbox, fake: &FakeEksAuth, extra: &[&str]) -> Result<Agent> {
+    let root = sb.cgroups().pods_root().display().to_string();
+    let mut args = vec![
+        "server",
+        "-c",
+        CLUSTER,
+        "-v",
+        "info",
+        "--cgroup-root",
+        &root,
+        "--pod-request-rate",
+        "0",
+    ];
+    args.extend_from_slice(extra);
+    let mut a = Agent::launch(sb, fake, &args, &[])?;
+    a.wait_ready(sb, Duration::from_secs(20))?;
+    Ok(a)
+}
+
+/// Runs the load client in pod `pod`'s network namespace and `cgroup` (the pod's first
+/// container when `None`), with `env`.
+fn load(
+    sb: &Sandbox,
+    pod: usize,
+    addr: &str,
+    count: usize,
+    conc: usize,
+    env: &[(&str, &str)],
+) -> Result<LoadResult> {
+    let host = if addr.starts_with('[') {
+        "[fd00:ec2::23]"
+    } else {
+        "169.254.170.23"
+    };
+    let out = sb
+        .pod_command(pod, 0, helper_bin("load"))?
+        .arg(addr)
+        .arg(host)
+        .arg(&sb.pods()[pod].token_file)
+        .arg(count.to_string())
+        .arg(conc.to_string())
+        .envs(env.iter().copied())
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "load: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn rps(r: &LoadResult) -> f64 {
+    r.statuses.values().sum::<u64>() as f64 / (r.elapsed_ms.max(1) as f64 / 1000.0)
+}
+
+/// Waits until something accepts on `addr` inside the node namespace.
+fn wait_listening(sb: &Sandbox, addr: &str) -> Result<()> {
+    let addr = addr.to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sb.node().run_in({
+        let a = addr.clone();
+        move || std::net::TcpStream::connect(a).is_ok()
+    })? {
+        ensure!(Instant::now() < deadline, "{addr} never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Case 1: Warm credential requests through the eBPF path against a bare hyper server.
+fn warm_vs_bare(report: &mut Report) -> Result<()> {
+    let (sb, fake) = node(Driver::Cgroupfs, 1)?;
+    let _agent = agent(&sb, &fake, &[])?;
+    let first = curl(&sb, 0, 0, credentials_url(false), &[])?;
+    ensure!(first.status == 200, "warm-up: {}", first.body);
+    let body = sb.dir().join("body.json");
+    std::fs::write(&body, &first.body)?;
+    let mut bare = sb
+        .node_command(helper_bin("bare-server"), None)?
+        .arg("169.254.170.23:8080")
+        .arg(&body)
+        .spawn()?;
+    wait_listening(&sb, "169.254.170.23:8080")?;
+    for (mode, count, env) in [
+        ("new connection per request", 8000, &[][..]),
+        ("keep-alive", 30_000, &[("LOAD_KEEPALIVE", "1")][..]),
+    ] {
+        let (mut ours, mut base) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            base.push(load(&sb, 0, "169.254.170.23:8080", count, 4, env)?);
+            ours.push(load(&sb, 0, "169.254.170.23:80", count, 4, env)?);
+        }
+        for r in ours.iter().chain(&base) {
+            ensure!(r.count(200) as usize == count, "{r:?}");
+        }
+        let (o_rps, b_rps) = (
+            median(ours.iter().map(rps).collect()),
+            median(base.iter().map(rps).collect()),
+        );
+        let (o_p99, b_p99) = (
+            median(ours.iter().map(|r| r.p99_us as f64).collect()),
+            median(base.iter().map(|r| r.p99_us as f64).collect()),
+        );
+        let (o_p50, b_p50) = (
+            median(ours.iter().map(|r| r.p50_us as f64).collect()),
+            median(base.iter().map(|r| r.p50_us as f64).collect()),
+        );
+        let case = format!("1. warm request, {mode}");
+        report.row(
+            &case,
+            "throughput req/s",
+            o_rps,
+            b_rps,
+            o_rps / b_rps,
+            ">= 0.8",
+            o_rps / b_rps >= 0.8,
+        );
+        report.row(&case, "p50 µs", o_p50, b_p50, o_p50 / b_p50, "(info)", true);
+        report.row(
+            &case,
+            "p99 µs",
+            o_p99,
+            b_p99,
+            o_p99 / b_p99,
+            "<= 2.0",
+            o_p99 / b_p99 <= 2.0,
+        );
+    }
+    let _ = bare.kill();
+    let _ = bare.wait();
+    Ok(())
+}
+
+fn connects(
+    sb: &Sandbox,
+    pod: usize,
+    cgroup: Option<&Path>,
+    addr: &str,
+    count: usize,
+) -> Result<f64> {
+    let mut cmd = match cgroup {
+        Some(cg) => sb.pod_netns_command(pod, cg, helper_bin("connect-bench"))?,
+        None => sb.pod_command(pod, 0, helper_bin("connect-bench"))?,
+    };
+    let out = cmd.arg(addr).arg(count.to_string()).output()?;
+    ensure!(
+        out.status.success(),
+        "connect-bench: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(v["failed"] == 0, "connect-bench failures: {v}");
+    v["per_sec"].as_f64().context("per_sec")
+}
+
+/// Case 2: New connections per second through the connect4 rewrite, against a direct connect and
+/// an iptables DNAT; and what the programs cost a pod's other connects.
+fn steering(report: &mut Report) -> Result<()> {
+    let (sb, fake) = node(Driver::Cgroupfs, 1)?;
+    // The attributed listener on 7001 is the server for every variant.
+    let _agent = agent(&sb, &fake, &["--attributed-port", "7001"])?;
+    let outside = sb.cgroups().outside_pods("bench-unsteered")?;
+    let pod_ns = sb.pods()[0].netns.as_ref().context("pod netns")?;
+    tests::netns::run(pod_ns.command("iptables")?.args([
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-d",
+        "169.254.170.23/32",
+        "-p",
+        "tcp",
+        "--dport",
+        "80",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        "169.254.170.23:7001",
+    ]))?;
+    let mut other = sb
+        .node_command(helper_bin("bare-server"), None)?
+        .args(["10.200.1.1:7002", "--accept-only"])
+        .spawn()?;
+    wait_listening(&sb, "10.200.1.1:7002")?;
+    let n = 15_000;
+    let (mut steered, mut direct, mut dnat, mut attached, mut bare) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for _ in 0..ROUNDS {
+        steered.push(connects(&sb, 0, None, "169.254.170.23:80", n)?);
+        direct.push(connects(&sb, 0, Some(&outside), "169.254.170.23:7001", n)?);
+        dnat.push(connects(&sb, 0, Some(&outside), "169.254.170.23:80", n)?);
+        attached.push(connects(&sb, 0, None, "10.200.1.1:7002", n)?);
+        bare.push(connects(&sb, 0, Some(&outside), "10.200.1.1:7002", n)?);
+    }
+    let (s, d, x) = (median(steered), median(direct), median(dnat));
+    report.row(
+        "2. steering",
+        "connects/s vs iptables DNAT",
+        s,
+        x,
+        s / x,
+        ">= 1.0",
+        s / x >= 1.0,
+    );
+    report.row(
+        "2. steering",
+        "connects/s vs direct (no rewrite)",
+        s,
+        d,
+        s / d,
+        "(info)",
+        true,
+    );
+    let (a, b) = (median(attached), median(bare));
+    report.row(
+        "2. steering",
+        "other connects: time with programs / without",
+        b,
+        a,
+        b / a,
+        "<= 1.02",
+        b / a <= 1.02,
+    );
+    let _ = other.kill();
+    let _ = other.wait();
+    Ok(())
+}
+
+/// Case 3: 100 pods × 10 concurrent first requests while EKS Auth throttles above 20 calls/s.
+fn cold_burst(report: &mut Report) -> Result<()> {
+    let (sb, fake) = node(Driver::Systemd, 100)?;
+    let _agent = agent(&sb, &fake, &[])?;
+    fake.set_fault(Fault::RateLimit(20));
+    let started = Instant::now();
+    let children: Vec<_> = (0..100)
+        .map(|pod| {
+            sb.pod_command(pod, 0, helper_bin("load"))?
+                .args(["169.254.170.23:80", "169.254.170.23"])
+                .arg(&sb.pods()[pod].token_file)
+                .args(["10", "10"])
+                // SDK-like: retry 5xx up to 3 times, 1 s apart.
+                .env("LOAD_RETRIES", "3")
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .context("load")
+        })
+        .collect::<Result<_>>()?;
+    let mut failures = 0;
+    let mut retries = 0;
+    for child in children {
+        let out = child.wait_with_output()?;
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        failures += 10 - r["statuses"]["200"].as_u64().unwrap_or(0);
+        retries += r["retries"].as_u64().unwrap_or(0);
+    }
+    let took = started.elapsed();
+    report.note(
+        "3. cold burst 100×10, EKS Auth throttling > 20/s",
+        "successful upstream calls (must be 100)",
+        fake.issued().len().to_string(),
+    );
+    report.note(
+        "3. cold burst 100×10, EKS Auth throttling > 20/s",
+        "upstream calls incl. throttled",
+        fake.calls().to_string(),
+    );
+    report.note(
+        "3. cold burst 100×10, EKS Auth throttling > 20/s",
+        "pod-visible failures after 3 SDK retries (must be 0)",
+        failures.to_string(),
+    );
+    report.note(
+        "3. cold burst 100×10, EKS Auth throttling > 20/s",
+        "SDK retries / time to all served",
+        format!("{retries} / {:.1} s", took.as_secs_f64()),
+    );
+    Ok(())
+}
+
+/// Case 4: RSS and warm latency with 100, 1,000 and 10,000 cached identities (fallback-mode
+/// tokens: one cache entry per token).
+fn scale(report: &mut Report) -> Result<()> {
+    let (sb, fake) = node(Driver::Cgroupfs, 1)?;
+    let agent = agent(&sb, &fake, &["--no-ebpf", "--max-cache-size", "20000"])?;
+    let base_rss = agent.rss_kib();
+    let mut first_p50 = None;
+    let mut done = 0;
+    for n in [100usize, 1_000, 10_000] {
+        let tokens: Vec<String> = (0..n)
+            .map(|i| {
+                sb.issuer().mint(
+                    &TokenSubject {
+                        namespace: "app".into(),
+                        service_account: "reader".into(),
+                        pod_name: format!("scale-{i}"),
+                        pod_uid: format!("00000000-0000-4000-8000-{i:012}"),
+                    },
+                    Duration::from_secs(24 * 3600),
+                )
+            })
+            .collect();
+        let file = sb.dir().join(format!("tokens-{n}"));
+        std::fs::write(&file, tokens.join("\n"))?;
+        let file = file.display().to_string();
+        // Populate the entries not there yet (one upstream call each), then measure hits.
+        let fill = load(
+            &sb,
+            0,
+            "169.254.170.23:80",
+            n,
+            8,
+            &[("LOAD_TOKENS", file.as_str())],
+        )?;
+        ensure!(fill.count(200) as usize == n, "fill {n}: {fill:?}");
+        done = n;
+        let warm = load(
+            &sb,
+            0,
+            "169.254.170.23:80",
+            4000,
+            1,
+            &[("LOAD_TOKENS", file.as_str())],
+        )?;
+        ensure!(warm.count(200) == 4000, "{warm:?}");
+        let rss = agent.rss_kib();
+        let p50 = warm.p50_us as f64;
+        let first = *first_p50.get_or_insert(p50);
+        let case = format!("4. scale, {n} identities");
+        report.note(
+            &case,
+            "agent RSS",
+            format!(
+                "{:.1} MiB (idle {:.1} MiB)",
+                rss as f64 / 1024.0,
+                base_rss as f64 / 1024.0
+            ),
+        );
+        report.row(
+            &case,
+            "warm p50 µs vs 100 identities",
+            p50,
+            first,
+            p50 / first,
+            "<= 1.2",
+            p50 / first <= 1.2,
+        );
+        if n == 10_000 {
+            let per_entry = (rss.saturating_sub(base_rss) as f64 * 1024.0) / n as f64;
+            report.note(
+                &case,
+                "memory per cached identity",
+                format!("{per_entry:.0} bytes"),
+            );
+            report.row(
+                &case,
+                "RSS MiB (target 40)",
+                rss as f64 / 1024.0,
+                40.0,
+                rss as f64 / 1024.0 / 40.0,
+                "<= 1.0",
+                rss <= 40 * 1024,
+            );
+        }
+    }
+    ensure!(done == 10_000);
+    Ok(())
+}
+
+/// Case 5: Attribution and cross-check: warm requests on the eBPF path against `--no-ebpf`.
+fn attribution_cost(report: &mut Report) -> Result<()> {
+    let (sb, fake) = node(Driver::Cgroupfs, 1)?;
+    let (mut ebpf, mut plain) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        for (extra, out) in [(&[][..], &mut ebpf), (&["--no-ebpf"][..], &mut plain)] {
+            let a = agent(&sb, &fake, extra)?;
+            ensure!(curl(&sb, 0, 0, credentials_url(false), &[])?.status == 200);
+            let r = load(&sb, 0, "169.254.170.23:80", 8000, 4, &[])?;
+            ensure!(r.count(200) == 8000, "{r:?}");
+            out.push(r);
+            a.stop()?;
+        }
+    }
+    let (e, p) = (
+        median(ebpf.iter().map(rps).collect()),
+        median(plain.iter().map(rps).collect()),
+    );
+    report.row(
+        "5. attribution + cross-check",
+        "throughput req/s vs --no-ebpf",
+        e,
+        p,
+        e / p,
+        "(info)",
+        true,
+    );
+    let (e, p) = (
+        median(ebpf.iter().map(|r| r.p50_us as f64).collect()),
+        median(plain.iter().map(|r| r.p50_us as f64).collect()),
+    );
+    report.row(
+        "5. attribution + cross-check",
+        "p50 µs vs --no-ebpf",
+        e,
+        p,
+        e / p,
+        "(info)",
+        true,
+    );
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")?
+                .split(':')
+                .nth(1)
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let uname = std::process::Command::new("uname")
+        .arg("-sr")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{uname}, {cpus} CPUs ({cpu})")
+}
+
+fn main() -> Result<()> {
+    let started = Instant::now();
+    let mut report = Report {
+        md: String::new(),
+        json: Vec::new(),
+    };
+    let machine = machine();
+    let _ = writeln!(
+        report.md,
+        "Machine: {machine}. Medians of {ROUNDS} interleaved rounds where compared.\n"
+    );
+    let _ = writeln!(
+        report.md,
+        "| case | figure | ours | baseline | ratio | target | |"
+    );
+    let _ = writeln!(report.md, "|---|---|---|---|---|---|---|");
+    warm_vs_bare(&mut report)?;
+    steering(&mut report)?;
+    cold_burst(&mut report)?;
+    scale(&mut report)?;
+    attribution_cost(&mut report)?;
+    let _ = writeln!(
+        report.md,
+        "\nBench wall time: {:.0} s.",
+        started.elapsed().as_secs_f64()
+    );
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("results.md"), &report.md)?;
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(&json!({"machine": machine, "results": report.json}))?,
+    )?;
+    println!("{}", report.md);
+    println!("written to {}", dir.display());
+    Ok(())
+}
