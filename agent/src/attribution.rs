@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::cgroup;
 
@@ -79,6 +80,9 @@ pub struct PodCgroup {
     pub pod_uid: Option<String>,
 }
 
+/// How long a resolution is trusted before the cgroup's existence is checked again.
+const RECHECK_AFTER: Duration = Duration::from_secs(1);
+
 /// Most cgroup ids remembered; a node runs at most a few hundred pods' containers.
 const CACHE_LIMIT: usize = 16_384;
 
@@ -86,7 +90,8 @@ const CACHE_LIMIT: usize = 16_384;
 #[derive(Debug)]
 pub struct Resolver {
     root: PathBuf,
-    cache: Mutex<HashMap<u64, PodCgroup>>,
+    /// id → (resolution, when it was last checked against the file system).
+    cache: Mutex<HashMap<u64, (PodCgroup, Instant)>>,
 }
 
 impl Resolver {
@@ -102,9 +107,16 @@ impl Resolver {
     /// while the system runs, so a cached answer can be stale (cgroup gone) but never wrong.
     pub fn resolve(&self, id: u64) -> Option<PodCgroup> {
         let hit = self.cache.lock().expect("not poisoned").get(&id).cloned();
-        if let Some(hit) = hit {
-            // A cgroup that was removed must not keep resolving: check it is still there.
+        if let Some((hit, checked)) = hit {
+            // A removed cgroup must stop resolving; checking costs a path walk, so at most
+            // once per second per cgroup (the hot path serves from memory).
+            if checked.elapsed() < RECHECK_AFTER {
+                return Some(hit);
+            }
             if std::fs::metadata(&hit.path).is_ok_and(|m| m.ino() == id) {
+                if let Some(e) = self.cache.lock().expect("not poisoned").get_mut(&id) {
+                    e.1 = Instant::now();
+                }
                 return Some(hit);
             }
             self.cache.lock().expect("not poisoned").remove(&id);
@@ -119,7 +131,7 @@ impl Resolver {
         if cache.len() >= CACHE_LIMIT {
             cache.clear();
         }
-        cache.insert(id, resolved.clone());
+        cache.insert(id, (resolved.clone(), Instant::now()));
         Some(resolved)
     }
 }
@@ -144,6 +156,7 @@ mod tests {
         // Cached, and still checked against the file system.
         assert_eq!(r.resolve(id), Some(got));
         std::fs::remove_dir(&dir).unwrap();
+        std::thread::sleep(RECHECK_AFTER + Duration::from_millis(50));
         assert_eq!(r.resolve(id), None);
         std::fs::remove_dir_all(&root).unwrap();
     }

@@ -47,14 +47,14 @@ impl EncodeMetric for ReferenceCounter {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {
     /// HTTP status code.
-    pub code: String,
+    pub code: u16,
 }
 
 /// `state` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
     /// Cache state: hit, miss, ...
-    pub state: String,
+    pub state: &'static str,
 }
 
 /// `type` and `code` labels.
@@ -70,30 +70,30 @@ pub struct ErrorLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
     /// What happened, e.g. `success`, `not_found`, `unavailable`.
-    pub outcome: String,
+    pub outcome: &'static str,
 }
 
 /// `listener` and `outcome` labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AttributionLabels {
     /// `attributed` or `plain`.
-    pub listener: String,
+    pub listener: &'static str,
     /// `attributed`, `mismatch`, `unattributed`, `not_a_pod`.
-    pub outcome: String,
+    pub outcome: &'static str,
 }
 
 /// `reason` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EvictionLabel {
     /// Why: lru, pod_gone, token_expired, expired.
-    pub reason: String,
+    pub reason: &'static str,
 }
 
 /// `result` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     /// hit, stale, miss, coalesced, negative.
-    pub result: String,
+    pub result: &'static str,
 }
 
 /// `purpose`, `outcome` and `code` labels.
@@ -111,28 +111,28 @@ pub struct UpstreamLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabel {
     /// `attributed` or `plain`.
-    pub listener: String,
+    pub listener: &'static str,
 }
 
 /// `kind` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     /// parse, timeout, incomplete, io.
-    pub kind: String,
+    pub kind: &'static str,
 }
 
 /// `mode` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModeLabel {
     /// `ebpf` or `fallback`.
-    pub mode: String,
+    pub mode: &'static str,
 }
 
 /// `event` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EventLabel {
     /// Kernel counter name.
-    pub event: String,
+    pub event: &'static str,
 }
 
 /// Every metric the agent exports.
@@ -379,16 +379,12 @@ impl Metrics {
     }
 
     /// Counts one answered credentials request.
-    pub fn record_response(&self, status: u16, outcome: &str, seconds: f64) {
+    pub fn record_response(&self, status: u16, outcome: &'static str, seconds: f64) {
         self.http_response
-            .get_or_create(&CodeLabel {
-                code: status.to_string(),
-            })
+            .get_or_create(&CodeLabel { code: status })
             .inc();
         self.request_seconds
-            .get_or_create(&OutcomeLabel {
-                outcome: outcome.to_owned(),
-            })
+            .get_or_create(&OutcomeLabel { outcome })
             .observe(seconds);
     }
 }
@@ -402,9 +398,7 @@ mod tests {
         let m = Metrics::default();
         m.record_response(200, "success", 0.001);
         m.cache_state
-            .get_or_create(&StateLabel {
-                state: "miss".into(),
-            })
+            .get_or_create(&StateLabel { state: "miss" })
             .inc();
         m.cache_errors
             .get_or_create(&ErrorLabels {

@@ -327,13 +327,11 @@ impl Cache {
         slot
     }
 
-    fn evict(&self, key: &Key, reason: &str) {
+    fn evict(&self, key: &Key, reason: &'static str) {
         if self.entries.remove(key).is_some() {
             self.metrics
                 .cache_evictions
-                .get_or_create(&EvictionLabel {
-                    reason: reason.into(),
-                })
+                .get_or_create(&EvictionLabel { reason })
                 .inc();
         }
     }
@@ -370,21 +368,17 @@ impl Cache {
         c.fetched_at + jittered(due.saturating_duration_since(c.fetched_at), 0.1)
     }
 
-    fn count_state(&self, state: &str) {
+    fn count_state(&self, state: &'static str) {
         self.metrics
             .cache_state
-            .get_or_create(&StateLabel {
-                state: state.into(),
-            })
+            .get_or_create(&StateLabel { state })
             .inc();
     }
 
-    fn count_result(&self, result: &str) {
+    fn count_result(&self, result: &'static str) {
         self.metrics
             .cache_requests
-            .get_or_create(&ResultLabel {
-                result: result.into(),
-            })
+            .get_or_create(&ResultLabel { result })
             .inc();
     }
 
@@ -457,9 +451,7 @@ impl Cache {
         };
         self.metrics
             .upstream_seconds
-            .get_or_create(&OutcomeLabel {
-                outcome: outcome.into(),
-            })
+            .get_or_create(&OutcomeLabel { outcome })
             .observe(started.elapsed().as_secs_f64());
         self.metrics
             .upstream_calls

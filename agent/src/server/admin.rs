@@ -118,9 +118,7 @@ pub fn metrics(state: &State, path: &str) -> Response<Full<Bytes>> {
     }
     let m = &state.metrics;
     m.mode
-        .get_or_create(&ModeLabel {
-            mode: state.mode().into(),
-        })
+        .get_or_create(&ModeLabel { mode: state.mode() })
         .set(1);
     m.cache_entries.set(state.cache.len() as u64);
     if let Some(steering) = &state.steering {
@@ -128,7 +126,7 @@ pub fn metrics(state: &State, path: &str) -> Response<Full<Bytes>> {
         for (counter, value) in steering.counters() {
             m.ebpf_events
                 .get_or_create(&EventLabel {
-                    event: counter.name().into(),
+                    event: counter.name(),
                 })
                 .set(value);
         }

@@ -217,7 +217,7 @@ async fn credentials<B>(
             .metrics
             .admission_rejected
             .get_or_create(&ListenerLabel {
-                listener: caller.listener().into(),
+                listener: caller.listener(),
             })
             .inc();
         return Err(RequestError::OverBudget {
@@ -306,8 +306,8 @@ fn count_attribution(state: &State, caller: &Caller, outcome: Outcome) {
         .metrics
         .attribution
         .get_or_create(&AttributionLabels {
-            listener: caller.listener().into(),
-            outcome: outcome.label().into(),
+            listener: caller.listener(),
+            outcome: outcome.label(),
         })
         .inc();
 }

@@ -268,7 +268,7 @@ async fn serve_connection(
         state
             .metrics
             .connection_errors
-            .get_or_create(&crate::metrics::KindLabel { kind: kind.into() })
+            .get_or_create(&crate::metrics::KindLabel { kind })
             .inc();
         tracing::debug!(%peer, kind, error = %e, "connection ended with an error");
     }
