@@ -4,7 +4,7 @@ use aws_sdk_eksauth::primitives::{DateTime, DateTimeFormat};
 use serde::Serialize;
 
 /// Temporary IAM credentials for one pod identity.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Credentials {
     /// `ASIA…` key id.
     pub access_key_id: String,
@@ -16,7 +16,29 @@ pub struct Credentials {
     pub account_id: String,
     /// Expiry, seconds since the epoch.
     pub expiration_epoch_secs: u64,
+    /// The serialised document, made once (cached credentials are served many times).
+    json: std::sync::OnceLock<bytes::Bytes>,
 }
+
+impl PartialEq for Credentials {
+    fn eq(&self, o: &Self) -> bool {
+        (
+            &self.access_key_id,
+            &self.secret_access_key,
+            &self.session_token,
+            &self.account_id,
+            self.expiration_epoch_secs,
+        ) == (
+            &o.access_key_id,
+            &o.secret_access_key,
+            &o.session_token,
+            &o.account_id,
+            o.expiration_epoch_secs,
+        )
+    }
+}
+
+impl Eq for Credentials {}
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -42,8 +64,32 @@ struct CredentialsDocument<'a> {
 }
 
 impl Credentials {
-    /// Serialises the JSON body of a 200 answer.
-    pub fn to_json(&self) -> Vec<u8> {
+    /// Credentials from their parts.
+    pub fn new(
+        access_key_id: String,
+        secret_access_key: String,
+        session_token: String,
+        account_id: String,
+        expiration_epoch_secs: u64,
+    ) -> Self {
+        Self {
+            access_key_id,
+            secret_access_key,
+            session_token,
+            account_id,
+            expiration_epoch_secs,
+            json: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The JSON body of a 200 answer (serialised on first use, then shared).
+    pub fn to_json(&self) -> bytes::Bytes {
+        self.json
+            .get_or_init(|| bytes::Bytes::from(self.serialize()))
+            .clone()
+    }
+
+    fn serialize(&self) -> Vec<u8> {
         let secs = i64::try_from(self.expiration_epoch_secs).unwrap_or(i64::MAX);
         let expiration = DateTime::from_secs(secs)
             .fmt(DateTimeFormat::DateTime)
@@ -87,13 +133,13 @@ mod tests {
 
     #[test]
     fn document_has_sdk_casing_and_utc_expiration() {
-        let c = Credentials {
-            access_key_id: "ASIAX".into(),
-            secret_access_key: "s".into(),
-            session_token: "t".into(),
-            account_id: "123456789012".into(),
-            expiration_epoch_secs: 1_767_247_200,
-        };
+        let c = Credentials::new(
+            "ASIAX".into(),
+            "s".into(),
+            "t".into(),
+            "123456789012".into(),
+            1_767_247_200,
+        );
         let v: serde_json::Value = serde_json::from_slice(&c.to_json()).unwrap();
         assert_eq!(
             v,

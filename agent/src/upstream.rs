@@ -165,13 +165,13 @@ impl EksAuth {
             .and_then(|ms| u64::try_from(ms / 1000).ok())
             .filter(|&exp| exp > now_epoch_secs())
             .ok_or(UpstreamError::Incomplete("a valid expiration"))?;
-        Ok(Credentials {
-            access_key_id: creds.access_key_id().to_owned(),
-            secret_access_key: creds.secret_access_key().to_owned(),
-            session_token: creds.session_token().to_owned(),
-            account_id: account_from_arn(role_arn).unwrap_or_default().to_owned(),
-            expiration_epoch_secs: expiration,
-        })
+        Ok(Credentials::new(
+            creds.access_key_id().to_owned(),
+            creds.secret_access_key().to_owned(),
+            creds.session_token().to_owned(),
+            account_from_arn(role_arn).unwrap_or_default().to_owned(),
+            expiration,
+        ))
     }
 }
 

@@ -132,12 +132,12 @@ pub struct Lookup {
 
 #[derive(Debug, Clone)]
 struct Cached {
-    creds: Credentials,
+    creds: Arc<Credentials>,
     fetched_at: Instant,
     expires_at: Instant,
 }
 
-type Outcome = Option<Result<Credentials, UpstreamError>>;
+type Outcome = Option<Result<Arc<Credentials>, UpstreamError>>;
 
 #[derive(Debug, Default)]
 struct SlotState {
@@ -242,10 +242,10 @@ impl Cache {
     }
 
     /// Credentials for `lookup`, from memory when possible.
-    pub async fn get(self: &Arc<Self>, lookup: Lookup) -> Result<Credentials, CacheError> {
+    pub async fn get(self: &Arc<Self>, lookup: Lookup) -> Result<Arc<Credentials>, CacheError> {
         if self.disabled() {
             self.count_state("miss");
-            return Ok(self.fetcher.fetch(lookup.token).await?);
+            return Ok(Arc::new(self.fetcher.fetch(lookup.token).await?));
         }
         let slot = self.slot(&lookup.key);
         slot.last_used.store(self.millis(), Ordering::Relaxed);
@@ -421,6 +421,7 @@ impl Cache {
                 }
                 _ => (result, token),
             };
+            let result = result.map(Arc::new);
             cache.settle(&key, &slot, token, &result);
             let _ = tx.send(Some(result));
         });
@@ -470,7 +471,7 @@ impl Cache {
         key: &Key,
         slot: &Arc<Slot>,
         token: Arc<str>,
-        result: &Result<Credentials, UpstreamError>,
+        result: &Result<Arc<Credentials>, UpstreamError>,
     ) {
         let mut st = slot.state.lock().expect("not poisoned");
         st.inflight = None;

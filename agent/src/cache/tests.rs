@@ -63,25 +63,25 @@ impl Fetcher for FakeUpstream {
         Box::pin(async move {
             tokio::time::sleep(delay).await;
             match behaviour {
-                Behaviour::Issue(life) => Ok(Credentials {
-                    access_key_id: format!("ASIA{n}"),
-                    secret_access_key: "s".into(),
-                    session_token: format!("t-{token}"),
-                    account_id: "123456789012".into(),
-                    expiration_epoch_secs: (now_epoch + life.as_secs_f64()) as u64,
-                }),
+                Behaviour::Issue(life) => Ok(Credentials::new(
+                    format!("ASIA{n}"),
+                    "s".into(),
+                    format!("t-{token}"),
+                    "123456789012".into(),
+                    (now_epoch + life.as_secs_f64()) as u64,
+                )),
                 Behaviour::Fail(e) => Err(e),
                 Behaviour::Refuse(bad) if bad == token => Err(UpstreamError::Rejected {
                     code: "InvalidTokenException".into(),
                     message: "bad token".into(),
                 }),
-                Behaviour::Refuse(_) => Ok(Credentials {
-                    access_key_id: format!("ASIA{n}"),
-                    secret_access_key: "s".into(),
-                    session_token: format!("t-{token}"),
-                    account_id: "123456789012".into(),
-                    expiration_epoch_secs: (now_epoch + 3600.0) as u64,
-                }),
+                Behaviour::Refuse(_) => Ok(Credentials::new(
+                    format!("ASIA{n}"),
+                    "s".into(),
+                    format!("t-{token}"),
+                    "123456789012".into(),
+                    (now_epoch + 3600.0) as u64,
+                )),
             }
         })
     }

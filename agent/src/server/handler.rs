@@ -141,8 +141,8 @@ fn upstream_outcome(e: &UpstreamError) -> &'static str {
     }
 }
 
-fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
+fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -196,7 +196,7 @@ async fn credentials<B>(
     state: &State,
     caller: &Caller,
     req: &Request<B>,
-) -> Result<Vec<u8>, RequestError> {
+) -> Result<Bytes, RequestError> {
     // The method first: CONNECT and friends have no path to match.
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Err(RequestError::MethodNotAllowed);
@@ -207,12 +207,14 @@ async fn credentials<B>(
     check_host(req)?;
     // Who is calling, per the kernel, before the token is even looked at.
     let caller_pod = identify(state, caller)?;
-    let budget_key = match (&caller_pod, caller) {
-        (Some(pod), _) => pod.pod_uid.clone().unwrap_or_default(),
-        (None, Caller::Plain(ip)) => ip.to_string(),
-        (None, _) => String::new(),
+    let admitted = match (&caller_pod, caller) {
+        (Some(pod), _) => state
+            .admission
+            .admit(pod.pod_uid.as_deref().unwrap_or_default()),
+        (None, Caller::Plain(ip)) => state.admission.admit(&ip.to_string()),
+        (None, _) => state.admission.admit(""),
     };
-    if !state.admission.admit(&budget_key) {
+    if !admitted {
         state
             .metrics
             .admission_rejected
