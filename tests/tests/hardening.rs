@@ -362,23 +362,25 @@ fn upstream_faults_are_each_a_503_with_a_message_and_counted() -> Result<()> {
 }
 
 #[test]
-fn an_unreachable_eks_auth_is_a_503_too() -> Result<()> {
+fn an_unreachable_or_tls_broken_eks_auth_is_a_503_too() -> Result<()> {
     let (mut sb, fake) = node(Driver::Cgroupfs)?;
     let pod = sb.add_pod(PodSpec::new("app", "reader"))?;
-    // Nothing listens on port 9 of the node's loopback: connection refused.
-    let _agent = Agent::start(
-        &sb,
-        &fake,
-        &[
-            "--endpoint",
-            "http://127.0.0.1:9",
-            "--upstream-retry-window",
-            "0s",
-        ],
-    )?;
-    let got = curl(&sb, pod, 0, credentials_url(false), &[])?;
-    assert_eq!(got.status, 503, "{}", got.body);
-    assert_eq!(got.json()?["code"], "RequestFailed");
+    // Nothing listens on port 9 of the node's loopback: connection refused. And TLS spoken to
+    // the fake's plain-HTTP port: the handshake fails.
+    let tls = fake.endpoint().replace("http://", "https://");
+    for endpoint in ["http://127.0.0.1:9", tls.as_str()] {
+        let agent = Agent::start(
+            &sb,
+            &fake,
+            &["--endpoint", endpoint, "--upstream-retry-window", "0s"],
+        )?;
+        let got = curl(&sb, pod, 0, credentials_url(false), &[])?;
+        assert_eq!(got.status, 503, "{endpoint}: {}", got.body);
+        let body = got.json()?;
+        assert_eq!(body["code"], "RequestFailed", "{endpoint}: {body}");
+        assert!(!body["message"].as_str().unwrap_or("").is_empty());
+        drop(agent);
+    }
     Ok(())
 }
 
