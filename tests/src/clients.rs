@@ -160,12 +160,13 @@ pub fn spawn_load(
     count: usize,
     concurrency: usize,
 ) -> Result<std::process::Child> {
-    spawn_load_expecting(sb, i, c, addr, path, count, concurrency, None)
+    spawn_load_with(sb, i, c, addr, path, count, concurrency, &[])
 }
 
-/// Like [`spawn_load`]; a 200 whose body lacks `expect` is counted as status 299.
+/// Like [`spawn_load`], with the load client's environment options (`LOAD_KEEPALIVE`,
+/// `LOAD_TOKENS`, `LOAD_RETRIES`, `LOAD_EXPECT`: see `src/bin/load.rs`).
 #[allow(clippy::too_many_arguments)] // reason: a test helper mirroring the load client's argv
-pub fn spawn_load_expecting(
+pub fn spawn_load_with(
     sb: &Sandbox,
     i: usize,
     c: usize,
@@ -173,25 +174,24 @@ pub fn spawn_load_expecting(
     path: &str,
     count: usize,
     concurrency: usize,
-    expect: Option<&str>,
+    env: &[(&str, &str)],
 ) -> Result<std::process::Child> {
     let host = if addr.starts_with('[') {
         "[fd00:ec2::23]"
     } else {
         "169.254.170.23"
     };
-    let mut cmd = sb.pod_command(i, c, helper_bin("load"))?;
-    cmd.arg(addr)
+    sb.pod_command(i, c, helper_bin("load"))?
+        .arg(addr)
         .arg(host)
         .arg(&sb.pods()[i].token_file)
         .arg(count.to_string())
         .arg(concurrency.to_string())
         .arg(path)
-        .stdout(std::process::Stdio::piped());
-    if let Some(e) = expect {
-        cmd.env("LOAD_EXPECT", e);
-    }
-    cmd.spawn().context("starting load")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting load")
 }
 
 /// Waits for a `spawn_load` child and parses its result.

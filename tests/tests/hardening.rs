@@ -8,9 +8,7 @@ use anyhow::Result;
 use base64::Engine as _;
 use tests::agent::{scrape, Agent};
 use tests::cgroups::Driver;
-use tests::clients::{
-    credentials_url, curl, load_result, raw_http, spawn_load, spawn_load_expecting,
-};
+use tests::clients::{credentials_url, curl, load_result, raw_http, spawn_load, spawn_load_with};
 use tests::fake_eks::Fault;
 use tests::fixtures::{metric, node};
 use tests::sandbox::PodSpec;
@@ -398,7 +396,7 @@ fn kill_9_under_load_recovers_fast_and_never_serves_a_wrong_identity() -> Result
     // a wrong identity (status 299). New credentials after the restart are fine.
     let marker = format!(".{}.", sb.pods()[b].name);
     // Bounded: 20,000 cache hits take a few seconds; the kill lands in the middle.
-    let load = spawn_load_expecting(
+    let load = spawn_load_with(
         &sb,
         b,
         0,
@@ -406,7 +404,7 @@ fn kill_9_under_load_recovers_fast_and_never_serves_a_wrong_identity() -> Result
         "/v1/credentials",
         20_000,
         4,
-        Some(&marker),
+        &[("LOAD_EXPECT", marker.as_str())],
     )?;
     std::thread::sleep(Duration::from_millis(300));
     // SAFETY: killing our own child.

@@ -10,7 +10,7 @@ use anyhow::{ensure, Context, Result};
 use serde_json::json;
 use tests::agent::{Agent, CLUSTER};
 use tests::cgroups::Driver;
-use tests::clients::{credentials_url, curl, helper_bin, LoadResult};
+use tests::clients::{credentials_url, curl, helper_bin, load_result, spawn_load_with, LoadResult};
 use tests::fake_eks::{FakeEksAuth, Fault};
 use tests::issuer::TokenSubject;
 use tests::sandbox::{PodSpec, Sandbox};
@@ -90,8 +90,7 @@ fn agent(sb: &Sandbox, fake: &FakeEksAuth, extra: &[&str]) -> Result<Agent> {
     Ok(a)
 }
 
-/// Runs the load client in pod `pod`'s network namespace and `cgroup` (the pod's first
-/// container when `None`), with `env`.
+/// Runs the load client (new connections, or as `env` says) from pod `pod` and waits for it.
 fn load(
     sb: &Sandbox,
     pod: usize,
@@ -100,26 +99,16 @@ fn load(
     conc: usize,
     env: &[(&str, &str)],
 ) -> Result<LoadResult> {
-    let host = if addr.starts_with('[') {
-        "[fd00:ec2::23]"
-    } else {
-        "169.254.170.23"
-    };
-    let out = sb
-        .pod_command(pod, 0, helper_bin("load"))?
-        .arg(addr)
-        .arg(host)
-        .arg(&sb.pods()[pod].token_file)
-        .arg(count.to_string())
-        .arg(conc.to_string())
-        .envs(env.iter().copied())
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "load: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(serde_json::from_slice(&out.stdout)?)
+    load_result(spawn_load_with(
+        sb,
+        pod,
+        0,
+        addr,
+        "/v1/credentials",
+        count,
+        conc,
+        env,
+    )?)
 }
 
 fn rps(r: &LoadResult) -> f64 {
@@ -305,17 +294,19 @@ fn cold_burst(report: &mut Report) -> Result<()> {
     let _agent = agent(&sb, &fake, &[])?;
     fake.set_fault(Fault::RateLimit(20));
     let started = Instant::now();
+    // SDK-like clients: retry 5xx up to 3 times, 1 s apart.
     let children: Vec<_> = (0..100)
         .map(|pod| {
-            sb.pod_command(pod, 0, helper_bin("load"))?
-                .args(["169.254.170.23:80", "169.254.170.23"])
-                .arg(&sb.pods()[pod].token_file)
-                .args(["10", "10"])
-                // SDK-like: retry 5xx up to 3 times, 1 s apart.
-                .env("LOAD_RETRIES", "3")
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .context("load")
+            spawn_load_with(
+                &sb,
+                pod,
+                0,
+                "169.254.170.23:80",
+                "/v1/credentials",
+                10,
+                10,
+                &[("LOAD_RETRIES", "3")],
+            )
         })
         .collect::<Result<_>>()?;
     let mut failures = 0;
