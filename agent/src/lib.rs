@@ -30,6 +30,22 @@ use crate::ebpf::{SteerTarget, Steering};
 use crate::server::State;
 use crate::upstream::{EksAuth, EksAuthOptions};
 
+/// An error and its causes on one line, each cause once (typed errors often print their
+/// source themselves, and anyhow's `{:#}` would print it again).
+pub fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
 /// Runs `server` until SIGTERM or SIGINT.
 pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     let eks = EksAuth::from_env(EksAuthOptions {
@@ -50,7 +66,7 @@ pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
             Ok(s) => Some(s),
             Err(e) => {
                 // Serving without attribution beats leaving every pod of the node without credentials.
-                tracing::error!(error = format!("{e:#}"), "eBPF unavailable: serving the plain listeners without kernel attribution (fallback mode)");
+                tracing::error!(error = report(&e), "eBPF unavailable: serving the plain listeners without kernel attribution (fallback mode)");
                 None
             }
         }
@@ -197,5 +213,27 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn report_names_each_cause_once() {
+        let bind = crate::server::ServeError::Bind {
+            addr: "10.9.9.9:80".parse().unwrap(),
+            source: std::io::Error::from_raw_os_error(libc::EADDRNOTAVAIL),
+        };
+        let e = anyhow::Error::new(bind).context("starting listeners");
+        let text = super::report(&e);
+        assert!(
+            text.starts_with("starting listeners: cannot listen on 10.9.9.9:80: "),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("Cannot assign requested address").count(),
+            1,
+            "{text}"
+        );
     }
 }

@@ -26,8 +26,9 @@ fn run(task: impl std::future::Future<Output = anyhow::Result<()>>) -> std::proc
     match runtime.block_on(task) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "eks-pod-identity-agent failed");
-            eprintln!("eks-pod-identity-agent: {e:#}");
+            let message = agent::report(&e);
+            tracing::error!(error = %message, "eks-pod-identity-agent failed");
+            eprintln!("eks-pod-identity-agent: {message}");
             std::process::ExitCode::FAILURE
         }
     }
