@@ -93,10 +93,11 @@ pub fn parse(token: &str, now: i64) -> Result<Claims, TokenError> {
     let header = engine
         .decode(header)
         .map_err(|_| TokenError::Malformed("header is not base64url"))?;
-    serde_json::from_slice::<serde_json::Value>(&header)
-        .ok()
-        .filter(serde_json::Value::is_object)
-        .ok_or(TokenError::Malformed("header is not a JSON object"))?;
+    // Checked for shape only (valid JSON, an object), without building it: this is the hot path.
+    let is_object = header.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    if !is_object || serde_json::from_slice::<serde::de::IgnoredAny>(&header).is_err() {
+        return Err(TokenError::Malformed("header is not a JSON object"));
+    }
     let payload = engine
         .decode(payload)
         .map_err(|_| TokenError::Malformed("payload is not base64url"))?;
@@ -156,6 +157,14 @@ mod tests {
         ];
         for (token, want) in cases {
             assert_eq!(parse(token, 100).as_ref(), Err(want), "{token:?}");
+        }
+        for header in ["[1]", "{", "nope", " {\"alg\":1"] {
+            let t = format!("{}.{}.c2ln", b64(header), b64("{}"));
+            assert_eq!(
+                parse(&t, 100),
+                Err(TokenError::Malformed("header is not a JSON object")),
+                "{header}"
+            );
         }
         assert_eq!(parse(&jwt(r#"{"exp":99}"#), 100), Err(TokenError::Expired));
         assert_eq!(
