@@ -103,7 +103,8 @@ impl RequestError {
             Self::Unattributed | Self::PlainDenied => "unattributed",
             Self::NotAPod => "not_a_pod",
             Self::Mismatch => "mismatch",
-            Self::Upstream(e) => upstream_outcome(e),
+            // The same labels the upstream call metrics use.
+            Self::Upstream(e) => e.outcome(),
             Self::Pending => "pending",
             Self::OverBudget { .. } => "over_budget",
         }
@@ -130,14 +131,6 @@ impl From<CacheError> for RequestError {
             CacheError::Upstream(u) => RequestError::Upstream(u),
             CacheError::Pending => RequestError::Pending,
         }
-    }
-}
-
-fn upstream_outcome(e: &UpstreamError) -> &'static str {
-    match e {
-        UpstreamError::Rejected { .. } => "upstream_rejected",
-        UpstreamError::NotFound { .. } => "no_association",
-        UpstreamError::Unavailable { .. } | UpstreamError::Incomplete(_) => "upstream_unavailable",
     }
 }
 
