@@ -14,19 +14,10 @@ pub enum Driver {
     Systemd,
 }
 
-/// The cgroup2 mount point, from /proc/self/mountinfo.
+/// The cgroup2 mount point (the agent's own discovery, from /proc/self/mountinfo).
 pub fn cgroup2_mount() -> Result<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    info.lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            if post.split(' ').next() == Some("cgroup2") {
-                pre.split(' ').nth(4).map(PathBuf::from)
-            } else {
-                None
-            }
-        })
-        .context("no cgroup2 mount")
+    let mounts = agent::cgroup::cgroup2_mounts()?;
+    mounts.into_iter().next().context("no cgroup2 mount")
 }
 
 /// `<cgroup2>/<name>/kubepods[.slice]`, owned by the test.
