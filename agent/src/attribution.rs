@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::cgroup;
@@ -75,7 +75,7 @@ pub enum UnattributedPolicy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodCgroup {
     /// The cgroup directory.
-    pub path: PathBuf,
+    pub path: Arc<Path>,
     /// The pod UID in the path, when the cgroup belongs to a pod.
     pub pod_uid: Option<String>,
 }
@@ -91,7 +91,7 @@ const CACHE_LIMIT: usize = 16_384;
 pub struct Resolver {
     root: PathBuf,
     /// id → (resolution, when it was last checked against the file system).
-    cache: Mutex<HashMap<u64, (PodCgroup, Instant)>>,
+    cache: Mutex<HashMap<u64, (Arc<PodCgroup>, Instant)>>,
 }
 
 impl Resolver {
@@ -105,7 +105,7 @@ impl Resolver {
 
     /// The cgroup `id` names, if it still exists below the root. cgroup2 ids are never reused
     /// while the system runs, so a cached answer can be stale (cgroup gone) but never wrong.
-    pub fn resolve(&self, id: u64) -> Option<PodCgroup> {
+    pub fn resolve(&self, id: u64) -> Option<Arc<PodCgroup>> {
         let hit = self.cache.lock().expect("not poisoned").get(&id).cloned();
         if let Some((hit, checked)) = hit {
             // A removed cgroup must stop resolving; checking costs a path walk, so at most
@@ -123,10 +123,11 @@ impl Resolver {
             return None;
         }
         let path = cgroup::find_by_id(&self.root, id)?;
-        let resolved = PodCgroup {
+        // Shared, not cloned, on every request of this cgroup (the hot path).
+        let resolved = Arc::new(PodCgroup {
             pod_uid: cgroup::pod_uid_from_path(&path),
-            path,
-        };
+            path: Arc::from(path),
+        });
         let mut cache = self.cache.lock().expect("not poisoned");
         if cache.len() >= CACHE_LIMIT {
             cache.clear();
@@ -150,7 +151,7 @@ mod tests {
         let r = Resolver::new(&root);
         let got = r.resolve(id).unwrap();
         assert_eq!(
-            (got.path.as_path(), got.pod_uid.as_deref()),
+            (&*got.path, got.pod_uid.as_deref()),
             (dir.as_path(), Some(uid))
         );
         // Cached, and still checked against the file system.

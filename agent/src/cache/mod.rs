@@ -11,7 +11,7 @@ mod schedule;
 mod tests;
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -127,7 +127,7 @@ pub struct Lookup {
     /// The token's `exp` (epoch seconds), if it has one.
     pub token_exp: Option<i64>,
     /// The caller's cgroup directory (attribution mode): the entry dies with it.
-    pub cgroup: Option<PathBuf>,
+    pub cgroup: Option<Arc<Path>>,
 }
 
 #[derive(Debug, Clone)]
@@ -149,7 +149,7 @@ struct SlotState {
     accepted_token: Option<Arc<str>>,
     negative: Option<(UpstreamError, Instant)>,
     inflight: Option<watch::Receiver<Outcome>>,
-    cgroup: Option<PathBuf>,
+    cgroup: Option<Arc<Path>>,
     failures: u32,
     next_refresh: Option<Instant>,
 }

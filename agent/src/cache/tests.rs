@@ -344,7 +344,7 @@ async fn a_deleted_pods_entry_is_evicted_and_never_refreshed() {
     let up = FakeUpstream::new(Behaviour::Issue(HOUR));
     let c = cache(&up, CacheConfig::default());
     let mut l = lookup(pod("a"), "tok");
-    l.cgroup = Some(dir.clone());
+    l.cgroup = Some(std::sync::Arc::from(dir.as_path()));
     c.get(l).await.unwrap();
     std::fs::remove_dir(&dir).unwrap();
     tokio::time::sleep(Duration::from_secs(11)).await; // one sweep

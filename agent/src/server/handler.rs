@@ -1,5 +1,6 @@
 //! `GET /v1/credentials`: checks, the EKS Auth exchange, and the answer.
 
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -258,7 +259,7 @@ async fn credentials<B>(
             key,
             token: token.to_owned(),
             token_exp: claims.exp,
-            cgroup: caller_pod.map(|p| p.path),
+            cgroup: caller_pod.map(|p| p.path.clone()),
         })
         .await?;
     Ok(creds.to_json())
@@ -266,7 +267,7 @@ async fn credentials<B>(
 
 /// The calling pod's cgroup (with its UID) when the kernel attributed the connection; `None`
 /// for plain-listener callers the policy allows. Refusals are counted here.
-fn identify(state: &State, caller: &Caller) -> Result<Option<PodCgroup>, RequestError> {
+fn identify(state: &State, caller: &Caller) -> Result<Option<Arc<PodCgroup>>, RequestError> {
     match caller {
         Caller::Plain(_) => {
             count_attribution(state, caller, Outcome::Unattributed);
