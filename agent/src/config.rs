@@ -100,6 +100,10 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = 2704, env = "POD_IDENTITY_ATTRIBUTED_PORT")]
     pub attributed_port: u16,
 
+    /// Accept queue length of every listener (default: the node's net.core.somaxconn).
+    #[arg(long, env = "POD_IDENTITY_LISTEN_BACKLOG", value_parser = clap::value_parser!(u32).range(1..))]
+    pub listen_backlog: Option<u32>,
+
     /// Port of /healthz and /readyz on localhost.
     #[arg(long, default_value_t = 2703, env = "POD_IDENTITY_PROBE_PORT")]
     pub probe_port: u16,

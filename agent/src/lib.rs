@@ -86,11 +86,12 @@ pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     }
     let resolver = steering.as_ref().map(|s| Resolver::new(s.cgroup()));
     let attributed_port = steering.as_ref().map(|_| args.attributed_port);
-    let listeners = server::bind_all(&args.bind_hosts, args.port, attributed_port).await?;
+    let backlog = server::listen::backlog(args.listen_backlog);
+    let listeners = server::bind_all(&args.bind_hosts, args.port, attributed_port, backlog)?;
     let probe_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), args.probe_port);
-    let probe = bind_admin(probe_addr, "probes").await?;
+    let probe = bind_admin(probe_addr, backlog, "probes")?;
     let metrics_addr = SocketAddr::new(args.metrics_address, args.metrics_port);
-    let metrics_listener = bind_admin(metrics_addr, "metrics").await?;
+    let metrics_listener = bind_admin(metrics_addr, backlog, "metrics")?;
 
     let metrics = Arc::new(metrics::Metrics::default());
     let cache = cache::Cache::new(Arc::new(eks), args.cache_config(), metrics.clone());
@@ -112,6 +113,7 @@ pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         mode = state.mode(),
         cgroup_root = state.steering.as_ref().map(|s| s.cgroup().display().to_string()),
         listeners = addrs.join(" "),
+        backlog,
         probes = %probe_addr,
         metrics = %metrics_addr,
         cluster = %args.cluster_name,
@@ -136,9 +138,12 @@ pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn bind_admin(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr)
-        .await
+fn bind_admin(
+    addr: SocketAddr,
+    backlog: u32,
+    what: &str,
+) -> anyhow::Result<tokio::net::TcpListener> {
+    server::listen::bind(addr, backlog)
         .with_context(|| format!("cannot listen on {addr} for {what}"))
 }
 

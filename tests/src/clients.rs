@@ -59,10 +59,11 @@ pub fn curl(sb: &Sandbox, i: usize, c: usize, url: &str, extra: &[&str]) -> Resu
     })
 }
 
-/// A binary of this crate built beside the test binaries (`sdk-client`, `raw-http`).
-pub fn helper_bin(name: &str) -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
+/// A binary of this crate built beside the running one (`sdk-client`, `raw-http`, `load`…);
+/// an error naming the build command when it is missing.
+pub fn helper_bin(name: &str) -> Result<std::path::PathBuf> {
+    let exe = std::env::current_exe().context("path of the running binary")?;
+    // target/<profile>/deps/<test> or target/<profile>/<bin> -> target/<profile>/<name>
     let dir = exe
         .parent()
         .and_then(|d| {
@@ -72,8 +73,15 @@ pub fn helper_bin(name: &str) -> std::path::PathBuf {
                 Some(d)
             }
         })
-        .expect("target dir");
-    dir.join(name)
+        .context("no target directory above the running binary")?;
+    let path = dir.join(name);
+    anyhow::ensure!(
+        path.is_file(),
+        "helper binary {} is missing: build the harness with `cargo build -p tests --bins` \
+         (`cargo xtask demo`, `test` and `bench` do)",
+        path.display()
+    );
+    Ok(path)
 }
 
 /// What `raw-http` saw.
@@ -97,7 +105,7 @@ pub fn raw_http(
     flags: &[&str],
 ) -> Result<RawResult> {
     use std::io::Write as _;
-    let mut cmd = sb.pod_command(i, 0, helper_bin("raw-http"))?;
+    let mut cmd = sb.pod_command(i, 0, helper_bin("raw-http")?)?;
     cmd.arg(addr).args(flags);
     let mut child = cmd
         .stdin(std::process::Stdio::piped())
@@ -112,7 +120,7 @@ pub fn raw_http(
 
 /// Runs the Rust SDK's container credentials provider in pod `i` against `url`.
 pub fn sdk_client(sb: &Sandbox, i: usize, url: &str) -> Result<Output> {
-    sb.pod_command(i, 0, helper_bin("sdk-client"))?
+    sb.pod_command(i, 0, helper_bin("sdk-client")?)?
         .env_clear()
         .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", url)
         .env(
@@ -181,7 +189,7 @@ pub fn spawn_load_with(
     } else {
         "169.254.170.23"
     };
-    sb.pod_command(i, c, helper_bin("load"))?
+    sb.pod_command(i, c, helper_bin("load")?)?
         .arg(addr)
         .arg(host)
         .arg(&sb.pods()[i].token_file)

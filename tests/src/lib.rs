@@ -6,6 +6,7 @@
 #![deny(missing_docs)]
 
 pub mod agent;
+pub mod budget;
 pub mod cgroups;
 pub mod clients;
 pub mod fake_eks;
@@ -15,3 +16,4 @@ pub mod leaks;
 pub mod names;
 pub mod netns;
 pub mod sandbox;
+pub mod teardown;

@@ -50,6 +50,39 @@ impl NetNs {
         command_in(program, self.open()?, None)
     }
 
+    /// The kernel's network counters of this namespace (`/proc/net/netstat` and
+    /// `/proc/net/snmp` read from inside it), keyed `Group:Name` (`TcpExt:ListenOverflows`).
+    pub fn counters(&self) -> Result<std::collections::HashMap<String, u64>> {
+        let out = self
+            .command("cat")?
+            .args(["/proc/net/netstat", "/proc/net/snmp"])
+            .output()
+            .context("reading /proc/net/netstat")?;
+        anyhow::ensure!(out.status.success(), "cat /proc/net/netstat failed");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        let mut counters = std::collections::HashMap::new();
+        // Each group is a header line of names followed by a line of values.
+        for pair in lines.chunks(2) {
+            let [names, values] = pair else { continue };
+            let (Some((group, names)), Some((_, values))) =
+                (names.split_once(':'), values.split_once(':'))
+            else {
+                continue;
+            };
+            for (name, value) in names.split_whitespace().zip(values.split_whitespace()) {
+                if let Ok(v) = value.parse() {
+                    counters.insert(format!("{group}:{name}"), v);
+                }
+            }
+        }
+        anyhow::ensure!(
+            counters.contains_key("TcpExt:ListenOverflows"),
+            "no TcpExt:ListenOverflows in /proc/net/netstat"
+        );
+        Ok(counters)
+    }
+
     /// Runs `f` on a thread that has joined this namespace (sockets made there stay in it).
     pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
         let ns = self.open()?;

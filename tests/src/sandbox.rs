@@ -97,6 +97,7 @@ impl Sandbox {
     /// A node namespace with the credential addresses on a link inside it (a veth end: these
     /// kernels have no dummy driver), and an empty kubelet-shaped cgroup tree.
     pub fn new(driver: Driver) -> Result<Self> {
+        crate::teardown::on_signal_remove_run();
         let name = names::unique();
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&dir)?;

@@ -3,6 +3,7 @@
 
 mod setup;
 mod steps;
+mod supervise;
 
 use std::time::Instant;
 

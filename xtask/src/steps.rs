@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use crate::setup;
+use crate::supervise::{self, Supervised};
 
 /// The workspace root (xtask lives one level below it).
 pub fn root() -> PathBuf {
@@ -26,11 +27,10 @@ pub fn cargo_bin_dir() -> Result<PathBuf> {
     Ok(home.join("bin"))
 }
 
-/// Runs a command with inherited output; fails with its status.
+/// Runs a command with inherited output (under supervision: a signal to xtask reaches it and
+/// stops the steps after it); fails with its status.
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    let status = supervise::status(cmd)?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -127,8 +127,8 @@ fn cargo_test(name: &str, args: &[&str], env: &[(&str, &str)], tally: &mut Tally
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn()?;
-        let stdout = child.stdout.take().expect("piped");
+        let mut child = Supervised::spawn(&mut cmd)?;
+        let stdout = child.child().stdout.take().expect("piped");
         for line in BufReader::new(stdout).lines() {
             let line = line?;
             println!("{line}");
@@ -160,7 +160,7 @@ fn cargo_test(name: &str, args: &[&str], env: &[(&str, &str)], tally: &mut Tally
 }
 
 /// The end-to-end test binaries of the `tests` crate (the leak check runs after them).
-const E2E_SUITES: [&str; 16] = [
+const E2E_SUITES: [&str; 20] = [
     "-p",
     "tests",
     "--test",
@@ -177,6 +177,10 @@ const E2E_SUITES: [&str; 16] = [
     "deploy",
     "--test",
     "hardening",
+    "--test",
+    "accept",
+    "--test",
+    "teardown",
 ];
 
 /// The full suite, as CI runs it.
@@ -208,6 +212,10 @@ pub fn test() -> Result<()> {
         validate_manifests,
     )?;
     let agent = build()?;
+    let bins = harness_bins(Profile::Debug)?;
+    step("leftovers of dead runs", || {
+        run(Command::new(bins.join("reap")).arg("--dead"))
+    })?;
     let run_id = format!("pia{}", std::process::id());
     let agent_bin = agent.to_string_lossy().into_owned();
     let env = [
@@ -236,6 +244,10 @@ pub fn test() -> Result<()> {
         &env,
         &mut tally,
     );
+    sweep(&bins, &run_id);
+    let demo = result
+        .and(leaks)
+        .and_then(|()| step("demo, from a clean harness build", || demo_fresh(&agent)));
     println!("\n==== summary ====");
     for line in tally
         .lines
@@ -245,7 +257,107 @@ pub fn test() -> Result<()> {
         println!("{line}");
     }
     println!("total: {} passed, {} failed", tally.passed, tally.failed);
-    result.and(leaks)
+    demo
+}
+
+/// Which cargo profile the harness binaries are built in.
+#[derive(Clone, Copy)]
+pub enum Profile {
+    /// Unoptimised (tests and the demo).
+    Debug,
+    /// Optimised (the bench: the load clients must not be the bottleneck).
+    Release,
+}
+
+impl Profile {
+    fn dir(self) -> PathBuf {
+        root().join(match self {
+            Profile::Debug => "target/debug",
+            Profile::Release => "target/release",
+        })
+    }
+}
+
+/// Builds every binary of the `tests` crate (the demo, the bench, and the helpers they start
+/// inside pods); returns the directory they are in.
+pub fn harness_bins(profile: Profile) -> Result<PathBuf> {
+    step("build the harness binaries", || {
+        let mut cmd = cargo();
+        cmd.args(["build", "-p", "tests", "--bins"]);
+        if let Profile::Release = profile {
+            cmd.arg("--release");
+        }
+        run(&mut cmd)
+    })?;
+    Ok(profile.dir())
+}
+
+/// Runs harness binary `name` from `bins` as run `prefix`, then removes whatever the run left
+/// (also when it failed or xtask was interrupted).
+fn run_harness(bins: &Path, name: &str, prefix: &str, agent: &Path) -> Result<()> {
+    let result = step(name, || {
+        run(Command::new(bins.join(name))
+            .env("AGENT_BIN", agent)
+            .env("PIA_RUN", prefix))
+    });
+    sweep(bins, prefix);
+    result
+}
+
+/// Removes everything of run `prefix` (a safety net: harnesses clean up after themselves,
+/// and the leak check fails when they do not).
+fn sweep(bins: &Path, prefix: &str) {
+    let status = Command::new(bins.join("reap"))
+        .args(["--run", prefix])
+        .status();
+    if !status.as_ref().is_ok_and(|s| s.success()) {
+        eprintln!("xtask: removing the leftovers of run {prefix} failed: {status:?}");
+    }
+}
+
+/// The demo as a newcomer's first command meets it: harness binaries deleted first, so it
+/// passes only if `cargo xtask demo` builds everything the demo starts; then nothing of the
+/// demo's run may be left.
+fn demo_fresh(agent: &Path) -> Result<()> {
+    let dir = Profile::Debug.dir();
+    for name in harness_bin_names()? {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+    let prefix = format!("piademo{}", std::process::id());
+    let bins = harness_bins(Profile::Debug)?;
+    run_harness(&bins, "demo", &prefix, agent)?;
+    run(cargo()
+        .args(["test", "--quiet", "-p", "tests", "--test", "leaks"])
+        .env("PIA_RUN", &prefix))
+    .context("the demo left something behind")
+}
+
+/// The binary targets of the `tests` crate (from `cargo metadata`).
+fn harness_bin_names() -> Result<Vec<String>> {
+    let out = cargo()
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .output()
+        .context("cargo metadata")?;
+    anyhow::ensure!(out.status.success(), "cargo metadata failed");
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let names: Vec<String> = meta["packages"]
+        .as_array()
+        .context("cargo metadata: no packages")?
+        .iter()
+        .filter(|p| p["name"] == "tests")
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter(|t| {
+            t["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "bin"))
+        })
+        .filter_map(|t| t["name"].as_str().map(str::to_owned))
+        .collect();
+    anyhow::ensure!(
+        !names.is_empty(),
+        "cargo metadata lists no binaries of tests"
+    );
+    Ok(names)
 }
 
 /// Kubernetes versions the manifests are validated against.
@@ -356,24 +468,24 @@ pub fn kind_e2e() -> Result<()> {
 pub fn demo() -> Result<()> {
     setup::all()?;
     let agent = build()?;
-    step("demo", || {
-        run(cargo()
-            .args(["run", "--quiet", "-p", "tests", "--bin", "demo"])
-            .env("AGENT_BIN", agent)
-            .env("PIA_RUN", format!("piademo{}", std::process::id())))
-    })
+    let bins = harness_bins(Profile::Debug)?;
+    run_harness(
+        &bins,
+        "demo",
+        &format!("piademo{}", std::process::id()),
+        &agent,
+    )
 }
 
 /// Builds the agent and the bench tools in release mode and runs the bench.
 pub fn bench() -> Result<()> {
     setup::all()?;
     let agent = build()?;
-    step("build bench tools (release)", || {
-        run(cargo().args(["build", "--release", "-p", "tests", "--bins"]))
-    })?;
-    step("bench (node sandbox)", || {
-        run(Command::new(root().join("target/release/bench"))
-            .env("AGENT_BIN", &agent)
-            .env("PIA_RUN", format!("piabench{}", std::process::id())))
-    })
+    let bins = harness_bins(Profile::Release)?;
+    run_harness(
+        &bins,
+        "bench",
+        &format!("piabench{}", std::process::id()),
+        &agent,
+    )
 }

@@ -3,6 +3,7 @@
 
 mod admin;
 pub mod handler;
+pub mod listen;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -95,12 +96,13 @@ pub enum ServeError {
 }
 
 /// Binds the plain listeners (`hosts` × `port`) and, when `attributed_port` is set, the
-/// attributed ones. IPv6 that the node does not have is skipped with a warning (the
-/// reference agent crash-loops there); IPv4 failures are fatal.
-pub async fn bind_all(
+/// attributed ones, each with an accept queue of `backlog`. IPv6 that the node does not have
+/// is skipped with a warning (the reference agent crash-loops there); IPv4 failures are fatal.
+pub fn bind_all(
     hosts: &[IpAddr],
     port: u16,
     attributed_port: Option<u16>,
+    backlog: u32,
 ) -> Result<Vec<Bound>, ServeError> {
     let mut bound = Vec::new();
     'hosts: for &host in hosts {
@@ -108,7 +110,7 @@ pub async fn bind_all(
             .chain(attributed_port.map(|p| (p, ListenerKind::Attributed)));
         for (port, kind) in ports {
             let addr = SocketAddr::new(host, port);
-            match TcpListener::bind(addr).await {
+            match listen::bind(addr, backlog) {
                 Ok(listener) => bound.push(Bound { listener, kind }),
                 Err(source) if host.is_ipv6() && ipv6_unavailable(&source) => {
                     // One warning for the host; its other listener would fail the same way.

@@ -1,0 +1,24 @@
+//! `sandbox-hold`: builds a node sandbox with the real agent, two pods and a process in each
+//! pod, prints `ready`, and waits to be signalled. The teardown suite kills it to prove a
+//! harness leaves nothing behind on SIGINT/SIGTERM, and that `reap` sweeps up after SIGKILL.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use tests::agent::Agent;
+use tests::cgroups::Driver;
+use tests::sandbox::PodSpec;
+
+fn main() -> Result<()> {
+    let (mut sb, fake) = tests::fixtures::node(Driver::Cgroupfs)?;
+    let mut sleepers = Vec::new();
+    for _ in 0..2 {
+        let pod = sb.add_pod(PodSpec::new("app", "reader"))?;
+        sleepers.push(sb.pod_command(pod, 0, "sleep")?.arg("600").spawn()?);
+    }
+    let _agent = Agent::start(&sb, &fake, &[])?;
+    println!("ready {}", sb.name());
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}

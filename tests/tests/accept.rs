@@ -1,0 +1,100 @@
+//! The accept path keeps up with connect bursts: every listener queues up to
+//! `net.core.somaxconn` (or `--listen-backlog`), and a burst of connects from a pod is
+//! accepted with no listen overflow and no SYN retransmit.
+
+use anyhow::{Context, Result};
+use tests::agent::Agent;
+use tests::cgroups::Driver;
+use tests::clients::helper_bin;
+use tests::fixtures::node;
+use tests::netns::run;
+use tests::sandbox::{PodSpec, Sandbox};
+
+/// The agent's ports in the sandbox: plain, attributed, probes, metrics.
+const PORTS: [u16; 4] = [80, 2704, 2703, 2705];
+
+/// Listening sockets in the node namespace: (local address, accept queue length).
+fn backlogs(sb: &Sandbox) -> Result<Vec<(String, u32)>> {
+    let out = sb.node().command("ss")?.args(["-ltnH"]).output()?;
+    anyhow::ensure!(out.status.success(), "ss failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            // State Recv-Q Send-Q Local Peer: Send-Q of a listener is its backlog.
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Ok((
+                f.get(3).context("local address")?.to_string(),
+                f.get(2).context("Send-Q")?.parse()?,
+            ))
+        })
+        .collect()
+}
+
+fn agent_backlogs(sb: &Sandbox) -> Result<Vec<(String, u32)>> {
+    let all = backlogs(sb)?;
+    let ours: Vec<_> = all
+        .into_iter()
+        .filter(|(addr, _)| {
+            PORTS
+                .iter()
+                .any(|p| addr.rsplit(':').next() == Some(&p.to_string()))
+        })
+        .collect();
+    // Plain and attributed on both addresses, probes, metrics.
+    anyhow::ensure!(ours.len() == 6, "agent listeners: {ours:?}");
+    Ok(ours)
+}
+
+#[test]
+fn every_listener_queues_up_to_somaxconn_or_the_flag() -> Result<()> {
+    let (sb, fake) = node(Driver::Cgroupfs)?;
+    // Not the default (4096), so a constant cannot pass.
+    run(sb
+        .node()
+        .command("sysctl")?
+        .args(["-qw", "net.core.somaxconn=5000"]))?;
+    let agent = Agent::start(&sb, &fake, &[])?;
+    for (addr, backlog) in agent_backlogs(&sb)? {
+        assert_eq!(backlog, 5000, "{addr}");
+    }
+    agent.stop()?;
+    let agent = Agent::start(&sb, &fake, &["--listen-backlog", "300"])?;
+    for (addr, backlog) in agent_backlogs(&sb)? {
+        assert_eq!(backlog, 300, "{addr}");
+    }
+    agent.stop()?;
+    Ok(())
+}
+
+#[test]
+fn a_connect_burst_is_accepted_without_overflow_or_retransmit() -> Result<()> {
+    let (mut sb, fake) = node(Driver::Cgroupfs)?;
+    let pod = sb.add_pod(PodSpec::new("app", "reader"))?;
+    let _agent = Agent::start(&sb, &fake, &[])?;
+    let pod_ns = sb.pods()[pod].netns.as_ref().context("pod netns")?;
+    let (node_before, pod_before) = (sb.node().counters()?, pod_ns.counters()?);
+    let out = sb
+        .pod_command(pod, 0, helper_bin("connect-bench")?)?
+        .args(["169.254.170.23:80", "12000", "4"])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "connect-bench failed");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let (node_after, pod_after) = (sb.node().counters()?, pod_ns.counters()?);
+    let delta = |after: &std::collections::HashMap<String, u64>,
+                 before: &std::collections::HashMap<String, u64>,
+                 k: &str| after[k] - before[k];
+    assert_eq!(v["connects"], 12000, "{v}");
+    assert_eq!(
+        delta(&node_after, &node_before, "TcpExt:ListenOverflows"),
+        0,
+        "{v}"
+    );
+    assert_eq!(delta(&node_after, &node_before, "TcpExt:ListenDrops"), 0);
+    assert_eq!(
+        delta(&pod_after, &pod_before, "TcpExt:TCPSynRetrans"),
+        0,
+        "SYNs retransmitted: {v}"
+    );
+    assert_eq!(v["slow"], 0, "connects over 900 ms: {v}");
+    Ok(())
+}
