@@ -117,3 +117,59 @@ impl Deadline {
         Ok((done, true))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_outliving_its_budget_is_killed_and_reported_out_of_time() {
+        let child = std::process::Command::new("sleep")
+            .arg("30")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let started = Instant::now();
+        let err = Deadline::after(Duration::from_millis(200))
+            .wait(child)
+            .unwrap_err();
+        assert!(is_out_of_time(&err), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists() || {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                stat.contains(") Z")
+            }
+        );
+    }
+
+    #[test]
+    fn a_finished_child_gives_its_output() {
+        let child = std::process::Command::new("echo")
+            .arg("hello")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = Deadline::after(Duration::from_secs(10))
+            .wait(child)
+            .unwrap();
+        assert_eq!(out.stdout, b"hello\n");
+    }
+
+    #[test]
+    fn rounds_stop_when_the_budget_is_spent_and_keep_what_they_measured() {
+        let deadline = Deadline::after(Duration::from_millis(250));
+        let (done, all) = deadline
+            .rounds(10, || {
+                std::thread::sleep(Duration::from_millis(100));
+                Ok(1)
+            })
+            .unwrap();
+        assert!(!all);
+        assert!((2..=3).contains(&done.len()), "{}", done.len());
+        let failed = Deadline::after(Duration::from_secs(10))
+            .rounds(3, || -> Result<()> { anyhow::bail!("a real failure") });
+        assert!(failed.is_err_and(|e| !is_out_of_time(&e)));
+    }
+}

@@ -159,10 +159,12 @@ fn cargo_test(name: &str, args: &[&str], env: &[(&str, &str)], tally: &mut Tally
     })
 }
 
-/// The end-to-end test binaries of the `tests` crate (the leak check runs after them).
-const E2E_SUITES: [&str; 20] = [
+/// The harness's own unit tests and the end-to-end test binaries of the `tests` crate (the
+/// leak check runs after them).
+const E2E_SUITES: [&str; 21] = [
     "-p",
     "tests",
+    "--lib",
     "--test",
     "e2e",
     "--test",

@@ -16,7 +16,9 @@ async fn main() -> anyhow::Result<()> {
     let [addr, mode] = &args[..] else {
         anyhow::bail!("usage: bare-server ADDR (BODY_FILE | --accept-only)");
     };
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    // The agent's own listener set-up (accept queue up to somaxconn): a fair baseline.
+    let backlog = agent::server::listen::backlog(None);
+    let listener = agent::server::listen::bind(addr.parse()?, backlog)?;
     if mode == "--accept-only" {
         loop {
             let (stream, _) = listener.accept().await?;
