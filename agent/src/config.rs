@@ -205,6 +205,11 @@ pub struct ServerArgs {
     #[arg(long, default_value = DEFAULT_BPFFS_DIR, env = "POD_IDENTITY_BPFFS_DIR")]
     pub bpffs_dir: PathBuf,
 
+    /// Pre-warm: fetch each pod's credentials before it asks, from the token the kubelet
+    /// wrote under this directory (its root, e.g. /var/lib/kubelet); off when unset.
+    #[arg(long, value_name = "KUBELET_ROOT", env = "POD_IDENTITY_PREWARM")]
+    pub prewarm: Option<PathBuf>,
+
     /// Do not pin: the programs detach when the agent exits.
     #[arg(long, env = "POD_IDENTITY_NO_PIN", num_args = 0..=1, default_missing_value = "true",
           action = clap::ArgAction::Set, default_value_t = false)]

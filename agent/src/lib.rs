@@ -12,6 +12,7 @@ pub mod ebpf;
 pub mod logging;
 pub mod metrics;
 pub mod netsetup;
+pub mod prewarm;
 #[cfg(test)]
 mod proptests;
 pub mod server;
@@ -104,6 +105,24 @@ pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         ready: AtomicBool::new(false),
         metrics,
     });
+    if let Some(kubelet_root) = &args.prewarm {
+        let pods_root = match (&state.steering, &args.cgroup_root) {
+            (Some(s), _) => Some(s.cgroup().to_path_buf()),
+            (None, Some(root)) => Some(root.clone()),
+            (None, None) => cgroup::default_pods_root()
+                .map_err(|e| tracing::error!(error = %e, "pre-warm off: no pods cgroup"))
+                .ok(),
+        };
+        if let Some(pods_root) = pods_root {
+            prewarm::Prewarmer::new(
+                state.cache.clone(),
+                pods_root,
+                kubelet_root.clone(),
+                state.steering.is_some(),
+            )
+            .spawn();
+        }
+    }
     let addrs: Vec<String> = listeners
         .iter()
         .filter_map(|b| Some(format!("{}({:?})", b.listener.local_addr().ok()?, b.kind)))

@@ -170,6 +170,10 @@ pub struct Metrics {
     pub upstream_inflight: Gauge,
     /// How late refreshes ran after they were due, seconds.
     pub refresh_lag: Histogram,
+    /// Pods noticed by `--prewarm` whose credentials were fetched before they asked.
+    pub prewarmed: Counter,
+    /// First requests of a pod answered from a pre-warmed entry.
+    pub prewarm_first_hits: Counter,
     /// Live entries in the kernel's tuple map (read at scrape time).
     pub ebpf_tuples: Gauge<u64, AtomicU64>,
     /// The eBPF programs' counters, read from the kernel at scrape time.
@@ -232,6 +236,22 @@ impl Default for Metrics {
         let cache_evictions = Family::default();
         let upstream_calls = Family::default();
         let upstream_inflight = Gauge::default();
+        let prewarmed = Counter::default();
+        let prewarm_first_hits = Counter::default();
+        register(
+            &mut registry,
+            &mut names,
+            "pod_identity_prewarm_entries",
+            "Pods whose credentials --prewarm fetched before their first request",
+            prewarmed.clone(),
+        );
+        register(
+            &mut registry,
+            &mut names,
+            "pod_identity_prewarm_first_hits",
+            "First requests of a pod answered from a pre-warmed entry",
+            prewarm_first_hits.clone(),
+        );
         let refresh_lag = Histogram::new(
             prometheus_client::metrics::histogram::exponential_buckets(0.001, 4.0, 10),
         );
@@ -351,6 +371,8 @@ impl Default for Metrics {
             upstream_calls,
             upstream_inflight,
             refresh_lag,
+            prewarmed,
+            prewarm_first_hits,
             attribution,
             ebpf_tuples,
             http_response,

@@ -83,3 +83,23 @@ pub fn attachment(cgroup: &Path) -> Result<(Vec<u64>, Vec<u64>)> {
 pub fn attached(cgroup: &Path) -> Result<usize> {
     Ok(attachment(cgroup)?.0.len())
 }
+
+/// The sum of the samples of metric `base` (its `_total` samples for a counter) whose labels
+/// contain every one of `labels` (e.g. `purpose="prewarm"`). An error when the agent does not
+/// export `base` at all, so an assertion of 0 cannot pass on a renamed metric.
+pub fn metric_sum(text: &str, base: &str, labels: &[&str]) -> Result<u64> {
+    anyhow::ensure!(
+        text.lines()
+            .any(|l| l.strip_prefix("# TYPE ").and_then(|r| r.split(' ').next()) == Some(base)),
+        "metric {base} is not exported"
+    );
+    Ok(text
+        .lines()
+        .filter(|l| {
+            let name = l.split(['{', ' ']).next().unwrap_or_default();
+            (name == base || name == format!("{base}_total"))
+                && labels.iter().all(|f| l.contains(f))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64)
+}

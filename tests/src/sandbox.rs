@@ -18,8 +18,10 @@ use crate::netns::{command_in, NetNs};
 pub const CRED_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 170, 23);
 /// The IPv6 credential address.
 pub const CRED_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23);
-/// Where kubelet mounts the token in a pod (we use a per-pod file instead).
+/// The token file's name (in the pod, and in the kubelet's projected volume on the node).
 pub const TOKEN_FILE_NAME: &str = "eks-pod-identity-token";
+/// The projected volume the EKS webhook adds to pods.
+pub const TOKEN_VOLUME: &str = "eks-pod-identity-token";
 
 /// A pod of the sandbox.
 #[derive(Debug)]
@@ -40,7 +42,8 @@ pub struct Pod {
     pub ipv6: Ipv6Addr,
     /// cgroup directory of each container.
     pub containers: Vec<PathBuf>,
-    /// The pod's projected token file.
+    /// The pod's projected token file, where the kubelet keeps it on the node:
+    /// `<kubelet-root>/pods/<uid>/volumes/kubernetes.io~projected/<volume>/<file>`.
     pub token_file: PathBuf,
 }
 
@@ -152,6 +155,11 @@ impl Sandbox {
         PathBuf::from("/sys/fs/bpf").join(&self.name)
     }
 
+    /// The sandbox's kubelet root directory (`--prewarm` reads pods' tokens below it).
+    pub fn kubelet_root(&self) -> PathBuf {
+        self.dir.join("kubelet")
+    }
+
     /// A scratch directory removed with the sandbox.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -218,7 +226,12 @@ impl Sandbox {
                     .container(&uid, &format!("{:012x}{c:04x}", n * 7919))
             })
             .collect::<Result<Vec<_>>>()?;
-        let token_dir = self.dir.join(&name);
+        let token_dir = self
+            .kubelet_root()
+            .join("pods")
+            .join(&uid)
+            .join("volumes/kubernetes.io~projected")
+            .join(TOKEN_VOLUME);
         std::fs::create_dir_all(&token_dir)?;
         let pod = Pod {
             name,

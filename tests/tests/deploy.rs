@@ -104,6 +104,12 @@ fn the_manifests_capabilities_are_enough_and_each_is_needed() -> Result<()> {
         .position(|a| a == "--bpffs-dir")
         .context("--bpffs-dir in args")?;
     args[pins + 1] = sb.bpf_dir().display().to_string();
+    // And the sandbox's kubelet root for pre-warm.
+    let kubelet = args
+        .iter()
+        .position(|a| a == "--prewarm")
+        .context("--prewarm in args")?;
+    args[kubelet + 1] = sb.kubelet_root().display().to_string();
     let root = sb.cgroups().pods_root().display().to_string();
     let env = [("POD_IDENTITY_CGROUP_ROOT", root.as_str())];
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -161,7 +161,7 @@ fn cargo_test(name: &str, args: &[&str], env: &[(&str, &str)], tally: &mut Tally
 
 /// The harness's own unit tests and the end-to-end test binaries of the `tests` crate (the
 /// leak check runs after them).
-const E2E_SUITES: [&str; 21] = [
+const E2E_SUITES: [&str; 23] = [
     "-p",
     "tests",
     "--lib",
@@ -183,6 +183,8 @@ const E2E_SUITES: [&str; 21] = [
     "accept",
     "--test",
     "teardown",
+    "--test",
+    "prewarm",
 ];
 
 /// The full suite, as CI runs it.

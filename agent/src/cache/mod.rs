@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::credentials::Credentials;
@@ -45,6 +45,18 @@ pub enum Key {
 }
 
 impl Key {
+    /// The key of pod `uid` (proven by the kernel) with the service account its token names.
+    pub fn for_pod(uid: &str, claims: &crate::token::Claims) -> Self {
+        let k8s = claims.kubernetes.as_ref();
+        Key::Pod {
+            uid: uid.to_owned(),
+            namespace: k8s.and_then(|k| k.namespace.clone()).unwrap_or_default(),
+            service_account: k8s
+                .and_then(|k| k.serviceaccount.as_ref()?.name.clone())
+                .unwrap_or_default(),
+        }
+    }
+
     /// The fallback key for `token`.
     pub fn for_token(token: &str) -> Self {
         let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
@@ -152,6 +164,11 @@ struct SlotState {
     cgroup: Option<Arc<Path>>,
     failures: u32,
     next_refresh: Option<Instant>,
+    /// Where the kubelet writes this pod's token (pre-warmed entries): refreshes use the
+    /// newest token there, so a pod that has not called for hours still gets renewed.
+    token_file: Option<Arc<Path>>,
+    /// Filled by pre-warm and not yet asked for.
+    prewarmed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -166,6 +183,8 @@ struct Slot {
 enum Purpose {
     Request,
     Refresh,
+    /// Fetched before the pod asks; the caller took the budget (QPS, in-flight) first.
+    Prewarm,
 }
 
 impl Purpose {
@@ -173,6 +192,7 @@ impl Purpose {
         match self {
             Purpose::Request => "request",
             Purpose::Refresh => "refresh",
+            Purpose::Prewarm => "prewarm",
         }
     }
 }
@@ -186,8 +206,9 @@ pub struct Cache {
     queue: Arc<Queue<Key>>,
     bucket: TokenBucket,
     inflight_all: Semaphore,
-    /// Refreshes may hold at most half the in-flight permits: request misses come first.
-    inflight_refresh: Semaphore,
+    /// Refreshes and pre-warms may hold at most half the in-flight permits: request misses
+    /// come first.
+    inflight_refresh: Arc<Semaphore>,
     started: Instant,
     /// Wall-clock seconds at `started`, to turn expirations into `Instant`s.
     epoch_at_start: f64,
@@ -210,7 +231,7 @@ impl Cache {
             fetcher,
             bucket: TokenBucket::new(config.refresh_qps.max(0.01), config.refresh_qps.max(1.0)),
             inflight_all: Semaphore::new(config.max_inflight.max(2)),
-            inflight_refresh: Semaphore::new((config.max_inflight / 2).max(1)),
+            inflight_refresh: Arc::new(Semaphore::new((config.max_inflight / 2).max(1))),
             config,
             metrics,
             queue: Arc::new(Queue::new()),
@@ -264,7 +285,11 @@ impl Cache {
             if let Some(c) = st.creds.as_ref().filter(|c| self.fresh(c, now)) {
                 self.count_state("hit");
                 self.count_result("hit");
-                return Ok(c.creds.clone());
+                let creds = c.creds.clone();
+                if std::mem::take(&mut st.prewarmed) {
+                    self.metrics.prewarm_first_hits.inc();
+                }
+                return Ok(creds);
             }
             if let Some((err, _)) = st.negative.as_ref().filter(|(_, until)| now < *until) {
                 self.count_result("negative");
@@ -279,7 +304,7 @@ impl Cache {
                 // Not fresh but still valid: answer now. A refresh is on its way within the
                 // budget, unless one runs already or a retry after a failure is scheduled.
                 if st.inflight.is_none() && st.failures == 0 {
-                    let _ = self.start_fetch(&lookup.key, &slot, &mut st, Purpose::Refresh);
+                    let _ = self.start_fetch(&lookup.key, &slot, &mut st, Purpose::Refresh, None);
                 }
                 self.count_state("hit");
                 self.count_result("stale");
@@ -288,7 +313,7 @@ impl Cache {
             let joined = st.inflight.is_some();
             let rx = match &st.inflight {
                 Some(rx) => rx.clone(),
-                None => self.start_fetch(&lookup.key, &slot, &mut st, Purpose::Request),
+                None => self.start_fetch(&lookup.key, &slot, &mut st, Purpose::Request, None),
             };
             self.count_state("miss");
             self.count_result(if joined { "coalesced" } else { "miss" });
@@ -304,6 +329,74 @@ impl Cache {
                 Ok(Err(_)) | Err(_) => return Err(CacheError::Pending),
             }
         }
+    }
+
+    /// Fetches credentials for a pod before it asks (`--prewarm`), with `budget` from
+    /// [`Cache::prewarm_budget`], taken *before* the entry is marked in flight: a request never
+    /// waits behind a pre-warm's budget. Does nothing when the entry is fresh, negative or in
+    /// flight.
+    /// `token_file` is where the kubelet keeps the pod's token. Returns the call's result, or
+    /// `None` when no call was needed.
+    pub async fn prewarm(
+        self: &Arc<Self>,
+        lookup: Lookup,
+        token_file: Arc<Path>,
+        budget: OwnedSemaphorePermit,
+    ) -> Option<Result<Arc<Credentials>, UpstreamError>> {
+        if self.disabled() {
+            return None;
+        }
+        let slot = self.slot(&lookup.key);
+        let mut rx = {
+            let mut st = slot.state.lock().expect("not poisoned");
+            st.token_file = Some(token_file);
+            if st.token.is_empty() || lookup.token_exp > st.token_exp {
+                st.token = Arc::from(lookup.token);
+                st.token_exp = lookup.token_exp;
+            }
+            if st.cgroup.is_none() {
+                st.cgroup = lookup.cgroup;
+            }
+            if !self.needs_call_now(&st) {
+                return None;
+            }
+            self.start_fetch(&lookup.key, &slot, &mut st, Purpose::Prewarm, Some(budget))
+        };
+        loop {
+            if let Some(result) = rx.borrow_and_update().clone() {
+                return Some(result);
+            }
+            if rx.changed().await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Waits for the refresh budget a pre-warm call spends: one `--max-service-qps` token
+    /// and one of the in-flight permits refreshes may hold.
+    pub async fn prewarm_budget(&self) -> OwnedSemaphorePermit {
+        self.bucket.acquire().await;
+        self.inflight_refresh
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed")
+    }
+
+    /// Whether `key` has neither fresh credentials, a remembered error nor a call in flight.
+    pub fn needs_call(&self, key: &Key) -> bool {
+        let Some(slot) = self.entries.get(key).map(|s| s.clone()) else {
+            return true;
+        };
+        let st = slot.state.lock().expect("not poisoned");
+        self.needs_call_now(&st)
+    }
+
+    fn needs_call_now(&self, st: &SlotState) -> bool {
+        let now = Instant::now();
+        st.inflight.is_none()
+            && st.creds.as_ref().is_none_or(|c| !self.fresh(c, now))
+            && st.negative.as_ref().is_none_or(|(_, until)| now >= *until)
     }
 
     /// The entry for `key`, created if needed (evicting the least recently used beyond the bound).
@@ -389,6 +482,7 @@ impl Cache {
         slot: &Arc<Slot>,
         st: &mut SlotState,
         purpose: Purpose,
+        budget: Option<OwnedSemaphorePermit>,
     ) -> watch::Receiver<Outcome> {
         let (tx, rx) = watch::channel(None);
         st.inflight = Some(rx.clone());
@@ -421,8 +515,9 @@ impl Cache {
                 }
                 _ => (result, token),
             };
+            drop(budget);
             let result = result.map(Arc::new);
-            cache.settle(&key, &slot, token, &result);
+            cache.settle(&key, &slot, token, &result, purpose);
             let _ = tx.send(Some(result));
         });
         rx
@@ -439,7 +534,7 @@ impl Cache {
                 self.bucket.acquire().await;
                 Some(self.inflight_refresh.acquire().await.expect("never closed"))
             }
-            Purpose::Request => None,
+            Purpose::Request | Purpose::Prewarm => None,
         };
         let _permit = self.inflight_all.acquire().await.expect("never closed");
         self.metrics.upstream_inflight.inc();
@@ -472,6 +567,7 @@ impl Cache {
         slot: &Arc<Slot>,
         token: Arc<str>,
         result: &Result<Arc<Credentials>, UpstreamError>,
+        purpose: Purpose,
     ) {
         let mut st = slot.state.lock().expect("not poisoned");
         st.inflight = None;
@@ -490,6 +586,10 @@ impl Cache {
                 st.failures = 0;
                 st.next_refresh = Some(due);
                 self.queue.push(key.clone(), due);
+                if purpose == Purpose::Prewarm {
+                    st.prewarmed = true;
+                    self.metrics.prewarmed.inc();
+                }
             }
             Err(e) if e.is_permanent() => {
                 // The identity has no (valid) association: forget its credentials, remember why.
@@ -551,7 +651,31 @@ impl Cache {
         self.metrics
             .refresh_lag
             .observe(Instant::now().saturating_duration_since(due).as_secs_f64());
-        let _ = self.start_fetch(key, &slot, &mut st, Purpose::Refresh);
+        if let Some(file) = st.token_file.clone() {
+            self.take_newer_token(key, &mut st, &file);
+        }
+        let _ = self.start_fetch(key, &slot, &mut st, Purpose::Refresh, None);
+    }
+
+    /// Adopts the token the kubelet last wrote to `file` if it is newer than the entry's and
+    /// names the same pod (the kubelet rotates it at 80% of its life).
+    fn take_newer_token(&self, key: &Key, st: &mut SlotState, file: &Path) {
+        let Some(token) = crate::prewarm::read_token(file) else {
+            return;
+        };
+        let now = (self.epoch_at_start + self.started.elapsed().as_secs_f64()) as i64;
+        let Ok(claims) = crate::token::parse(&token, now) else {
+            return;
+        };
+        let same_pod = match key {
+            Key::Pod { uid, .. } => claims.pod_uid() == Some(uid.as_str()),
+            // Fallback entries are keyed by their token: a new token is another entry.
+            Key::Token(_) => false,
+        };
+        if same_pod && claims.exp > st.token_exp {
+            st.token = Arc::from(token);
+            st.token_exp = claims.exp;
+        }
     }
 
     /// Why an entry must go without another upstream call, if it must.

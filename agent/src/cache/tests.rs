@@ -387,3 +387,96 @@ async fn a_throttled_request_call_keeps_trying_and_sdk_retries_join_it() {
     let got = c.get(lookup(pod("a"), "tok")).await;
     assert!(got.is_ok(), "{got:?}");
 }
+
+/// A token-shaped JWT naming pod `uid` and expiring at `exp`.
+fn jwt(uid: &str, exp: i64) -> String {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let payload = format!(
+        r#"{{"exp":{exp},"kubernetes.io":{{"namespace":"ns","pod":{{"name":"p","uid":"{uid}"}},"serviceaccount":{{"name":"sa"}}}}}}"#
+    );
+    format!("{}.{}.c2ln", b64(r#"{"alg":"RS256"}"#), b64(&payload))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_prewarmed_entry_answers_the_first_request_and_is_counted() {
+    let up = FakeUpstream::new(Behaviour::Issue(HOUR));
+    let c = cache(&up, CacheConfig::default());
+    let file: Arc<Path> = Arc::from(Path::new("/nonexistent/eks-pod-identity-token"));
+    let budget = c.prewarm_budget().await;
+    let warmed = c
+        .prewarm(lookup(pod("a"), "tok"), file.clone(), budget)
+        .await;
+    assert!(matches!(warmed, Some(Ok(_))));
+    assert!(!c.needs_call(&pod("a")));
+    // Fresh now: a second pre-warm does nothing.
+    let budget = c.prewarm_budget().await;
+    assert!(c
+        .prewarm(lookup(pod("a"), "tok"), file, budget)
+        .await
+        .is_none());
+    for _ in 0..3 {
+        c.get(lookup(pod("a"), "tok")).await.unwrap();
+    }
+    assert_eq!(up.calls(), 1);
+    assert_eq!(c.metrics.prewarmed.get(), 1);
+    assert_eq!(
+        c.metrics.prewarm_first_hits.get(),
+        1,
+        "only the first request"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_prewarm_never_starts_a_second_call_beside_a_requests() {
+    let up = FakeUpstream::new(Behaviour::Issue(HOUR));
+    *up.delay.lock().unwrap() = Duration::from_millis(500);
+    let c = cache(&up, CacheConfig::default());
+    let request = tokio::spawn({
+        let c = c.clone();
+        async move { c.get(lookup(pod("a"), "tok")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(!c.needs_call(&pod("a")), "the request's call is in flight");
+    let budget = c.prewarm_budget().await;
+    let file: Arc<Path> = Arc::from(Path::new("/nonexistent/eks-pod-identity-token"));
+    assert!(c
+        .prewarm(lookup(pod("a"), "tok"), file, budget)
+        .await
+        .is_none());
+    request.await.unwrap().unwrap();
+    assert_eq!(up.calls(), 1);
+    assert_eq!(c.metrics.prewarmed.get(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn refreshes_of_a_prewarmed_entry_use_the_newest_token_on_disk() {
+    let up = FakeUpstream::new(Behaviour::Issue(40 * MIN));
+    let c = cache(&up, CacheConfig::default());
+    let dir = std::env::temp_dir().join(format!("prewarm-refresh-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("eks-pod-identity-token");
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let (old, new) = (jwt("a", now + 3600), jwt("a", now + 7200));
+    let foreign = jwt("b", now + 9000);
+    std::fs::write(&path, &old).unwrap();
+    let file: Arc<Path> = Arc::from(path.as_path());
+    let mut l = lookup(pod("a"), &old);
+    l.token_exp = Some(now + 3600);
+    let budget = c.prewarm_budget().await;
+    c.prewarm(l, file, budget).await.unwrap().unwrap();
+    // The kubelet rotates the token; the pod never calls. The refresh (due 10 min before the
+    // 30-minute window, jittered) must present the new token.
+    std::fs::write(&path, &new).unwrap();
+    tokio::time::sleep(11 * MIN).await;
+    assert_eq!(up.calls(), 2);
+    assert_eq!(up.tokens.lock().unwrap().last().unwrap(), &new);
+    // A file naming another pod is never adopted.
+    std::fs::write(&path, &foreign).unwrap();
+    tokio::time::sleep(40 * MIN).await;
+    assert!(up.tokens.lock().unwrap().iter().all(|t| *t != foreign));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

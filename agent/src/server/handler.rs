@@ -242,14 +242,7 @@ async fn credentials<B>(
             }
             count_attribution(state, caller, Outcome::Attributed);
             // The kernel proved the pod; the token names its service account.
-            let k8s = claims.kubernetes.as_ref();
-            Key::Pod {
-                uid: uid.to_owned(),
-                namespace: k8s.and_then(|k| k.namespace.clone()).unwrap_or_default(),
-                service_account: k8s
-                    .and_then(|k| k.serviceaccount.as_ref()?.name.clone())
-                    .unwrap_or_default(),
-            }
+            Key::for_pod(uid, &claims)
         }
         None => Key::for_token(token),
     };

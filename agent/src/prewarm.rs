@@ -1,0 +1,250 @@
+//! `--prewarm`: a pod's credentials are fetched before it asks, so its first request (and
+//! every pod's first request after an agent restart) is a cache hit.
+//!
+//! New pods are noticed by inotify on the pods cgroup and its QoS children (a pod's cgroup
+//! appears when the kubelet creates the pod sandbox, before its volumes are mounted and its
+//! containers start); existing pods by a scan at start, newest first. Each pod's token is
+//! looked for in the kubelet's layout,
+//! `<kubelet-root>/pods/<uid>/volumes/kubernetes.io~projected/*/eks-pod-identity-token`,
+//! waiting for it with a bounded backoff (the kubelet writes it after the cgroup exists). A
+//! pod without that file is no pod-identity pod and costs nothing more. Calls go through the
+//! cache's refresh budget (`--max-service-qps`, half the in-flight permits) under the key a
+//! request from that pod would use.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
+
+use crate::cache::{Cache, Key, Lookup};
+use crate::cgroup::pod_uid_from_path;
+use crate::token::{self, MAX_TOKEN_BYTES};
+
+/// The token file's name in its projected volume.
+pub const TOKEN_FILE: &str = "eks-pod-identity-token";
+/// How long a new pod's token is waited for before the pod is taken for one without.
+const TOKEN_WAIT: Duration = Duration::from_secs(120);
+/// First and longest pause between looks for a new pod's token (doubling in between).
+const POLL: (Duration, Duration) = (Duration::from_millis(20), Duration::from_secs(5));
+
+/// Reads a token file the kubelet wrote: at most [`MAX_TOKEN_BYTES`], surrounding
+/// whitespace dropped. `None` if it is missing, too large or empty.
+pub fn read_token(path: &Path) -> Option<String> {
+    let file = std::fs::File::open(path).ok()?;
+    let mut text = String::new();
+    file.take(MAX_TOKEN_BYTES as u64 + 1)
+        .read_to_string(&mut text)
+        .ok()?;
+    let token = text.trim();
+    (!token.is_empty() && token.len() <= MAX_TOKEN_BYTES).then(|| token.to_owned())
+}
+
+/// Watches for pods and warms the cache for them.
+#[derive(Debug)]
+pub struct Prewarmer {
+    cache: Arc<Cache>,
+    pods_root: PathBuf,
+    kubelet_root: PathBuf,
+    /// With kernel attribution, entries are keyed by pod; without, by token hash.
+    attributed: bool,
+}
+
+impl Prewarmer {
+    /// A pre-warmer for the pods under `pods_root`, with tokens under `kubelet_root`.
+    pub fn new(
+        cache: Arc<Cache>,
+        pods_root: PathBuf,
+        kubelet_root: PathBuf,
+        attributed: bool,
+    ) -> Self {
+        Self {
+            cache,
+            pods_root,
+            kubelet_root,
+            attributed,
+        }
+    }
+
+    /// Runs in the background for the life of the agent.
+    pub fn spawn(self) {
+        tokio::spawn(async move {
+            let root = self.pods_root.clone();
+            if let Err(e) = Arc::new(self).run().await {
+                tracing::error!(pods_root = %root.display(), error = %e, "pre-warm stopped: pods are served as without it");
+            }
+        });
+    }
+
+    async fn run(self: Arc<Self>) -> std::io::Result<()> {
+        let inotify = Inotify::init()?;
+        let mut watched: HashMap<WatchDescriptor, PathBuf> = HashMap::new();
+        // Watch first, then scan: a pod made in between is seen twice, and warming twice
+        // costs nothing (the second finds the entry fresh or in flight).
+        let mut pods = Vec::new();
+        self.watch(&inotify, &mut watched, &self.pods_root, &mut pods)?;
+        // Newest first: a pod that started recently is the likeliest to be initialising
+        // its SDK; long-running ones hold credentials in their SDK's own cache.
+        pods.sort_by_key(|(_, dir)| {
+            std::cmp::Reverse(
+                std::fs::metadata(dir)
+                    .and_then(|m| m.modified())
+                    .unwrap_or(UNIX_EPOCH),
+            )
+        });
+        tracing::info!(pods = pods.len(), pods_root = %self.pods_root.display(), kubelet_root = %self.kubelet_root.display(), "pre-warm: warming the pods already on the node");
+        let scan = self.clone();
+        tokio::spawn(async move {
+            for (uid, dir) in pods {
+                // In order, one budget token at a time; the calls themselves overlap.
+                if let Some(lookup) = scan.lookup(&uid, &dir) {
+                    if scan.cache.needs_call(&lookup.0.key) {
+                        let budget = scan.cache.prewarm_budget().await;
+                        let cache = scan.cache.clone();
+                        tokio::spawn(
+                            async move { cache.prewarm(lookup.0, lookup.1, budget).await },
+                        );
+                    }
+                }
+            }
+        });
+        let mut events = inotify.into_event_stream([0u8; 4096])?;
+        while let Some(event) = events.next().await {
+            let event = event?;
+            if event.mask.contains(EventMask::Q_OVERFLOW) {
+                tracing::warn!("pre-warm: inotify queue overflowed; pods created meanwhile warm on their first request");
+                continue;
+            }
+            let (Some(parent), Some(name)) = (watched.get(&event.wd), event.name) else {
+                continue;
+            };
+            if !event.mask.contains(EventMask::CREATE | EventMask::ISDIR) {
+                continue;
+            }
+            let dir = parent.join(&name);
+            let mut found = Vec::new();
+            match pod_uid_from_path(Path::new(&name)) {
+                Some(uid) => found.push((uid, dir)),
+                // A QoS cgroup (kubepods/burstable): watch it too.
+                None => self.watch_events(&mut events, &mut watched, &dir, &mut found),
+            }
+            for (uid, dir) in found {
+                tokio::spawn(self.clone().warm_new(uid, dir));
+            }
+        }
+        Ok(())
+    }
+
+    /// Watches `dir` for new cgroups and its QoS children too; collects the pods in them.
+    fn watch(
+        &self,
+        inotify: &Inotify,
+        watched: &mut HashMap<WatchDescriptor, PathBuf>,
+        dir: &Path,
+        pods: &mut Vec<(String, PathBuf)>,
+    ) -> std::io::Result<()> {
+        let wd = inotify
+            .watches()
+            .add(dir, WatchMask::CREATE | WatchMask::ONLYDIR)?;
+        watched.insert(wd, dir.to_path_buf());
+        for entry in std::fs::read_dir(dir)?.flatten() {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let name = entry.file_name();
+            match pod_uid_from_path(Path::new(&name)) {
+                Some(uid) => pods.push((uid, entry.path())),
+                None if dir == self.pods_root => {
+                    self.watch(inotify, watched, &entry.path(), pods)?
+                }
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::watch`] for a QoS cgroup that appeared while the event stream runs.
+    fn watch_events(
+        &self,
+        events: &mut inotify::EventStream<[u8; 4096]>,
+        watched: &mut HashMap<WatchDescriptor, PathBuf>,
+        dir: &Path,
+        pods: &mut Vec<(String, PathBuf)>,
+    ) {
+        match events
+            .watches()
+            .add(dir, WatchMask::CREATE | WatchMask::ONLYDIR)
+        {
+            Ok(wd) => {
+                watched.insert(wd, dir.to_path_buf());
+            }
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "pre-warm: cannot watch a new cgroup");
+                return;
+            }
+        }
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if let Some(uid) = pod_uid_from_path(Path::new(&entry.file_name())) {
+                pods.push((uid, entry.path()));
+            }
+        }
+    }
+
+    /// A new pod: waits (bounded, backing off) for the kubelet to write its token, then warms.
+    async fn warm_new(self: Arc<Self>, uid: String, dir: PathBuf) {
+        let give_up = tokio::time::Instant::now() + TOKEN_WAIT;
+        let mut pause = POLL.0;
+        loop {
+            if let Some((lookup, file)) = self.lookup(&uid, &dir) {
+                if self.cache.needs_call(&lookup.key) {
+                    let budget = self.cache.prewarm_budget().await;
+                    self.cache.prewarm(lookup, file, budget).await;
+                }
+                return;
+            }
+            if !dir.exists() || tokio::time::Instant::now() >= give_up {
+                return; // gone, or no pod-identity token: nothing to do
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(POLL.1);
+        }
+    }
+
+    /// The lookup a request from pod `uid` would make, from the token on disk, and the token
+    /// file; `None` while there is no (valid) token for that pod.
+    fn lookup(&self, uid: &str, dir: &Path) -> Option<(Lookup, Arc<Path>)> {
+        let volumes = self
+            .kubelet_root
+            .join("pods")
+            .join(uid)
+            .join("volumes/kubernetes.io~projected");
+        let (file, token) = std::fs::read_dir(volumes)
+            .ok()?
+            .flatten()
+            .map(|volume| volume.path().join(TOKEN_FILE))
+            .find_map(|file| read_token(&file).map(|t| (file, t)))?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let claims = token::parse(&token, now).ok()?;
+        // A token naming another pod is never used for this one.
+        if claims.pod_uid() != Some(uid) {
+            return None;
+        }
+        let key = if self.attributed {
+            Key::for_pod(uid, &claims)
+        } else {
+            Key::for_token(&token)
+        };
+        let lookup = Lookup {
+            key,
+            token,
+            token_exp: claims.exp,
+            cgroup: Some(Arc::from(dir)),
+        };
+        Some((lookup, Arc::from(file.as_path())))
+    }
+}
