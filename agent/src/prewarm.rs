@@ -43,6 +43,21 @@ pub fn read_token(path: &Path) -> Option<String> {
     (!token.is_empty() && token.len() <= MAX_TOKEN_BYTES).then(|| token.to_owned())
 }
 
+/// The cgroups directly below `dir`: (pods with their UIDs, the others).
+fn children(dir: &Path) -> (Vec<(String, PathBuf)>, Vec<PathBuf>) {
+    let (mut pods, mut others) = (Vec::new(), Vec::new());
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        match pod_uid_from_path(Path::new(&entry.file_name())) {
+            Some(uid) => pods.push((uid, entry.path())),
+            None => others.push(entry.path()),
+        }
+    }
+    (pods, others)
+}
+
 /// Watches for pods and warms the cache for them.
 #[derive(Debug)]
 pub struct Prewarmer {
@@ -115,7 +130,13 @@ impl Prewarmer {
         while let Some(event) = events.next().await {
             let event = event?;
             if event.mask.contains(EventMask::Q_OVERFLOW) {
-                tracing::warn!("pre-warm: inotify queue overflowed; pods created meanwhile warm on their first request");
+                // Events were lost: look at every watched cgroup again (warming is idempotent).
+                tracing::warn!("pre-warm: inotify queue overflowed; rescanning the pods cgroup");
+                let pods: Vec<(String, PathBuf)> =
+                    watched.values().flat_map(|dir| children(dir).0).collect();
+                for (uid, dir) in pods {
+                    tokio::spawn(self.clone().warm_new(uid, dir));
+                }
                 continue;
             }
             let (Some(parent), Some(name)) = (watched.get(&event.wd), event.name) else {
@@ -150,17 +171,11 @@ impl Prewarmer {
             .watches()
             .add(dir, WatchMask::CREATE | WatchMask::ONLYDIR)?;
         watched.insert(wd, dir.to_path_buf());
-        for entry in std::fs::read_dir(dir)?.flatten() {
-            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
-            }
-            let name = entry.file_name();
-            match pod_uid_from_path(Path::new(&name)) {
-                Some(uid) => pods.push((uid, entry.path())),
-                None if dir == self.pods_root => {
-                    self.watch(inotify, watched, &entry.path(), pods)?
-                }
-                None => {}
+        let (found, others) = children(dir);
+        pods.extend(found);
+        if dir == self.pods_root {
+            for qos in others {
+                self.watch(inotify, watched, &qos, pods)?;
             }
         }
         Ok(())
@@ -186,11 +201,7 @@ impl Prewarmer {
                 return;
             }
         }
-        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            if let Some(uid) = pod_uid_from_path(Path::new(&entry.file_name())) {
-                pods.push((uid, entry.path()));
-            }
-        }
+        pods.extend(children(dir).0);
     }
 
     /// A new pod: waits (bounded, backing off) for the kubelet to write its token, then warms.

@@ -562,6 +562,66 @@ fn attribution_cost(report: &mut Report, deadline: &Deadline) -> Result<()> {
     finished(done, deadline)
 }
 
+/// Case 6: a new pod's first request with EKS Auth answering in 50 ms, `--prewarm` on and
+/// off, against a warm hit. The pod's container asks 200 ms after the kubelet wrote its token
+/// (starting a container takes longer than that).
+fn first_request(report: &mut Report, deadline: &Deadline) -> Result<()> {
+    const PODS: usize = 12;
+    let (mut sb, fake) = node(Driver::Cgroupfs, 0)?;
+    fake.set_fault(Fault::Latency(Duration::from_millis(50)));
+    let kubelet = sb.kubelet_root().display().to_string();
+    let mut first = [Vec::new(), Vec::new()];
+    let mut warm = Vec::new();
+    let mut all_done = true;
+    for (mode, extra) in [
+        (
+            0,
+            vec!["--prewarm", kubelet.as_str(), "--max-service-qps", "50"],
+        ),
+        (1, vec!["--max-service-qps", "50"]),
+    ] {
+        let a = agent(&sb, &fake, &extra)?;
+        let (rounds, done) = deadline.rounds(PODS, || {
+            let pod = sb.add_pod(PodSpec::new("app", "reader"))?;
+            std::thread::sleep(Duration::from_millis(200));
+            let cold = load(&sb, deadline, pod, "169.254.170.23:80", 1, 1, &[])?;
+            let hit = load(&sb, deadline, pod, "169.254.170.23:80", 1, 1, &[])?;
+            ensure!(
+                cold.count(200) == 1 && hit.count(200) == 1,
+                "{cold:?} {hit:?}"
+            );
+            Ok((cold.p50_us as f64, hit.p50_us as f64))
+        })?;
+        all_done &= done;
+        first[mode].extend(rounds.iter().map(|r| r.0));
+        warm.extend(rounds.iter().map(|r| r.1));
+        a.stop()?;
+    }
+    let (n_on, n_off) = (first[0].len(), first[1].len());
+    let [on, off] = first.map(median);
+    let hit = median(warm);
+    let case = format!("6. first request of a new pod, EKS Auth 50 ms ({n_on}/{n_off} pods)");
+    report.row(
+        &case,
+        "p50 µs, --prewarm vs a warm hit",
+        on,
+        hit,
+        on / hit,
+        "<= 1.5",
+        on / hit <= 1.5,
+    );
+    report.row(
+        &case,
+        "p50 µs, without --prewarm vs 50 ms",
+        off,
+        50_000.0,
+        off / 50_000.0,
+        ">= 1.0 (info)",
+        true,
+    );
+    finished(all_done, deadline)
+}
+
 /// A bench case: name, time budget, body.
 type Case = (
     &'static str,
@@ -570,7 +630,7 @@ type Case = (
 );
 
 /// The cases and their budgets (together well under five minutes).
-const CASES: [Case; 5] = [
+const CASES: [Case; 6] = [
     (
         "1. warm request vs bare hyper",
         Duration::from_secs(50),
@@ -591,6 +651,11 @@ const CASES: [Case; 5] = [
         "5. attribution cost",
         Duration::from_secs(40),
         attribution_cost,
+    ),
+    (
+        "6. first request of a new pod",
+        Duration::from_secs(40),
+        first_request,
     ),
 ];
 
