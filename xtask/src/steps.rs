@@ -220,7 +220,7 @@ pub fn test() -> Result<()> {
     step("leftovers of dead runs", || {
         run(Command::new(bins.join("reap")).arg("--dead"))
     })?;
-    let run_id = format!("pia{}", std::process::id());
+    let run_id = run_prefix("");
     let agent_bin = agent.to_string_lossy().into_owned();
     let env = [
         ("PIA_RUN", run_id.as_str()),
@@ -327,7 +327,7 @@ fn demo_fresh(agent: &Path) -> Result<()> {
     for name in harness_bin_names()? {
         let _ = std::fs::remove_file(dir.join(name));
     }
-    let prefix = format!("piademo{}", std::process::id());
+    let prefix = run_prefix("demo");
     let bins = harness_bins(Profile::Debug)?;
     run_harness(&bins, "demo", &prefix, agent)?;
     run(cargo()
@@ -468,28 +468,25 @@ pub fn kind_e2e() -> Result<()> {
     result
 }
 
-/// Builds everything and runs the demo binary (a sandbox, two pods, the real agent).
-pub fn demo() -> Result<()> {
+/// The run prefix of harness `name` started by this xtask (`piademo<pid>`, `piabench<pid>`).
+fn run_prefix(name: &str) -> String {
+    format!("pia{name}{}", std::process::id())
+}
+
+/// Sets up, builds the agent and the harness in `profile`, and runs harness `name`.
+fn build_and_run(name: &str, profile: Profile) -> Result<()> {
     setup::all()?;
     let agent = build()?;
-    let bins = harness_bins(Profile::Debug)?;
-    run_harness(
-        &bins,
-        "demo",
-        &format!("piademo{}", std::process::id()),
-        &agent,
-    )
+    let bins = harness_bins(profile)?;
+    run_harness(&bins, name, &run_prefix(name), &agent)
+}
+
+/// Builds everything and runs the demo binary (a sandbox, two pods, the real agent).
+pub fn demo() -> Result<()> {
+    build_and_run("demo", Profile::Debug)
 }
 
 /// Builds the agent and the bench tools in release mode and runs the bench.
 pub fn bench() -> Result<()> {
-    setup::all()?;
-    let agent = build()?;
-    let bins = harness_bins(Profile::Release)?;
-    run_harness(
-        &bins,
-        "bench",
-        &format!("piabench{}", std::process::id()),
-        &agent,
-    )
+    build_and_run("bench", Profile::Release)
 }
