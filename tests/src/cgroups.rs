@@ -31,6 +31,7 @@ pub struct CgroupTree {
 impl CgroupTree {
     /// Creates the tree's base and its pods cgroup.
     pub fn create(name: &str, driver: Driver) -> Result<Self> {
+        crate::teardown::check_not_stopping()?;
         let base = cgroup2_mount()?.join(name);
         let pods_root = base.join(match driver {
             Driver::Cgroupfs => "kubepods",
@@ -64,6 +65,7 @@ impl CgroupTree {
 
     /// Creates the cgroup of one container of a best-effort pod.
     pub fn container(&self, pod_uid: &str, container_id: &str) -> Result<PathBuf> {
+        crate::teardown::check_not_stopping()?;
         let dir = match self.driver {
             Driver::Cgroupfs => self
                 .pods_root

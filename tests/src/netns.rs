@@ -17,6 +17,7 @@ pub struct NetNs {
 impl NetNs {
     /// Creates the namespace and brings its loopback up.
     pub fn create(name: &str) -> Result<Self> {
+        crate::teardown::check_not_stopping()?;
         run(Command::new("ip").args(["netns", "add", name]))?;
         let ns = Self {
             name: name.to_owned(),

@@ -101,6 +101,7 @@ impl Sandbox {
     /// kernels have no dummy driver), and an empty kubelet-shaped cgroup tree.
     pub fn new(driver: Driver) -> Result<Self> {
         crate::teardown::on_signal_remove_run();
+        crate::teardown::check_not_stopping()?;
         let name = names::unique();
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&dir)?;

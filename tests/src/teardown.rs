@@ -10,6 +10,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 
 use crate::cgroups::{cgroup2_mount, remove_tree};
@@ -183,6 +184,19 @@ pub fn remove_dead_runs() -> Vec<(String, Vec<String>)> {
         .collect()
 }
 
+/// Set once a signal started tearing this run down: nothing new may be made.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// Fails once a signal started tearing this run down (checked before making anything, so a
+/// harness thread does not create objects behind the teardown).
+pub fn check_not_stopping() -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !STOPPING.load(Ordering::SeqCst),
+        "the run is being torn down after a signal"
+    );
+    Ok(())
+}
+
 /// From now on, SIGINT or SIGTERM removes everything of this process's run, then exits with
 /// 128 + the signal (as the default action would). Called by every harness entry point.
 pub fn on_signal_remove_run() {
@@ -193,8 +207,12 @@ pub fn on_signal_remove_run() {
             .expect("signal handlers install");
         std::thread::spawn(move || {
             if let Some(sig) = signals.forever().next() {
+                STOPPING.store(true, Ordering::SeqCst);
                 let prefix = crate::names::run_prefix();
-                let removed = remove_run(&prefix);
+                let mut removed = remove_run(&prefix);
+                // A second pass for what threads were making while the first ran.
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                removed.extend(remove_run(&prefix));
                 eprintln!(
                     "signal {sig}: removed {} leftovers of run {prefix}",
                     removed.len()
