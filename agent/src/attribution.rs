@@ -103,6 +103,27 @@ impl Resolver {
         }
     }
 
+    /// Remembers the cgroup at `path` before anyone connects from it (pre-warm sees containers
+    /// appear), so a new container's first request does not walk the cgroup tree.
+    pub fn learn(&self, path: &Path) {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        let resolved = Arc::new(PodCgroup {
+            pod_uid: cgroup::pod_uid_from_path(path),
+            path: Arc::from(path),
+        });
+        self.remember(meta.ino(), resolved);
+    }
+
+    fn remember(&self, id: u64, resolved: Arc<PodCgroup>) {
+        let mut cache = self.cache.lock().expect("not poisoned");
+        if cache.len() >= CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.insert(id, (resolved, Instant::now()));
+    }
+
     /// The cgroup `id` names, if it still exists below the root. cgroup2 ids are never reused
     /// while the system runs, so a cached answer can be stale (cgroup gone) but never wrong.
     pub fn resolve(&self, id: u64) -> Option<Arc<PodCgroup>> {
@@ -128,11 +149,7 @@ impl Resolver {
             pod_uid: cgroup::pod_uid_from_path(&path),
             path: Arc::from(path),
         });
-        let mut cache = self.cache.lock().expect("not poisoned");
-        if cache.len() >= CACHE_LIMIT {
-            cache.clear();
-        }
-        cache.insert(id, (resolved.clone(), Instant::now()));
+        self.remember(id, resolved.clone());
         Some(resolved)
     }
 }
@@ -160,5 +177,22 @@ mod tests {
         std::thread::sleep(RECHECK_AFTER + Duration::from_millis(50));
         assert_eq!(r.resolve(id), None);
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_learned_cgroup_resolves_without_a_walk() {
+        let base = std::env::temp_dir().join(format!("resolver-learn-{}", std::process::id()));
+        let uid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+        // Outside the resolver's root: only what was learned can resolve it.
+        let dir = base.join(format!("elsewhere/pod{uid}/ctr"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(base.join("root")).unwrap();
+        let id = std::fs::metadata(&dir).unwrap().ino();
+        let r = Resolver::new(&base.join("root"));
+        assert_eq!(r.resolve(id), None);
+        r.learn(&dir);
+        let got = r.resolve(id).unwrap();
+        assert_eq!(got.pod_uid.as_deref(), Some(uid));
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

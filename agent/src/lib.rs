@@ -85,7 +85,9 @@ pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let resolver = steering.as_ref().map(|s| Resolver::new(s.cgroup()));
+    let resolver = steering
+        .as_ref()
+        .map(|s| Arc::new(Resolver::new(s.cgroup())));
     let attributed_port = steering.as_ref().map(|_| args.attributed_port);
     let backlog = server::listen::backlog(args.listen_backlog);
     let listeners = server::bind_all(&args.bind_hosts, args.port, attributed_port, backlog)?;
@@ -118,7 +120,7 @@ pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
                 state.cache.clone(),
                 pods_root,
                 kubelet_root.clone(),
-                state.steering.is_some(),
+                state.resolver.clone(),
             )
             .spawn();
         }

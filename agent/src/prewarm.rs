@@ -9,7 +9,9 @@
 //! waiting for it with a bounded backoff (the kubelet writes it after the cgroup exists). A
 //! pod without that file is no pod-identity pod and costs nothing more. Calls go through the
 //! cache's refresh budget (`--max-service-qps`, half the in-flight permits) under the key a
-//! request from that pod would use.
+//! request from that pod would use. With kernel attribution each pod's cgroup is watched
+//! too, and its containers' cgroups are handed to the resolver as they appear, so a new
+//! container's first request does not walk the cgroup tree.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -20,6 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::StreamExt;
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 
+use crate::attribution::Resolver;
 use crate::cache::{Cache, Key, Lookup};
 use crate::cgroup::pod_uid_from_path;
 use crate::token::{self, MAX_TOKEN_BYTES};
@@ -58,14 +61,61 @@ fn children(dir: &Path) -> (Vec<(String, PathBuf)>, Vec<PathBuf>) {
     (pods, others)
 }
 
+/// The inotify watches and what each watched directory is.
+struct Watched {
+    watches: inotify::Watches,
+    dirs: HashMap<WatchDescriptor, (PathBuf, Role)>,
+}
+
+impl Watched {
+    fn add(&mut self, dir: &Path, role: Role) -> std::io::Result<()> {
+        let wd = self
+            .watches
+            .add(dir, WatchMask::CREATE | WatchMask::ONLYDIR)?;
+        self.dirs.insert(wd, (dir.to_path_buf(), role));
+        Ok(())
+    }
+
+    /// Watches `dir` (and, from the pods cgroup, its QoS children) for new pods; returns
+    /// the pods already there.
+    fn tree(&mut self, dir: &Path, root: bool) -> std::io::Result<Vec<(String, PathBuf)>> {
+        self.add(dir, Role::Tree)?;
+        let (mut pods, others) = children(dir);
+        if root {
+            for qos in others {
+                pods.extend(self.tree(&qos, false)?);
+            }
+        }
+        Ok(pods)
+    }
+
+    /// The watched directories of `role`.
+    fn of(&self, role: Role) -> impl Iterator<Item = PathBuf> + '_ {
+        self.dirs
+            .values()
+            .filter(move |(_, r)| *r == role)
+            .map(|(d, _)| d.clone())
+    }
+}
+
+/// What a watched cgroup directory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The pods cgroup or a QoS cgroup: new children are pods (or QoS cgroups).
+    Tree,
+    /// A pod's cgroup: new children are its containers.
+    Pod,
+}
+
 /// Watches for pods and warms the cache for them.
 #[derive(Debug)]
 pub struct Prewarmer {
     cache: Arc<Cache>,
     pods_root: PathBuf,
     kubelet_root: PathBuf,
-    /// With kernel attribution, entries are keyed by pod; without, by token hash.
-    attributed: bool,
+    /// With kernel attribution (entries keyed by pod), the cgroup id resolver; without
+    /// (entries keyed by token hash), `None`.
+    resolver: Option<Arc<Resolver>>,
 }
 
 impl Prewarmer {
@@ -74,13 +124,13 @@ impl Prewarmer {
         cache: Arc<Cache>,
         pods_root: PathBuf,
         kubelet_root: PathBuf,
-        attributed: bool,
+        resolver: Option<Arc<Resolver>>,
     ) -> Self {
         Self {
             cache,
             pods_root,
             kubelet_root,
-            attributed,
+            resolver,
         }
     }
 
@@ -96,11 +146,16 @@ impl Prewarmer {
 
     async fn run(self: Arc<Self>) -> std::io::Result<()> {
         let inotify = Inotify::init()?;
-        let mut watched: HashMap<WatchDescriptor, PathBuf> = HashMap::new();
+        let mut watches = Watched {
+            watches: inotify.watches(),
+            dirs: HashMap::new(),
+        };
         // Watch first, then scan: a pod made in between is seen twice, and warming twice
         // costs nothing (the second finds the entry fresh or in flight).
-        let mut pods = Vec::new();
-        self.watch(&inotify, &mut watched, &self.pods_root, &mut pods)?;
+        let mut pods = watches.tree(&self.pods_root, true)?;
+        for (_, dir) in &pods {
+            self.watch_pod(&mut watches, dir);
+        }
         // Newest first: a pod that started recently is the likeliest to be initialising
         // its SDK; long-running ones hold credentials in their SDK's own cache.
         pods.sort_by_key(|(_, dir)| {
@@ -111,97 +166,83 @@ impl Prewarmer {
             )
         });
         tracing::info!(pods = pods.len(), pods_root = %self.pods_root.display(), kubelet_root = %self.kubelet_root.display(), "pre-warm: warming the pods already on the node");
-        let scan = self.clone();
-        tokio::spawn(async move {
-            for (uid, dir) in pods {
-                // In order, one budget token at a time; the calls themselves overlap.
-                if let Some(lookup) = scan.lookup(&uid, &dir) {
-                    if scan.cache.needs_call(&lookup.0.key) {
-                        let budget = scan.cache.prewarm_budget().await;
-                        let cache = scan.cache.clone();
-                        tokio::spawn(
-                            async move { cache.prewarm(lookup.0, lookup.1, budget).await },
-                        );
-                    }
-                }
-            }
-        });
+        tokio::spawn(self.clone().warm_present(pods));
         let mut events = inotify.into_event_stream([0u8; 4096])?;
         while let Some(event) = events.next().await {
             let event = event?;
             if event.mask.contains(EventMask::Q_OVERFLOW) {
                 // Events were lost: look at every watched cgroup again (warming is idempotent).
                 tracing::warn!("pre-warm: inotify queue overflowed; rescanning the pods cgroup");
-                let pods: Vec<(String, PathBuf)> =
-                    watched.values().flat_map(|dir| children(dir).0).collect();
+                let pods: Vec<(String, PathBuf)> = watches
+                    .of(Role::Tree)
+                    .flat_map(|dir| children(&dir).0)
+                    .collect();
                 for (uid, dir) in pods {
+                    self.watch_pod(&mut watches, &dir);
                     tokio::spawn(self.clone().warm_new(uid, dir));
                 }
                 continue;
             }
-            let (Some(parent), Some(name)) = (watched.get(&event.wd), event.name) else {
+            let (Some((parent, role)), Some(name)) = (watches.dirs.get(&event.wd), event.name)
+            else {
                 continue;
             };
             if !event.mask.contains(EventMask::CREATE | EventMask::ISDIR) {
                 continue;
             }
             let dir = parent.join(&name);
-            let mut found = Vec::new();
-            match pod_uid_from_path(Path::new(&name)) {
-                Some(uid) => found.push((uid, dir)),
-                // A QoS cgroup (kubepods/burstable): watch it too.
-                None => self.watch_events(&mut events, &mut watched, &dir, &mut found),
-            }
-            for (uid, dir) in found {
-                tokio::spawn(self.clone().warm_new(uid, dir));
-            }
-        }
-        Ok(())
-    }
-
-    /// Watches `dir` for new cgroups and its QoS children too; collects the pods in them.
-    fn watch(
-        &self,
-        inotify: &Inotify,
-        watched: &mut HashMap<WatchDescriptor, PathBuf>,
-        dir: &Path,
-        pods: &mut Vec<(String, PathBuf)>,
-    ) -> std::io::Result<()> {
-        let wd = inotify
-            .watches()
-            .add(dir, WatchMask::CREATE | WatchMask::ONLYDIR)?;
-        watched.insert(wd, dir.to_path_buf());
-        let (found, others) = children(dir);
-        pods.extend(found);
-        if dir == self.pods_root {
-            for qos in others {
-                self.watch(inotify, watched, &qos, pods)?;
+            match (role, pod_uid_from_path(Path::new(&name))) {
+                (Role::Pod, _) => {
+                    if let Some(resolver) = &self.resolver {
+                        resolver.learn(&dir);
+                    }
+                }
+                (Role::Tree, Some(uid)) => {
+                    self.watch_pod(&mut watches, &dir);
+                    tokio::spawn(self.clone().warm_new(uid, dir));
+                }
+                // A QoS cgroup (kubepods/burstable) that appeared late: watch it too.
+                (Role::Tree, None) => match watches.tree(&dir, false) {
+                    Ok(found) => {
+                        for (uid, dir) in found {
+                            self.watch_pod(&mut watches, &dir);
+                            tokio::spawn(self.clone().warm_new(uid, dir));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(dir = %dir.display(), error = %e, "pre-warm: cannot watch a new cgroup")
+                    }
+                },
             }
         }
         Ok(())
     }
 
-    /// [`Self::watch`] for a QoS cgroup that appeared while the event stream runs.
-    fn watch_events(
-        &self,
-        events: &mut inotify::EventStream<[u8; 4096]>,
-        watched: &mut HashMap<WatchDescriptor, PathBuf>,
-        dir: &Path,
-        pods: &mut Vec<(String, PathBuf)>,
-    ) {
-        match events
-            .watches()
-            .add(dir, WatchMask::CREATE | WatchMask::ONLYDIR)
-        {
-            Ok(wd) => {
-                watched.insert(wd, dir.to_path_buf());
-            }
-            Err(e) => {
-                tracing::warn!(dir = %dir.display(), error = %e, "pre-warm: cannot watch a new cgroup");
-                return;
+    /// With attribution, watches pod cgroup `dir` for containers and hands the ones there
+    /// already to the resolver.
+    fn watch_pod(&self, watches: &mut Watched, dir: &Path) {
+        let Some(resolver) = &self.resolver else {
+            return;
+        };
+        if watches.add(dir, Role::Pod).is_ok() {
+            for container in children(dir).1 {
+                resolver.learn(&container);
             }
         }
-        pods.extend(children(dir).0);
+    }
+
+    /// The pods found at start, in order, one budget token at a time; the calls overlap.
+    async fn warm_present(self: Arc<Self>, pods: Vec<(String, PathBuf)>) {
+        for (uid, dir) in pods {
+            let Some((lookup, file)) = self.lookup(&uid, &dir) else {
+                continue;
+            };
+            if self.cache.needs_call(&lookup.key) {
+                let budget = self.cache.prewarm_budget().await;
+                let cache = self.cache.clone();
+                tokio::spawn(async move { cache.prewarm(lookup, file, budget).await });
+            }
+        }
     }
 
     /// A new pod: waits (bounded, backing off) for the kubelet to write its token, then warms.
@@ -245,7 +286,7 @@ impl Prewarmer {
         if claims.pod_uid() != Some(uid) {
             return None;
         }
-        let key = if self.attributed {
+        let key = if self.resolver.is_some() {
             Key::for_pod(uid, &claims)
         } else {
             Key::for_token(&token)

@@ -38,7 +38,7 @@ pub struct State {
     /// Attached programs, when eBPF is on.
     pub steering: Option<Steering>,
     /// cgroup id resolver, when eBPF is on.
-    pub resolver: Option<Resolver>,
+    pub resolver: Option<Arc<Resolver>>,
     /// Per-pod (per-peer for unattributed callers) request budgets.
     pub admission: crate::admission::Admission,
     /// What to do with plain-listener callers.
