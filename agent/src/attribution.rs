@@ -51,6 +51,14 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome (their series are exported from the start, at 0).
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Attributed,
+        Outcome::Mismatch,
+        Outcome::Unattributed,
+        Outcome::NotAPod,
+    ];
+
     /// Metric label.
     pub fn label(self) -> &'static str {
         match self {

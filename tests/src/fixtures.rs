@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::agent::{Agent, CLUSTER};
 use crate::cgroups::Driver;
@@ -22,15 +22,16 @@ pub fn node(driver: Driver) -> Result<(Sandbox, FakeEksAuth)> {
     Ok((sb, fake))
 }
 
-/// The value of the sample `name` (with its labels) in a Prometheus exposition; 0 if absent.
-pub fn metric(text: &str, name: &str) -> u64 {
+/// The value of the sample `name` (with its labels) in a Prometheus exposition; an error
+/// when the agent does not export it, so an assertion of 0 cannot pass on a renamed series.
+pub fn metric(text: &str, name: &str) -> Result<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
+        .with_context(|| format!("no sample {name} in the exposition"))
 }
 
 /// `pod_identity_attribution_total{listener, outcome}`.
-pub fn attribution(text: &str, listener: &str, outcome: &str) -> u64 {
+pub fn attribution(text: &str, listener: &str, outcome: &str) -> Result<u64> {
     metric(
         text,
         &format!("pod_identity_attribution_total{{listener=\"{listener}\",outcome=\"{outcome}\"}}"),
@@ -57,7 +58,12 @@ pub fn attachment(cgroup: &Path) -> Result<(Vec<u64>, Vec<u64>)> {
         "bpftool: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let progs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    // bpftool prints nothing at all (not `[]`) for a cgroup without programs.
+    let progs: serde_json::Value = if out.stdout.trim_ascii().is_empty() {
+        serde_json::Value::Array(Vec::new())
+    } else {
+        serde_json::from_slice(&out.stdout).context("bpftool cgroup show printed no JSON")?
+    };
     let prog_ids: Vec<u64> = progs
         .as_array()
         .into_iter()
@@ -67,7 +73,13 @@ pub fn attachment(cgroup: &Path) -> Result<(Vec<u64>, Vec<u64>)> {
     let out = Command::new("bpftool")
         .args(["-j", "link", "show"])
         .output()?;
-    let links: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    anyhow::ensure!(
+        out.status.success(),
+        "bpftool link show: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let links: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("bpftool link show printed no JSON")?;
     let mut link_ids: Vec<u64> = links
         .as_array()
         .into_iter()

@@ -52,8 +52,8 @@ fn a_token_replayed_from_another_pod_is_refused_and_eks_auth_is_not_called() -> 
             }
         }
         let text = scrape(&sb)?;
-        assert_eq!(attribution(&text, "attributed", "mismatch"), 8, "{text}");
-        assert_eq!(attribution(&text, "attributed", "attributed"), 8, "{text}");
+        assert_eq!(attribution(&text, "attributed", "mismatch")?, 8, "{text}");
+        assert_eq!(attribution(&text, "attributed", "attributed")?, 8, "{text}");
     }
     Ok(())
 }
@@ -113,8 +113,8 @@ fn callers_outside_pods_take_the_plain_listener_under_the_unattributed_policy() 
         assert_eq!(status, 403, "{policy}: {body}");
         assert!(body.contains("NotAPod"), "{body}");
         let text = scrape(&sb)?;
-        assert_eq!(attribution(&text, "plain", "unattributed"), 1, "{text}");
-        assert_eq!(attribution(&text, "attributed", "not_a_pod"), 1, "{text}");
+        assert_eq!(attribution(&text, "plain", "unattributed")?, 1, "{text}");
+        assert_eq!(attribution(&text, "attributed", "not_a_pod")?, 1, "{text}");
         agent.stop()?;
     }
     Ok(())
@@ -143,17 +143,17 @@ fn thousands_of_connections_are_all_attributed_and_none_to_the_wrong_pod() -> Re
     );
     let text = scrape(&sb)?;
     assert_eq!(
-        attribution(&text, "attributed", "attributed"),
+        attribution(&text, "attributed", "attributed")?,
         4000,
         "{text}"
     );
-    assert_eq!(attribution(&text, "attributed", "mismatch"), 0);
-    assert_eq!(attribution(&text, "attributed", "unattributed"), 0);
+    assert_eq!(attribution(&text, "attributed", "mismatch")?, 0);
+    assert_eq!(attribution(&text, "attributed", "unattributed")?, 0);
     assert_eq!(
         metric(
             &text,
             "pod_identity_ebpf_events{event=\"attribution_miss\"}"
-        ),
+        )?,
         0,
         "{text}"
     );
@@ -161,7 +161,7 @@ fn thousands_of_connections_are_all_attributed_and_none_to_the_wrong_pod() -> Re
         metric(
             &text,
             "pod_identity_ebpf_events{event=\"tuple_insert_failed\"}"
-        ),
+        )?,
         0
     );
     Ok(())
@@ -187,9 +187,9 @@ fn the_attribution_map_does_not_grow_with_closed_connections() -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = scrape(&sb)?;
-        let live = metric(&text, "pod_identity_ebpf_tuples");
-        let recorded = metric(&text, "pod_identity_ebpf_events{event=\"tuple_recorded\"}");
-        let deleted = metric(&text, "pod_identity_ebpf_events{event=\"tuple_deleted\"}");
+        let live = metric(&text, "pod_identity_ebpf_tuples")?;
+        let recorded = metric(&text, "pod_identity_ebpf_events{event=\"tuple_recorded\"}")?;
+        let deleted = metric(&text, "pod_identity_ebpf_events{event=\"tuple_deleted\"}")?;
         if live == 0 {
             assert!(recorded >= 10_000, "{text}");
             assert_eq!(recorded, deleted, "{text}");
@@ -243,11 +243,11 @@ fn a_restart_under_load_swaps_programs_in_place_and_fails_nothing_but_refused_co
     );
     let text = scrape(&sb)?;
     assert_eq!(
-        attribution(&text, "attributed", "unattributed"),
+        attribution(&text, "attributed", "unattributed")?,
         0,
         "{text}"
     );
-    assert_eq!(attribution(&text, "attributed", "mismatch"), 0, "{text}");
+    assert_eq!(attribution(&text, "attributed", "mismatch")?, 0, "{text}");
     eprintln!("restart took {restart:?}; load: {load:?}");
     drop(second);
     Ok(())
@@ -295,6 +295,6 @@ fn without_bpf_privileges_the_agent_falls_back_and_says_so() -> Result<()> {
         text.contains("pod_identity_agent_mode{mode=\"fallback\"} 1\n"),
         "{text}"
     );
-    assert_eq!(attribution(&text, "plain", "unattributed"), 1, "{text}");
+    assert_eq!(attribution(&text, "plain", "unattributed")?, 1, "{text}");
     Ok(())
 }

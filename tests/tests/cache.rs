@@ -205,11 +205,11 @@ fn a_deleted_pod_is_evicted_and_never_renewed() -> Result<()> {
         metric(
             &text,
             "pod_identity_cache_evictions_total{reason=\"pod_gone\"}"
-        ),
+        )?,
         1,
         "{text}"
     );
-    assert_eq!(metric(&text, "pod_identity_cache_entries"), 1, "{text}");
+    assert_eq!(metric(&text, "pod_identity_cache_entries")?, 1, "{text}");
     let after: Vec<_> = fake.issued().into_iter().skip(calls).collect();
     assert!(
         after.iter().any(|i| i.pod_name == sb.pods()[0].name),

@@ -303,14 +303,14 @@ fn a_corpus_of_bad_requests_gets_exact_answers_while_a_healthy_pod_is_served() -
         let n = metric(
             &text,
             &format!("pod_identity_http_response{{code=\"{code}\"}}"),
-        );
+        )?;
         assert!(n > 0, "no metric for {code}:\n{text}");
     }
     assert!(
         metric(
             &text,
             "pod_identity_connection_errors_total{kind=\"parse\"}"
-        ) > 0,
+        )? > 0,
         "{text}"
     );
     assert!(!agent.log_text().contains("panicked"), "the agent panicked");
@@ -351,7 +351,7 @@ fn upstream_faults_are_each_a_503_with_a_message_and_counted() -> Result<()> {
     }
     let text = scrape(&sb)?;
     assert_eq!(
-        metric(&text, "pod_identity_http_response{code=\"503\"}"),
+        metric(&text, "pod_identity_http_response{code=\"503\"}")?,
         5,
         "{text}"
     );
@@ -504,7 +504,7 @@ fn one_pod_flooding_the_agent_is_held_to_its_budget_and_others_are_served() -> R
         metric(
             &text,
             "pod_identity_admission_rejected_total{listener=\"attributed\"}"
-        ),
+        )?,
         flood.count(503),
         "{text}"
     );

@@ -17,7 +17,12 @@ use aya::{Ebpf, EbpfLoader};
 pub use sys::AttachType;
 
 /// The BPF object built by `cargo xtask build-ebpf`, embedded at compile time.
+#[cfg(not(agent_no_ebpf))]
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("AGENT_EBPF_OBJECT"));
+/// Built without the BPF object (`cargo check` before `cargo xtask build-ebpf`): no programs;
+/// the agent runs in fallback mode and says why.
+#[cfg(agent_no_ebpf)]
+static OBJECT: &[u8] = &[];
 
 /// Why the programs could not be loaded or attached.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +30,9 @@ pub enum EbpfError {
     /// The object failed to load (verifier, missing BTF, no CAP_BPF).
     #[error("loading the BPF object failed: {0}")]
     Load(#[from] aya::EbpfError),
+    /// This binary was built without the BPF object (`cargo xtask build` embeds it).
+    #[error("this build has no BPF programs: it was built before `cargo xtask build-ebpf`; `cargo xtask build` embeds them")]
+    NotEmbedded,
     /// A program or map the object must contain is missing or has another type.
     #[error("the BPF object has no usable {0}")]
     Missing(&'static str),
@@ -270,6 +278,9 @@ impl Steering {
         target: SteerTarget,
         pins: Option<&Path>,
     ) -> Result<Self, EbpfError> {
+        if OBJECT.is_empty() {
+            return Err(EbpfError::NotEmbedded);
+        }
         let mut loader = EbpfLoader::new();
         if let Some(dir) = pins {
             prepare_pin_dir(dir)?;

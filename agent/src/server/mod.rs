@@ -144,6 +144,17 @@ pub async fn serve(
     metrics_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) {
+    // Known label values are exported from the start (at 0): a dashboard or a test can tell
+    // "none yet" from "not exported".
+    for listener in ["attributed", "plain"] {
+        for outcome in crate::attribution::Outcome::ALL {
+            let labels = crate::metrics::AttributionLabels {
+                listener,
+                outcome: outcome.label(),
+            };
+            drop(state.metrics.attribution.get_or_create(&labels));
+        }
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let graceful = Arc::new(GracefulShutdown::new());
     let mut tasks = tokio::task::JoinSet::new();
