@@ -90,6 +90,7 @@ pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         .map(|s| Arc::new(Resolver::new(s.cgroup())));
     let attributed_port = steering.as_ref().map(|_| args.attributed_port);
     let backlog = server::listen::backlog(args.listen_backlog);
+    let fds = server::limits::raise_fd_limit();
     let listeners = server::bind_all(&args.bind_hosts, args.port, attributed_port, backlog)?;
     let probe_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), args.probe_port);
     let probe = bind_admin(probe_addr, backlog, "probes")?;
@@ -135,6 +136,7 @@ pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         cgroup_root = state.steering.as_ref().map(|s| s.cgroup().display().to_string()),
         listeners = addrs.join(" "),
         backlog,
+        fds,
         probes = %probe_addr,
         metrics = %metrics_addr,
         cluster = %args.cluster_name,
@@ -142,6 +144,7 @@ pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     );
     server::serve(
         state.clone(),
+        fds,
         listeners,
         probe,
         metrics_listener,

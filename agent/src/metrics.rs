@@ -114,6 +114,15 @@ pub struct ListenerLabel {
     pub listener: &'static str,
 }
 
+/// `listener` and `reason` labels of a refused connection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// `attributed`, `plain` or `admin`.
+    pub listener: &'static str,
+    /// `listener_full` or `peer_full`.
+    pub reason: &'static str,
+}
+
 /// `kind` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -158,6 +167,8 @@ pub struct Metrics {
     pub admission_rejected: Family<ListenerLabel, Counter>,
     /// Connections that ended without a well-formed exchange, by kind.
     pub connection_errors: Family<KindLabel, Counter>,
+    /// Connections closed at accept because their listener or peer was at its cap.
+    pub connections_refused: Family<RefusedLabels, Counter>,
     /// Cache entries (set at scrape time).
     pub cache_entries: Gauge<u64, AtomicU64>,
     /// Request-path cache results.
@@ -218,6 +229,14 @@ impl Default for Metrics {
         let cache_entries = Gauge::default();
         let connection_errors = Family::default();
         let admission_rejected = Family::default();
+        let connections_refused = Family::default();
+        register(
+            &mut registry,
+            &mut names,
+            "pod_identity_connections_refused",
+            "Connections closed at accept because their listener group or peer was at its cap",
+            connections_refused.clone(),
+        );
         register(
             &mut registry,
             &mut names,
@@ -365,6 +384,7 @@ impl Default for Metrics {
             names,
             connection_errors,
             admission_rejected,
+            connections_refused,
             cache_entries,
             cache_requests,
             cache_evictions,
@@ -398,6 +418,13 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+
+    /// Counts a connection closed at accept because of a cap.
+    pub fn count_refused(&self, listener: &'static str, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&RefusedLabels { listener, reason })
+            .inc();
     }
 
     /// Counts one answered credentials request.

@@ -510,3 +510,75 @@ fn one_pod_flooding_the_agent_is_held_to_its_budget_and_others_are_served() -> R
     );
     Ok(())
 }
+
+/// Starts `conn-flood` from pod `pod` and waits until it holds its connections.
+fn flood(
+    sb: &tests::sandbox::Sandbox,
+    pod: usize,
+    addr: &str,
+    count: usize,
+) -> Result<std::process::Child> {
+    use std::io::BufRead as _;
+    let mut child = sb
+        .pod_command(pod, 0, tests::clients::helper_bin("conn-flood")?)?
+        .args([addr, &count.to_string(), "30"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+    anyhow::ensure!(line.contains("opened"), "conn-flood: {line:?}");
+    Ok(child)
+}
+
+#[test]
+fn a_descriptor_flood_on_any_port_cannot_starve_another_pods_credentials() -> Result<()> {
+    let (mut sb, fake) = node(Driver::Cgroupfs)?;
+    let flooder = sb.add_pod(PodSpec::new("app", "reader"))?;
+    let quiet = sb.add_pod(PodSpec::new("app", "reader"))?;
+    // A container-sized descriptor limit, so the flood below would exhaust it.
+    let root = sb.cgroups().pods_root().display().to_string();
+    let mut agent = Agent::launch_wrapped(
+        &sb,
+        &fake,
+        &["prlimit", "--nofile=4096:4096", "--"],
+        &[
+            "server",
+            "-c",
+            tests::agent::CLUSTER,
+            "--cgroup-root",
+            &root,
+        ],
+        &[],
+    )?;
+    agent.wait_ready(&sb, Duration::from_secs(20))?;
+    // The metrics port (on every address of the node) and the credential port itself.
+    for (target, listener) in [
+        ("10.200.1.1:2705", "admin"),
+        ("169.254.170.23:80", "attributed"),
+    ] {
+        let floods = [
+            flood(&sb, flooder, target, 3000)?,
+            flood(&sb, flooder, target, 3000)?,
+        ];
+        // Served at once and right: an SDK gives up after about a second. (Without the caps,
+        // the agent ran out of descriptors here and answered 403 NotAPod: it could not open
+        // the cgroup tree to resolve the caller.)
+        let got = curl(&sb, quiet, 0, credentials_url(false), &["--max-time", "2"])?;
+        assert_eq!(
+            got.status, 200,
+            "quiet pod during a flood of {target}: {}",
+            got.body
+        );
+        let text = scrape(&sb)?;
+        let refused = metric(
+            &text,
+            &format!("pod_identity_connections_refused_total{{listener=\"{listener}\",reason=\"peer_full\"}}"),
+        )?;
+        assert!(refused > 1000, "{target}: {refused} refused\n{text}");
+        for mut f in floods {
+            let _ = f.kill();
+            let _ = f.wait();
+        }
+    }
+    Ok(())
+}

@@ -143,7 +143,12 @@ pub struct Steering {
     counters: PerCpuArray<MapData, u64>,
     cgroup: PathBuf,
     program_ids: Vec<(AttachType, u32)>,
+    /// The last count of live tuples and when it was taken (see [`Steering::live_tuples`]).
+    live: std::sync::Mutex<Option<(std::time::Instant, usize)>>,
 }
+
+/// How long a count of live tuples is reused: counting walks the map, one syscall per key.
+const LIVE_TUPLES_TTL: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl std::fmt::Debug for Steering {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -343,6 +348,7 @@ impl Steering {
             counters,
             cgroup: cgroup.to_path_buf(),
             program_ids,
+            live: std::sync::Mutex::new(None),
         })
     }
 
@@ -352,9 +358,18 @@ impl Steering {
         self.tuples.get(&tuple_key(peer, local), 0).ok()
     }
 
-    /// Number of live entries in the tuple map (walks the map; for tests and diagnostics).
+    /// Number of live entries in the tuple map. Counting walks the map (up to 65,536 keys,
+    /// one syscall each), so a count is reused for 2 s however often `/metrics` is scraped.
     pub fn live_tuples(&self) -> usize {
-        self.tuples.keys().count()
+        let mut live = self.live.lock().expect("not poisoned");
+        match *live {
+            Some((at, n)) if at.elapsed() < LIVE_TUPLES_TTL => n,
+            _ => {
+                let n = self.tuples.keys().count();
+                *live = Some((std::time::Instant::now(), n));
+                n
+            }
+        }
     }
 
     /// Each kernel counter, summed over CPUs.

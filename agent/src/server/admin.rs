@@ -9,44 +9,44 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use super::limits::{ConnLimits, Peer};
 use super::State;
 use crate::metrics::{EventLabel, ModeLabel};
 
 /// What an admin listener answers.
 pub type Router = fn(&State, &str) -> Response<Full<Bytes>>;
 
-/// Serves `router` on `listener` until `stop` flips.
+/// Serves `router` on `listener` until `stop` flips, within `limits`.
 pub async fn serve(
     state: Arc<State>,
     listener: TcpListener,
     router: Router,
-    mut stop: watch::Receiver<bool>,
+    limits: Arc<ConnLimits>,
+    stop: watch::Receiver<bool>,
 ) {
-    loop {
-        let stream = tokio::select! {
-            _ = stop.changed() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(_) => continue,
-            },
+    super::accept_until(&listener, stop, |stream, peer| {
+        let place = match limits.admit(Peer::Ip(peer.ip())) {
+            Ok(place) => place,
+            Err(refusal) => return state.metrics.count_refused("admin", refusal.label()),
         };
         let state = state.clone();
         tokio::spawn(async move {
+            let _place = place;
             let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(router(&state, req.uri().path())) }
             });
-            let _ = http1::Builder::new()
+            let _ = super::http1()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
-    }
+    })
+    .await;
 }
 
 fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {

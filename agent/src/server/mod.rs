@@ -3,6 +3,7 @@
 
 mod admin;
 pub mod handler;
+pub mod limits;
 pub mod listen;
 
 use std::convert::Infallible;
@@ -22,6 +23,7 @@ use tokio::sync::watch;
 
 use crate::attribution::{Caller, Resolver};
 use crate::ebpf::Steering;
+use limits::{ConnGuard, ConnLimits, Peer};
 
 /// Bound on reading a request's head, so slow clients cannot hold connections.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -136,9 +138,11 @@ fn ipv6_unavailable(e: &io::Error) -> bool {
 }
 
 /// Serves `listeners` (and the probe and metrics listeners) until `shutdown` resolves, then
-/// drains in-flight requests.
+/// drains in-flight requests. `fds` is the process's descriptor limit: the credential
+/// listeners' connection cap keeps some of it in reserve.
 pub async fn serve(
     state: Arc<State>,
+    fds: usize,
     listeners: Vec<Bound>,
     probe_listener: TcpListener,
     metrics_listener: TcpListener,
@@ -158,26 +162,29 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let graceful = Arc::new(GracefulShutdown::new());
     let mut tasks = tokio::task::JoinSet::new();
+    let credential_limits = ConnLimits::credentials(fds);
     for bound in listeners {
         tasks.spawn(accept_loop(
             state.clone(),
             bound,
+            credential_limits.clone(),
             stop_rx.clone(),
             graceful.clone(),
         ));
     }
-    tasks.spawn(admin::serve(
-        state.clone(),
-        probe_listener,
-        admin::probes,
-        stop_rx.clone(),
-    ));
-    tasks.spawn(admin::serve(
-        state.clone(),
-        metrics_listener,
-        admin::metrics,
-        stop_rx.clone(),
-    ));
+    let admin_limits = ConnLimits::admin();
+    for (listener, router) in [
+        (probe_listener, admin::probes as admin::Router),
+        (metrics_listener, admin::metrics),
+    ] {
+        tasks.spawn(admin::serve(
+            state.clone(),
+            listener,
+            router,
+            admin_limits.clone(),
+            stop_rx.clone(),
+        ));
+    }
     state.ready.store(true, Ordering::SeqCst);
 
     shutdown.await;
@@ -197,43 +204,75 @@ pub async fn serve(
 async fn accept_loop(
     state: Arc<State>,
     bound: Bound,
-    mut stop: watch::Receiver<bool>,
+    limits: Arc<ConnLimits>,
+    stop: watch::Receiver<bool>,
     graceful: Arc<GracefulShutdown>,
 ) {
     let local = bound.listener.local_addr().ok();
     tracing::info!(addr = ?local, kind = ?bound.kind, "listening");
-    let dispatch = |stream: TcpStream, peer: SocketAddr| {
+    accept_until(&bound.listener, stop, |stream, peer| {
         let caller = identify(&state, bound.kind, &stream, peer);
-        tokio::spawn(serve_connection(
-            state.clone(),
-            stream,
-            peer,
-            caller,
-            graceful.watcher(),
-        ));
-    };
+        let key = match caller {
+            Caller::Attributed(id) => Peer::Cgroup(id),
+            _ => Peer::Ip(peer.ip()),
+        };
+        match limits.admit(key) {
+            Ok(place) => {
+                tokio::spawn(serve_connection(
+                    state.clone(),
+                    stream,
+                    peer,
+                    caller,
+                    place,
+                    graceful.watcher(),
+                ));
+            }
+            Err(refusal) => state
+                .metrics
+                .count_refused(caller.listener(), refusal.label()),
+        }
+    })
+    .await;
+}
+
+/// Accepts on `listener` until `stop` flips, handing each connection to `dispatch`; backs off
+/// on accept errors (EMFILE and friends) instead of spinning. At stop, what already sits in
+/// the accept queue is still dispatched: closing the listener would reset it.
+pub(crate) async fn accept_until(
+    listener: &TcpListener,
+    mut stop: watch::Receiver<bool>,
+    mut dispatch: impl FnMut(TcpStream, SocketAddr),
+) {
     loop {
         tokio::select! {
             _ = stop.changed() => {
-                // Serve what already sits in the accept queue: closing the listener would
-                // reset those connections.
                 while let Ok(Ok((stream, peer))) =
-                    tokio::time::timeout(Duration::ZERO, bound.listener.accept()).await
+                    tokio::time::timeout(Duration::ZERO, listener.accept()).await
                 {
                     dispatch(stream, peer);
                 }
                 return;
             }
-            accepted = bound.listener.accept() => match accepted {
+            accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => dispatch(stream, peer),
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
         }
     }
+}
+
+/// The HTTP/1 settings of every listener: a bound on reading a request head (slow clients
+/// cannot hold connections) and on its size.
+pub(crate) fn http1() -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES);
+    builder
 }
 
 /// The kernel's word on who opened this connection, read before any byte of the request.
@@ -252,6 +291,7 @@ async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     caller: Caller,
+    _place: ConnGuard,
     graceful: hyper_util::server::graceful::Watcher,
 ) {
     let _ = stream.set_nodelay(true);
@@ -262,10 +302,7 @@ async fn serve_connection(
         let caller = caller.clone();
         async move { Ok::<_, Infallible>(handler::handle(&state, &caller, req).await) }
     });
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEAD_BYTES)
+    let conn = http1()
         .max_header_size(MAX_HEAD_BYTES)
         .serve_connection(TokioIo::new(stream), service);
     if let Err(e) = graceful.watch(conn).await {
