@@ -28,6 +28,11 @@ impl Admission {
         }
     }
 
+    /// No limit for anyone.
+    pub fn unlimited() -> Self {
+        Self::new(0.0, 1.0)
+    }
+
     /// The configured rate (0: unlimited).
     pub fn rate(&self) -> f64 {
         self.rate

@@ -1,10 +1,11 @@
-//! Command line and environment, parsed once into a typed [`ServerConfig`].
+//! Command line and environment, parsed once into [`ServerArgs`] and checked once into a
+//! [`ServerConfig`] (contradicting flags exit 2 with a message naming both).
 //!
 //! Flag names, short names and defaults follow the reference agent
 //! (`aws/eks-pod-identity-agent`); ours are added beside them. Every flag can also be set
 //! through the environment variable named in its help.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -225,9 +226,113 @@ pub struct ServerArgs {
     pub upstream_timeout: Duration,
 }
 
+/// Flags that contradict each other or make no sense.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    /// Renewal would come after the point from which credentials are no longer served.
+    #[error("--refresh-before-expiry ({refresh:?}) is shorter than --min-credential-lifetime ({floor:?}): credentials are never served inside the latter, so they must be renewed before it")]
+    RefreshAfterFloor {
+        /// `--refresh-before-expiry`.
+        refresh: Duration,
+        /// `--min-credential-lifetime`.
+        floor: Duration,
+    },
+    /// A per-pod budget that is negative, NaN or infinite.
+    #[error("{flag} must be a finite number >= 0, not {value}")]
+    NotARate {
+        /// The flag.
+        flag: &'static str,
+        /// Its value.
+        value: f64,
+    },
+    /// A rate without room for one request.
+    #[error("--pod-request-burst ({burst}) must be at least 1 when --pod-request-rate ({rate}) limits requests")]
+    BurstBelowOne {
+        /// `--pod-request-rate`.
+        rate: f64,
+        /// `--pod-request-burst`.
+        burst: f64,
+    },
+    /// Two listeners on one port.
+    #[error("{a} and {b} are both {port}: each listener needs its own port")]
+    SamePort {
+        /// One flag.
+        a: &'static str,
+        /// The other.
+        b: &'static str,
+        /// The port.
+        port: u16,
+    },
+    /// No upstream call could ever run.
+    #[error("--max-upstream-inflight must be at least 1")]
+    NoInflight,
+}
+
+/// `server`'s configuration: the flags, checked once for contradictions. The agent reads its
+/// flags only through it.
+#[derive(Debug)]
+pub struct ServerConfig {
+    /// The flags, every one checked.
+    pub flags: ServerArgs,
+    /// The cache tuning they describe.
+    pub cache: crate::cache::CacheConfig,
+    /// Requests per second and burst each pod may make; `None`: no limit.
+    pub pod_budget: Option<(f64, f64)>,
+    /// Where `/healthz` and `/readyz` listen (localhost).
+    pub probe_addr: SocketAddr,
+    /// Where `/metrics` listens.
+    pub metrics_addr: SocketAddr,
+}
+
+impl TryFrom<ServerArgs> for ServerConfig {
+    type Error = ConfigError;
+
+    fn try_from(flags: ServerArgs) -> Result<Self, ConfigError> {
+        if flags.refresh_before_expiry < flags.min_credential_lifetime {
+            return Err(ConfigError::RefreshAfterFloor {
+                refresh: flags.refresh_before_expiry,
+                floor: flags.min_credential_lifetime,
+            });
+        }
+        for (flag, value) in [
+            ("--pod-request-rate", flags.pod_request_rate),
+            ("--pod-request-burst", flags.pod_request_burst),
+        ] {
+            if !value.is_finite() || value < 0.0 {
+                return Err(ConfigError::NotARate { flag, value });
+            }
+        }
+        let (rate, burst) = (flags.pod_request_rate, flags.pod_request_burst);
+        if rate > 0.0 && burst < 1.0 {
+            return Err(ConfigError::BurstBelowOne { rate, burst });
+        }
+        let ports = [
+            ("--port", flags.port),
+            ("--attributed-port", flags.attributed_port),
+            ("--probe-port", flags.probe_port),
+            ("--metrics-port", flags.metrics_port),
+        ];
+        for (i, (a, pa)) in ports.iter().enumerate() {
+            if let Some((b, _)) = ports[i + 1..].iter().find(|(_, pb)| pb == pa) {
+                return Err(ConfigError::SamePort { a, b, port: *pa });
+            }
+        }
+        if flags.max_upstream_inflight == 0 {
+            return Err(ConfigError::NoInflight);
+        }
+        Ok(Self {
+            cache: flags.cache_config(),
+            pod_budget: (rate > 0.0).then_some((rate, burst)),
+            probe_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), flags.probe_port),
+            metrics_addr: SocketAddr::new(flags.metrics_address, flags.metrics_port),
+            flags,
+        })
+    }
+}
+
 impl ServerArgs {
     /// The cache tuning these flags describe.
-    pub fn cache_config(&self) -> crate::cache::CacheConfig {
+    fn cache_config(&self) -> crate::cache::CacheConfig {
         crate::cache::CacheConfig {
             max_entries: self.max_cache_size,
             max_retention: self.max_credential_retention_before_renewal,
@@ -385,6 +490,70 @@ mod tests {
             };
             assert_eq!(args.rotate_credentials, want, "{argv:?}");
         }
+    }
+
+    fn server(argv: &[&str]) -> ServerArgs {
+        let cli = Cli::try_parse_from(["a", "server", "-c", "x"].iter().chain(argv)).unwrap();
+        let Command::Server(args) = cli.command else {
+            panic!("not server")
+        };
+        *args
+    }
+
+    #[test]
+    fn contradicting_flags_are_refused_naming_both() {
+        for (argv, names) in [
+            (
+                &[
+                    "--refresh-before-expiry",
+                    "1m",
+                    "--min-credential-lifetime",
+                    "5m",
+                ][..],
+                &["--refresh-before-expiry", "--min-credential-lifetime"][..],
+            ),
+            (&["--pod-request-rate=-1"][..], &["--pod-request-rate"][..]),
+            (
+                &["--pod-request-rate", "NaN"][..],
+                &["--pod-request-rate"][..],
+            ),
+            (
+                &["--pod-request-burst", "inf"][..],
+                &["--pod-request-burst"][..],
+            ),
+            (
+                &["--pod-request-rate", "5", "--pod-request-burst", "0.5"][..],
+                &["--pod-request-burst", "--pod-request-rate"][..],
+            ),
+            (
+                &["--port", "2704"][..],
+                &["--port", "--attributed-port"][..],
+            ),
+            (
+                &["--metrics-port", "2703"][..],
+                &["--probe-port", "--metrics-port"][..],
+            ),
+            (
+                &["--max-upstream-inflight", "0"][..],
+                &["--max-upstream-inflight"][..],
+            ),
+        ] {
+            let err = ServerConfig::try_from(server(argv))
+                .unwrap_err()
+                .to_string();
+            for name in names {
+                assert!(err.contains(name), "{argv:?}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_defaults_are_consistent_and_a_zero_rate_means_no_budget() {
+        let config = ServerConfig::try_from(server(&[])).unwrap();
+        assert_eq!(config.pod_budget, Some((200.0, 400.0)));
+        assert_eq!(config.probe_addr.to_string(), "127.0.0.1:2703");
+        let config = ServerConfig::try_from(server(&["--pod-request-rate", "0"])).unwrap();
+        assert_eq!(config.pod_budget, None);
     }
 
     #[test]

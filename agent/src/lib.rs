@@ -19,14 +19,14 @@ pub mod server;
 pub mod token;
 pub mod upstream;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::Context as _;
 
 use crate::attribution::Resolver;
-use crate::config::ServerArgs;
+use crate::config::{ServerArgs, ServerConfig};
 use crate::ebpf::{SteerTarget, Steering};
 use crate::server::State;
 use crate::upstream::{EksAuth, EksAuthOptions};
@@ -48,7 +48,8 @@ pub fn report(e: &anyhow::Error) -> String {
 }
 
 /// Runs `server` until SIGTERM or SIGINT.
-pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
+pub async fn run_server(config: ServerConfig) -> anyhow::Result<()> {
+    let args = &config.flags;
     let eks = EksAuth::from_env(EksAuthOptions {
         cluster_name: args.cluster_name.clone(),
         endpoint: args.endpoint.clone(),
@@ -63,7 +64,7 @@ pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         tracing::warn!("eBPF disabled by --no-ebpf: serving the plain listeners without kernel attribution (fallback mode)");
         None
     } else {
-        match attach(&args) {
+        match attach(args) {
             Ok(s) => Some(s),
             Err(e) => {
                 // Serving without attribution beats leaving every pod of the node without credentials.
@@ -92,19 +93,21 @@ pub async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     let backlog = server::listen::backlog(args.listen_backlog);
     let fds = server::limits::raise_fd_limit();
     let listeners = server::bind_all(&args.bind_hosts, args.port, attributed_port, backlog)?;
-    let probe_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), args.probe_port);
+    let (probe_addr, metrics_addr) = (config.probe_addr, config.metrics_addr);
     let probe = bind_admin(probe_addr, backlog, "probes")?;
-    let metrics_addr = SocketAddr::new(args.metrics_address, args.metrics_port);
     let metrics_listener = bind_admin(metrics_addr, backlog, "metrics")?;
 
     let metrics = Arc::new(metrics::Metrics::default());
-    let cache = cache::Cache::new(Arc::new(eks), args.cache_config(), metrics.clone());
+    let cache = cache::Cache::new(Arc::new(eks), config.cache.clone(), metrics.clone());
     let state = Arc::new(State {
         cache,
         steering,
         resolver,
         unattributed: args.unattributed,
-        admission: admission::Admission::new(args.pod_request_rate, args.pod_request_burst),
+        admission: match config.pod_budget {
+            Some((rate, burst)) => admission::Admission::new(rate, burst),
+            None => admission::Admission::unlimited(),
+        },
         ready: AtomicBool::new(false),
         metrics,
     });

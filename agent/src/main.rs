@@ -12,7 +12,14 @@ fn main() -> std::process::ExitCode {
             println!("eks-pod-identity-agent {}", env!("CARGO_PKG_VERSION"));
             std::process::ExitCode::SUCCESS
         }
-        Command::Server(args) => run(agent::run_server(*args)),
+        Command::Server(args) => match agent::config::ServerConfig::try_from(*args) {
+            Ok(config) => run(agent::run_server(config)),
+            Err(e) => {
+                // As clap does for a bad value: the message, and exit 2.
+                eprintln!("eks-pod-identity-agent: {e}");
+                std::process::ExitCode::from(2)
+            }
+        },
         Command::Initialize(args) => run(agent::run_initialize(args)),
         Command::Uninstall(args) => run(async { agent::run_uninstall(args) }),
     }

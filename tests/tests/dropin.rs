@@ -195,6 +195,15 @@ fn bad_flag_values_exit_2_naming_the_flag() -> Result<()> {
             "--max-credential-retention-before-renewal",
         ),
         (&["server"][..], "--cluster-name"),
+        // Contradictions: both flags named.
+        (
+            &["server", "-c", "x", "--port", "2704"][..],
+            "--attributed-port",
+        ),
+        (
+            &["server", "-c", "x", "--pod-request-rate=-5"][..],
+            "--pod-request-rate",
+        ),
     ] {
         let out = Command::new(agent_bin()?).args(args).output()?;
         assert_eq!(out.status.code(), Some(2), "{args:?}");
