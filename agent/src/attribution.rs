@@ -85,7 +85,31 @@ pub struct PodCgroup {
     /// The cgroup directory.
     pub path: Arc<Path>,
     /// The pod UID in the path, when the cgroup belongs to a pod.
-    pub pod_uid: Option<String>,
+    pub pod_uid: Option<Arc<str>>,
+}
+
+/// Who a request is from once the kernel's word is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// A pod the kernel attributed the connection to.
+    Pod {
+        /// Its UID (from its cgroup path).
+        uid: Arc<str>,
+        /// The calling container's cgroup directory.
+        cgroup: Arc<Path>,
+    },
+    /// A plain-listener caller the policy allows, known only by its address.
+    Peer(std::net::IpAddr),
+}
+
+impl PodCgroup {
+    /// The pod identity this cgroup proves, if it is a pod's.
+    pub fn identity(&self) -> Option<Identity> {
+        Some(Identity::Pod {
+            uid: self.pod_uid.clone()?,
+            cgroup: self.path.clone(),
+        })
+    }
 }
 
 /// How long a resolution is trusted before the cgroup's existence is checked again.
@@ -118,7 +142,7 @@ impl Resolver {
             return;
         };
         let resolved = Arc::new(PodCgroup {
-            pod_uid: cgroup::pod_uid_from_path(path),
+            pod_uid: cgroup::pod_uid_from_path(path).map(Arc::from),
             path: Arc::from(path),
         });
         self.remember(meta.ino(), resolved);
@@ -154,7 +178,7 @@ impl Resolver {
         let path = cgroup::find_by_id(&self.root, id)?;
         // Shared, not cloned, on every request of this cgroup (the hot path).
         let resolved = Arc::new(PodCgroup {
-            pod_uid: cgroup::pod_uid_from_path(&path),
+            pod_uid: cgroup::pod_uid_from_path(&path).map(Arc::from),
             path: Arc::from(path),
         });
         self.remember(id, resolved.clone());

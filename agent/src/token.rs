@@ -112,6 +112,18 @@ pub fn parse(token: &str, now: i64) -> Result<Claims, TokenError> {
     Ok(claims)
 }
 
+/// A projected-token-shaped JWT (unsigned) naming pod `uid` in `ns`/`sa`, expiring at `exp`:
+/// for unit tests of code that reads claims.
+#[cfg(test)]
+pub(crate) fn test_token(uid: &str, exp: i64) -> String {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let payload = format!(
+        r#"{{"exp":{exp},"kubernetes.io":{{"namespace":"ns","pod":{{"name":"p","uid":"{uid}"}},"serviceaccount":{{"name":"sa"}}}}}}"#
+    );
+    format!("{}.{}.c2ln", b64(r#"{"alg":"RS256"}"#), b64(&payload))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

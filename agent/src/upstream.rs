@@ -267,6 +267,94 @@ fn classify(err: SdkError<AssumeRoleForPodIdentityError>) -> UpstreamError {
 mod tests {
     use super::*;
 
+    /// What classify makes of EKS Auth answering `status` with error `code`.
+    fn service_error(status: u16, code: &str) -> UpstreamError {
+        use aws_sdk_eksauth::config::http::HttpResponse;
+        use aws_sdk_eksauth::error::ErrorMetadata;
+        let err = AssumeRoleForPodIdentityError::generic(
+            ErrorMetadata::builder().code(code).message("m").build(),
+        );
+        let raw = HttpResponse::new(
+            status.try_into().unwrap(),
+            aws_smithy_types::body::SdkBody::empty(),
+        );
+        classify(SdkError::service_error(err, raw))
+    }
+
+    #[test]
+    fn eks_auth_errors_are_classified_by_status_and_code() {
+        for (status, code, outcome, kept) in [
+            (
+                404,
+                "ResourceNotFoundException",
+                "not_found",
+                "ResourceNotFoundException",
+            ),
+            (
+                400,
+                "ResourceNotFoundException",
+                "not_found",
+                "ResourceNotFoundException",
+            ),
+            (
+                400,
+                "InvalidTokenException",
+                "rejected",
+                "InvalidTokenException",
+            ),
+            (
+                403,
+                "AccessDeniedException",
+                "rejected",
+                "AccessDeniedException",
+            ),
+            (
+                400,
+                "InvalidParameterException",
+                "rejected",
+                "InvalidParameterException",
+            ),
+            (429, "TooManyRequests", "unavailable", "TooManyRequests"),
+            (
+                400,
+                "ThrottlingException",
+                "unavailable",
+                "ThrottlingException",
+            ),
+            (
+                500,
+                "InternalServerException",
+                "unavailable",
+                "InternalServerException",
+            ),
+            (
+                503,
+                "ServiceUnavailableException",
+                "unavailable",
+                "ServiceUnavailableException",
+            ),
+            (200, "Whatever", "unavailable", "InvalidResponse"),
+        ] {
+            let e = service_error(status, code);
+            assert_eq!((e.outcome(), e.code()), (outcome, kept), "{status} {code}");
+            assert_eq!(
+                e.is_permanent(),
+                outcome != "unavailable",
+                "{status} {code}"
+            );
+        }
+        let timeout = classify(SdkError::timeout_error("slow"));
+        assert_eq!(
+            (timeout.outcome(), timeout.code()),
+            ("unavailable", "Timeout")
+        );
+        let failed = classify(SdkError::construction_failure("no endpoint"));
+        assert_eq!(
+            (failed.outcome(), failed.code()),
+            ("unavailable", "RequestFailed")
+        );
+    }
+
     #[test]
     fn account_comes_from_the_role_arn() {
         assert_eq!(

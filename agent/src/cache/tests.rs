@@ -388,15 +388,7 @@ async fn a_throttled_request_call_keeps_trying_and_sdk_retries_join_it() {
     assert!(got.is_ok(), "{got:?}");
 }
 
-/// A token-shaped JWT naming pod `uid` and expiring at `exp`.
-fn jwt(uid: &str, exp: i64) -> String {
-    use base64::Engine as _;
-    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-    let payload = format!(
-        r#"{{"exp":{exp},"kubernetes.io":{{"namespace":"ns","pod":{{"name":"p","uid":"{uid}"}},"serviceaccount":{{"name":"sa"}}}}}}"#
-    );
-    format!("{}.{}.c2ln", b64(r#"{"alg":"RS256"}"#), b64(&payload))
-}
+use crate::token::test_token as jwt;
 
 #[tokio::test(start_paused = true)]
 async fn a_prewarmed_entry_answers_the_first_request_and_is_counted() {

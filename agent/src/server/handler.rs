@@ -1,6 +1,5 @@
 //! `GET /v1/credentials`: checks, the EKS Auth exchange, and the answer.
 
-use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -8,7 +7,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
 use super::State;
-use crate::attribution::{Caller, Outcome, PodCgroup, UnattributedPolicy};
+use crate::attribution::{Caller, Identity, Outcome, UnattributedPolicy};
 use crate::cache::{CacheError, Key, Lookup};
 use crate::credentials::error_json;
 use crate::metrics::{AttributionLabels, ListenerLabel};
@@ -175,7 +174,7 @@ pub async fn handle<B>(state: &State, caller: &Caller, req: Request<B>) -> Respo
             listener = caller.listener(),
             cgroup_id = caller.cgroup_id(),
             cgroup_path = pod.as_ref().map(|p| p.path.display().to_string()),
-            pod_uid = pod.as_ref().and_then(|p| p.pod_uid.clone()),
+            pod_uid = pod.as_ref().and_then(|p| p.pod_uid.as_deref()),
             micros = started.elapsed().as_micros() as u64,
             "request served"
         );
@@ -200,13 +199,10 @@ async fn credentials<B>(
     }
     check_host(req)?;
     // Who is calling, per the kernel, before the token is even looked at.
-    let caller_pod = identify(state, caller)?;
-    let admitted = match (&caller_pod, caller) {
-        (Some(pod), _) => state
-            .admission
-            .admit(pod.pod_uid.as_deref().unwrap_or_default()),
-        (None, Caller::Plain(ip)) => state.admission.admit(&ip.to_string()),
-        (None, _) => state.admission.admit(""),
+    let identity = identify(state, caller)?;
+    let admitted = match &identity {
+        Identity::Pod { uid, .. } => state.admission.admit(uid),
+        Identity::Peer(ip) => state.admission.admit(&ip.to_string()),
     };
     if !admitted {
         state
@@ -233,18 +229,17 @@ async fn credentials<B>(
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
     let claims = token::parse(token, now)?;
-    let key = match &caller_pod {
-        Some(pod) => {
-            let uid = pod.pod_uid.as_deref().expect("identify returns pods only");
-            if claims.pod_uid() != Some(uid) {
+    let (key, cgroup) = match identity {
+        Identity::Pod { uid, cgroup } => {
+            if claims.pod_uid() != Some(&*uid) {
                 count_attribution(state, caller, Outcome::Mismatch);
                 return Err(RequestError::Mismatch);
             }
             count_attribution(state, caller, Outcome::Attributed);
             // The kernel proved the pod; the token names its service account.
-            Key::for_pod(uid, &claims)
+            (Key::for_pod(&uid, &claims), Some(cgroup))
         }
-        None => Key::for_token(token),
+        Identity::Peer(_) => (Key::for_token(token), None),
     };
     let creds = state
         .cache
@@ -252,20 +247,20 @@ async fn credentials<B>(
             key,
             token: token.to_owned(),
             token_exp: claims.exp,
-            cgroup: caller_pod.map(|p| p.path.clone()),
+            cgroup,
         })
         .await?;
     Ok(creds.to_json())
 }
 
-/// The calling pod's cgroup (with its UID) when the kernel attributed the connection; `None`
-/// for plain-listener callers the policy allows. Refusals are counted here.
-fn identify(state: &State, caller: &Caller) -> Result<Option<Arc<PodCgroup>>, RequestError> {
+/// Who is calling: the pod the kernel attributed the connection to, or the peer address of a
+/// plain-listener caller the policy allows. Refusals are counted here.
+fn identify(state: &State, caller: &Caller) -> Result<Identity, RequestError> {
     match caller {
-        Caller::Plain(_) => {
+        Caller::Plain(ip) => {
             count_attribution(state, caller, Outcome::Unattributed);
             match state.unattributed {
-                UnattributedPolicy::Allow => Ok(None),
+                UnattributedPolicy::Allow => Ok(Identity::Peer(*ip)),
                 UnattributedPolicy::Deny => Err(RequestError::PlainDenied),
             }
         }
@@ -278,9 +273,9 @@ fn identify(state: &State, caller: &Caller) -> Result<Option<Arc<PodCgroup>>, Re
                 .resolver
                 .as_ref()
                 .and_then(|r| r.resolve(*id))
-                .filter(|pod| pod.pod_uid.is_some());
+                .and_then(|cgroup| cgroup.identity());
             match pod {
-                Some(pod) => Ok(Some(pod)),
+                Some(pod) => Ok(pod),
                 None => {
                     count_attribution(state, caller, Outcome::NotAPod);
                     Err(RequestError::NotAPod)
@@ -342,7 +337,10 @@ pub fn host_without_port(raw: &str) -> &str {
 }
 
 #[cfg(test)]
-mod tests {
+mod tests;
+
+#[cfg(test)]
+mod host_tests {
     use super::*;
 
     #[test]

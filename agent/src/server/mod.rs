@@ -211,7 +211,7 @@ async fn accept_loop(
     let local = bound.listener.local_addr().ok();
     tracing::info!(addr = ?local, kind = ?bound.kind, "listening");
     accept_until(&bound.listener, stop, |stream, peer| {
-        let caller = identify(&state, bound.kind, &stream, peer);
+        let caller = caller_of(&state, bound.kind, &stream, peer);
         let key = match caller {
             Caller::Attributed(id) => Peer::Cgroup(id),
             _ => Peer::Ip(peer.ip()),
@@ -276,7 +276,7 @@ pub(crate) fn http1() -> http1::Builder {
 }
 
 /// The kernel's word on who opened this connection, read before any byte of the request.
-fn identify(state: &State, kind: ListenerKind, stream: &TcpStream, peer: SocketAddr) -> Caller {
+fn caller_of(state: &State, kind: ListenerKind, stream: &TcpStream, peer: SocketAddr) -> Caller {
     match (kind, &state.steering, stream.local_addr()) {
         (ListenerKind::Attributed, Some(steering), Ok(local)) => steering
             .lookup(peer, local)

@@ -1,0 +1,289 @@
+//! `handle()` in process: a `State` without eBPF, a resolver over a temp-dir cgroup tree, a
+//! fake EKS Auth; every refusal's status and code, and a served request.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http_body_util::BodyExt;
+
+use super::*;
+use crate::admission::Admission;
+use crate::attribution::Resolver;
+use crate::cache::{Cache, CacheConfig, Fetcher};
+use crate::credentials::Credentials;
+use crate::metrics::Metrics;
+use crate::token::test_token;
+
+const UID: &str = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+const OTHER: &str = "11111111-2222-4333-8444-555555555555";
+
+/// EKS Auth answering every call with one result.
+struct Upstream(Mutex<Result<Credentials, UpstreamError>>);
+
+impl Fetcher for Upstream {
+    fn fetch(
+        &self,
+        _token: String,
+    ) -> Pin<Box<dyn Future<Output = Result<Credentials, UpstreamError>> + Send>> {
+        let result = self.0.lock().unwrap().clone();
+        Box::pin(async move { result })
+    }
+}
+
+/// A cgroup tree in a temp dir: the pod's container cgroup and a non-pod cgroup, by id.
+struct Tree {
+    root: PathBuf,
+    pod: u64,
+    not_a_pod: u64,
+}
+
+impl Tree {
+    fn new(name: &str) -> Self {
+        let root = std::env::temp_dir().join(format!("handler-{name}-{}", std::process::id()));
+        let pod = root.join(format!("kubepods/besteffort/pod{UID}/ctr"));
+        let qos = root.join("kubepods/burstable");
+        for d in [&pod, &qos] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let id = |p: &PathBuf| std::fs::metadata(p).unwrap().ino();
+        Self {
+            pod: id(&pod),
+            not_a_pod: id(&qos),
+            root,
+        }
+    }
+}
+
+impl Drop for Tree {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn state(
+    tree: &Tree,
+    upstream: Result<Credentials, UpstreamError>,
+    policy: UnattributedPolicy,
+) -> State {
+    let metrics = Arc::new(Metrics::default());
+    let config = CacheConfig {
+        request_retry_window: Duration::ZERO,
+        ..CacheConfig::default()
+    };
+    State {
+        cache: Cache::new(
+            Arc::new(Upstream(Mutex::new(upstream))),
+            config,
+            metrics.clone(),
+        ),
+        steering: None,
+        resolver: Some(Arc::new(Resolver::new(&tree.root))),
+        admission: Admission::unlimited(),
+        unattributed: policy,
+        ready: AtomicBool::new(true),
+        metrics,
+    }
+}
+
+fn creds() -> Credentials {
+    Credentials::new(
+        "ASIAHANDLER".into(),
+        "secret".into(),
+        "session".into(),
+        "123456789012".into(),
+        (now() + 3600) as u64,
+    )
+}
+
+fn request(method: &str, path: &str, host: Option<&str>, token: Option<&str>) -> Request<()> {
+    let mut r = Request::builder().method(method).uri(path);
+    if let Some(h) = host {
+        r = r.header(header::HOST, h);
+    }
+    if let Some(t) = token {
+        r = r.header(header::AUTHORIZATION, t);
+    }
+    r.body(()).unwrap()
+}
+
+/// Name, caller, request, and the (status, code) it must get.
+type Case<'a> = (&'a str, &'a Caller, Request<()>, (u16, &'a str));
+
+/// (status, body code) of one request.
+async fn ask(state: &State, caller: &Caller, req: Request<()>) -> (u16, String) {
+    let resp = handle(state, caller, req).await;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let code = json["code"]
+        .as_str()
+        .or_else(|| json["AccessKeyId"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    (status, code)
+}
+
+#[tokio::test]
+async fn every_refusal_has_its_status_and_code_and_a_pod_is_served() {
+    let tree = Tree::new("table");
+    let st = state(&tree, Ok(creds()), UnattributedPolicy::Allow);
+    let host = Some("169.254.170.23");
+    let own = test_token(UID, now() + 3600);
+    let other = test_token(OTHER, now() + 3600);
+    let expired = test_token(UID, now() - 60);
+    let pod = Caller::Attributed(tree.pod);
+    let peer = Caller::Plain("10.0.0.9".parse::<IpAddr>().unwrap());
+    let (unattributed, not_a_pod, unknown) = (
+        Caller::Unattributed,
+        Caller::Attributed(tree.not_a_pod),
+        Caller::Attributed(1),
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "served",
+            &pod,
+            request("GET", CREDENTIALS_PATH, host, Some(&own)),
+            (200, "ASIAHANDLER"),
+        ),
+        (
+            "other path",
+            &pod,
+            request("GET", "/v2/x", host, Some(&own)),
+            (404, "NotFound"),
+        ),
+        (
+            "POST",
+            &pod,
+            request("POST", CREDENTIALS_PATH, host, Some(&own)),
+            (405, "MethodNotAllowed"),
+        ),
+        (
+            "no Host",
+            &pod,
+            request("GET", CREDENTIALS_PATH, None, Some(&own)),
+            (400, "MissingHost"),
+        ),
+        (
+            "wrong Host",
+            &pod,
+            request("GET", CREDENTIALS_PATH, Some("evil.example"), Some(&own)),
+            (403, "AccessDenied"),
+        ),
+        (
+            "no token",
+            &pod,
+            request("GET", CREDENTIALS_PATH, host, None),
+            (400, "InvalidToken"),
+        ),
+        (
+            "not a JWT",
+            &pod,
+            request("GET", CREDENTIALS_PATH, host, Some("abc")),
+            (400, "InvalidToken"),
+        ),
+        (
+            "expired",
+            &pod,
+            request("GET", CREDENTIALS_PATH, host, Some(&expired)),
+            (400, "InvalidToken"),
+        ),
+        (
+            "replayed",
+            &pod,
+            request("GET", CREDENTIALS_PATH, host, Some(&other)),
+            (403, "TokenPodMismatch"),
+        ),
+        (
+            "no kernel record",
+            &unattributed,
+            request("GET", CREDENTIALS_PATH, host, Some(&own)),
+            (403, "Unattributed"),
+        ),
+        (
+            "not a pod",
+            &not_a_pod,
+            request("GET", CREDENTIALS_PATH, host, Some(&own)),
+            (403, "NotAPod"),
+        ),
+        (
+            "unknown cgroup",
+            &unknown,
+            request("GET", CREDENTIALS_PATH, host, Some(&own)),
+            (403, "NotAPod"),
+        ),
+        (
+            "plain, allowed",
+            &peer,
+            request("GET", CREDENTIALS_PATH, host, Some(&own)),
+            (200, "ASIAHANDLER"),
+        ),
+    ];
+    for (name, caller, req, (status, code)) in cases {
+        assert_eq!(
+            ask(&st, caller, req).await,
+            (status, code.to_owned()),
+            "{name}"
+        );
+    }
+    let deny = state(&tree, Ok(creds()), UnattributedPolicy::Deny);
+    let req = request("GET", CREDENTIALS_PATH, host, Some(&own));
+    assert_eq!(
+        ask(&deny, &peer, req).await,
+        (403, "Unattributed".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn eks_auth_errors_keep_their_code_and_map_to_a_status() {
+    let tree = Tree::new("upstream");
+    let own = test_token(UID, now() + 3600);
+    for (upstream, status) in [
+        (
+            UpstreamError::NotFound {
+                code: "ResourceNotFoundException".into(),
+                message: "m".into(),
+            },
+            404,
+        ),
+        (
+            UpstreamError::Rejected {
+                code: "AccessDeniedException".into(),
+                message: "m".into(),
+            },
+            400,
+        ),
+        (
+            UpstreamError::Unavailable {
+                code: "ThrottlingException".into(),
+                message: "m".into(),
+            },
+            503,
+        ),
+    ] {
+        let code = upstream.code().to_owned();
+        let st = state(&tree, Err(upstream), UnattributedPolicy::Allow);
+        let req = request(
+            "GET",
+            CREDENTIALS_PATH,
+            Some("[fd00:ec2::23]:80"),
+            Some(&own),
+        );
+        assert_eq!(
+            ask(&st, &Caller::Attributed(tree.pod), req).await,
+            (status, code)
+        );
+    }
+}
