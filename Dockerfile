@@ -1,5 +1,5 @@
 # Multi-stage image build. It cannot be built on the development machines (no Docker engine);
-# it follows the same recipe as `cargo xtask build` (see ../shared/TOOLCHAIN.md).
+# it follows the same recipe as `cargo xtask build` (see docs/toolchain.md).
 #
 #   docker build -t eks-pod-identity-agent:0.1.0 .
 #   docker build --target fake-eks-auth -t fake-eks-auth:kind .   # test double for deploy/kind

@@ -74,7 +74,7 @@ pub fn find_by_id(root: &Path, id: u64) -> Option<PathBuf> {
     None
 }
 
-/// The pod UID named by a kubelet cgroup path, per PROTOCOL.md §4: the last component
+/// The pod UID named by a kubelet cgroup path, per docs/protocol.md §4: the last component
 /// that names a pod, in cgroupfs (`pod<uid>`) or systemd (`kubepods-<qos>-pod<uid_>.slice`) form.
 pub fn pod_uid_from_path(path: &Path) -> Option<String> {
     path.components().rev().find_map(|c| {

@@ -1,5 +1,5 @@
 //! A token issuer standing in for the API server: mints projected-token-shaped RS256 JWTs
-//! (claims per PROTOCOL.md §3) with a key made for this run.
+//! (claims per docs/protocol.md §3) with a key made for this run.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -130,7 +130,7 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 /// A command that, between fork and exec, joins `cgroup` (if any) and then the network
 /// namespace `netns`. Unlike `ip netns exec`, it does not remount /sys, so the cgroup2
-/// mount and bpffs stay visible (EBPF-NOTES.md P1).
+/// mount and bpffs stay visible (docs/kernel-notes.md).
 pub fn command_in(
     program: impl AsRef<std::ffi::OsStr>,
     netns: File,

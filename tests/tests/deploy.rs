@@ -205,3 +205,39 @@ fn the_operators_guide_documents_every_flag_and_metric() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn the_repository_cites_only_its_own_files() -> Result<()> {
+    let out = Command::new("git")
+        .current_dir(repo(""))
+        .args(["ls-files"])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "git ls-files failed");
+    let outside = [
+        "../shared",
+        "TOOLCHAIN.md",
+        "PROTOCOL.md",
+        "EBPF-NOTES",
+        "DESIGN.md",
+    ];
+    let mut found = Vec::new();
+    for file in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(text) = std::fs::read_to_string(repo(file)) else {
+            continue; // binary
+        };
+        for cite in outside {
+            if text.contains(cite) && !file.ends_with("tests/deploy.rs") {
+                found.push(format!("{file}: {cite}"));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "files a clone does not have are cited: {found:#?}"
+    );
+    // And what it cites instead exists.
+    for doc in ["architecture", "protocol", "kernel-notes", "toolchain"] {
+        assert!(repo(&format!("docs/{doc}.md")).is_file(), "docs/{doc}.md");
+    }
+    Ok(())
+}

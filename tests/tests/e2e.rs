@@ -120,7 +120,7 @@ fn a_pod_without_an_association_gets_a_404_its_sdk_reports_with_the_reason() -> 
     let out = sdk_client(&sb, pod, credentials_url(true))?;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    // The Rust SDK reports the status and drops the body (PROTOCOL.md §1); the reason is in
+    // The Rust SDK reports the status and drops the body (docs/protocol.md §1); the reason is in
     // the body, which curl shows above.
     assert!(
         err.contains("StatusCode(404)"),

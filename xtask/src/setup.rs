@@ -1,4 +1,4 @@
-//! Installs the toolchain of ../shared/TOOLCHAIN.md, only what is missing.
+//! Installs the toolchain of docs/toolchain.md, only what is missing.
 
 use std::process::Command;
 
@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use crate::steps::run as run_cmd;
 use crate::steps::{cargo_bin_dir, step};
 
-/// Debian packages: the BPF compiler and its prebuilt core (TOOLCHAIN.md), LLVM for
+/// Debian packages: the BPF compiler and its prebuilt core (docs/toolchain.md), LLVM for
 /// bpf-linker, and the tools the sandbox uses.
 pub const APT_PACKAGES: &[&str] = &[
     "rustc-web",

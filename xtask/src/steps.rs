@@ -59,7 +59,7 @@ pub fn ebpf_object() -> PathBuf {
     root().join("agent-ebpf/target/bpfel-unknown-none/release/agent-ebpf")
 }
 
-/// Builds the BPF object with Debian's rustc and its prebuilt `core` for bpfel (TOOLCHAIN.md).
+/// Builds the BPF object with Debian's rustc and its prebuilt `core` for bpfel (docs/toolchain.md).
 pub fn build_ebpf() -> Result<()> {
     for tool in ["/usr/bin/rustc", "/usr/bin/cargo"] {
         if !Path::new(tool).exists() {

@@ -174,7 +174,7 @@ macro_rules! attach_or_update {
                 tracing::info!(program = $name, "replaced the program inside the pinned link");
             }
             None => {
-                // `Single` is what makes a bpf_link; aya 0.14's AllowMultiple fails (EBPF-NOTES P2).
+                // `Single` is what makes a bpf_link; aya 0.14's AllowMultiple fails (docs/kernel-notes.md).
                 let id = $prog.attach($cgroup.fd, CgroupAttachMode::Single).map_err(wrap)?;
                 if let Some(dir) = $pins {
                     let link: FdLink = $prog
