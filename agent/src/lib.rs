@@ -1,6 +1,7 @@
 //! EKS Pod Identity node agent: serves pods their IAM credentials, knowing from the kernel
 //! which pod is calling.
 #![deny(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod admission;
 pub mod attribution;

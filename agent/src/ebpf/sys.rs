@@ -60,9 +60,13 @@ const BPF_LINK_UPDATE: libc::c_long = 29;
 /// `statfs` magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i64> {
-    // SAFETY: attr is a zeroed-then-filled 128-byte bpf_attr; pointers inside it refer to
-    // buffers that outlive the call.
+/// `bpf(cmd, attr)`.
+///
+/// # Safety
+/// `attr` must be a valid `bpf_attr` for `cmd`: every pointer in it must refer to a buffer of
+/// the size the command expects that outlives the call.
+unsafe fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i64> {
+    // SAFETY: the caller vouches for attr (see above); the size passed is attr's own.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -90,7 +94,8 @@ pub fn obj_get(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
     let path = c_path(path)?;
     let mut attr = [0u64; 16];
     attr[0] = path.as_ptr() as u64;
-    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: obj_get's attr holds only the pathname, a NUL-terminated string alive here.
+    let fd = unsafe { bpf(BPF_OBJ_GET, &mut attr)? };
     // SAFETY: the kernel just returned this fd to us.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -102,7 +107,8 @@ pub fn link_update(link: &impl AsFd, new_prog: &impl AsFd) -> io::Result<()> {
     // link_update: link_fd u32 @0, new_prog_fd u32 @4, flags u32 @8, old_prog_fd u32 @12.
     attr[0] = u64::from(link.as_fd().as_raw_fd() as u32)
         | (u64::from(new_prog.as_fd().as_raw_fd() as u32) << 32);
-    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+    // SAFETY: link_update's attr holds two fds and no pointers.
+    unsafe { bpf(BPF_LINK_UPDATE, &mut attr) }.map(drop)
 }
 
 /// The cgroup id (inode) a cgroup link is attached to.
@@ -114,15 +120,17 @@ pub fn link_cgroup_id(link: &impl AsFd) -> io::Result<u64> {
     attr[0] =
         u64::from(link.as_fd().as_raw_fd() as u32) | ((std::mem::size_of_val(&info) as u64) << 32);
     attr[1] = info.as_mut_ptr() as u64;
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    // SAFETY: info points to `info`, whose size is info_len, alive for the call.
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)? };
     Ok(info[2])
 }
 
 /// Whether `dir` is on a bpf file system.
 pub fn is_bpffs(dir: &std::path::Path) -> io::Result<bool> {
     let path = c_path(dir)?;
-    // SAFETY: statfs fills the zeroed struct; path is NUL-terminated.
+    // SAFETY: statfs is plain old data; all-zero is a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs fills the struct; path is NUL-terminated and alive.
     if unsafe { libc::statfs(path.as_ptr(), &mut st) } != 0 {
         return Err(io::Error::last_os_error());
     }
