@@ -10,9 +10,7 @@ mod schedule;
 #[cfg(test)]
 mod tests;
 
-use std::future::Future;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -25,8 +23,9 @@ use crate::credentials::Credentials;
 use crate::metrics::{
     ErrorLabels, EvictionLabel, Metrics, OutcomeLabel, ResultLabel, StateLabel, UpstreamLabels,
 };
-use crate::upstream::UpstreamError;
-use schedule::{jittered, Queue, TokenBucket};
+use crate::upstream::pacing::{self, jittered, Pacer};
+use crate::upstream::{Fetcher, UpstreamError};
+use schedule::{Queue, TokenBucket};
 
 /// What identifies a cache entry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -62,15 +61,6 @@ impl Key {
         let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
         Key::Token(d.as_ref().try_into().expect("SHA-256 is 32 bytes"))
     }
-}
-
-/// Exchanges a token for credentials (EKS Auth in production, fakes in tests).
-pub trait Fetcher: Send + Sync + 'static {
-    /// One upstream call.
-    fn fetch(
-        &self,
-        token: String,
-    ) -> Pin<Box<dyn Future<Output = Result<Credentials, UpstreamError>> + Send>>;
 }
 
 /// Cache tuning; every duration is configurable so tests run in seconds.
@@ -201,6 +191,8 @@ impl Purpose {
 pub struct Cache {
     entries: DashMap<Key, Arc<Slot>>,
     fetcher: Arc<dyn Fetcher>,
+    /// Paces every EKS Auth call to what EKS Auth grants while it throttles.
+    pacer: Pacer,
     config: CacheConfig,
     metrics: Arc<Metrics>,
     queue: Arc<Queue<Key>>,
@@ -229,6 +221,7 @@ impl Cache {
         let cache = Arc::new(Self {
             entries: DashMap::new(),
             fetcher,
+            pacer: Pacer::default(),
             bucket: TokenBucket::new(config.refresh_qps.max(0.01), config.refresh_qps.max(1.0)),
             inflight_all: Semaphore::new(config.max_inflight.max(2)),
             inflight_refresh: Arc::new(Semaphore::new((config.max_inflight / 2).max(1))),
@@ -500,10 +493,8 @@ impl Cache {
                 while matches!(result, Err(UpstreamError::Unavailable { .. }))
                     && Instant::now() < give_up
                 {
-                    let backoff = Duration::from_millis(200)
-                        .saturating_mul(1 << attempt.min(4))
-                        .min(Duration::from_secs(2));
-                    tokio::time::sleep(jittered(backoff, 0.5)).await;
+                    let (base, cap) = pacing::REQUEST_RETRY;
+                    tokio::time::sleep(pacing::backoff(base, attempt, cap)).await;
                     attempt += 1;
                     result = cache.call_upstream(token.clone(), purpose).await;
                 }
@@ -536,11 +527,14 @@ impl Cache {
             }
             Purpose::Request | Purpose::Prewarm => None,
         };
+        // The call's turn first (no permit held while waiting), then a permit.
+        self.pacer.acquire().await;
         let _permit = self.inflight_all.acquire().await.expect("never closed");
         self.metrics.upstream_inflight.inc();
         let started = Instant::now();
         let result = self.fetcher.fetch(token.to_string()).await;
         self.metrics.upstream_inflight.dec();
+        self.pacer.record(&result);
         let (outcome, code) = match &result {
             Ok(_) => ("success", String::new()),
             Err(e) => (e.outcome(), e.code().to_owned()),
@@ -608,17 +602,17 @@ impl Cache {
                 // Transient: keep serving what we have; retry with backoff while it is usable.
                 st.failures += 1;
                 if let Some(c) = st.creds.as_ref().filter(|c| self.usable(c, now)) {
-                    let backoff = self
-                        .config
-                        .retry_backoff
-                        .saturating_mul(1 << st.failures.min(16).saturating_sub(1))
-                        .min(Duration::from_secs(300));
+                    let backoff = pacing::backoff(
+                        self.config.retry_backoff,
+                        st.failures - 1,
+                        Duration::from_secs(300),
+                    );
                     // Never back off past the last moment the credentials can be served.
                     let last_chance = c
                         .expires_at
                         .checked_sub(self.config.min_remaining)
                         .unwrap_or(now);
-                    let due = (now + jittered(backoff, 0.5)).min(last_chance.max(now));
+                    let due = (now + backoff).min(last_chance.max(now));
                     st.next_refresh = Some(due);
                     self.queue.push(key.clone(), due);
                 }

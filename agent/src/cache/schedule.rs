@@ -1,5 +1,5 @@
-//! Timing helpers of the cache: a refresh queue ordered soonest-first, a token bucket for the
-//! refresh budget, and jitter.
+//! Timing helpers of the cache: a refresh queue ordered soonest-first and a token bucket for
+//! the refresh budget.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -104,21 +104,6 @@ impl TokenBucket {
             tokio::time::sleep(wait).await;
         }
     }
-}
-
-/// A random fraction in [0, 1).
-pub fn random_fraction() -> f64 {
-    let mut b = [0u8; 4];
-    // Jitter needs no cryptographic quality; fall back to the midpoint if the RNG fails.
-    if aws_lc_rs::rand::fill(&mut b).is_err() {
-        return 0.5;
-    }
-    f64::from(u32::from_ne_bytes(b)) / (f64::from(u32::MAX) + 1.0)
-}
-
-/// `base` shortened by up to `fraction` of itself, at random: spreads refreshes out.
-pub fn jittered(base: Duration, fraction: f64) -> Duration {
-    base.mul_f64(1.0 - fraction * random_fraction())
 }
 
 #[cfg(test)]

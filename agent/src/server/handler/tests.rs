@@ -15,10 +15,11 @@ use http_body_util::BodyExt;
 use super::*;
 use crate::admission::Admission;
 use crate::attribution::Resolver;
-use crate::cache::{Cache, CacheConfig, Fetcher};
+use crate::cache::{Cache, CacheConfig};
 use crate::credentials::Credentials;
 use crate::metrics::Metrics;
 use crate::token::test_token;
+use crate::upstream::Fetcher;
 
 const UID: &str = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
 const OTHER: &str = "11111111-2222-4333-8444-555555555555";

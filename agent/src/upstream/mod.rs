@@ -1,5 +1,6 @@
 //! The EKS Auth client: `AssumeRoleForPodIdentity` through `aws-sdk-eksauth`.
 
+pub mod pacing;
 use std::time::Duration;
 
 use aws_config::BehaviorVersion;
@@ -106,12 +107,9 @@ impl EksAuth {
         if sdk.region().is_none() {
             return Err(SetupError::NoRegion);
         }
-        // One quick retry at most: the pod's SDK retries 503s itself, and retries here would
-        // multiply EKS Auth load and the pod's wait.
-        let retry = RetryConfig::standard()
-            .with_max_attempts(2)
-            .with_initial_backoff(Duration::from_millis(50))
-            .with_max_backoff(Duration::from_millis(200));
+        // No SDK retries: the cache retries by one policy (`pacing`), paced to what EKS Auth
+        // grants; a second layer here would multiply attempts when EKS Auth asks for fewer.
+        let retry = RetryConfig::disabled();
         let mut builder = aws_sdk_eksauth::config::Builder::from(&sdk)
             .retry_config(retry)
             .timeout_config(
@@ -175,7 +173,18 @@ impl EksAuth {
     }
 }
 
-impl crate::cache::Fetcher for EksAuth {
+/// Exchanges a token for credentials (EKS Auth in production, fakes in tests).
+pub trait Fetcher: Send + Sync + 'static {
+    /// One upstream call.
+    fn fetch(
+        &self,
+        token: String,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Credentials, UpstreamError>> + Send>,
+    >;
+}
+
+impl Fetcher for EksAuth {
     fn fetch(
         &self,
         token: String,
