@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use tests::agent::{scrape, Agent, CLUSTER};
 use tests::cgroups::Driver;
-use tests::clients::{credentials_url, curl, load_result, spawn_load};
+use tests::clients::{credentials_url, curl, load_result, spawn_load, spawn_load_with};
 use tests::fake_eks::{FakeEksAuth, Fault};
 use tests::fixtures::metric;
 use tests::sandbox::{PodSpec, Sandbox};
@@ -70,6 +70,45 @@ fn a_cold_burst_of_100_pods_times_10_requests_makes_100_upstream_calls() -> Resu
     );
     assert_eq!(ok, 1000);
     assert_eq!(fake.calls(), 100, "exactly one EKS Auth call per pod");
+    Ok(())
+}
+
+#[test]
+fn throttling_is_absorbed_not_amplified() -> Result<()> {
+    // The bench's cold burst as a test: 100 pods x 10 requests while EKS Auth admits 20 calls a
+    // second. Before one retry policy and the adaptive rate: 498-572 attempts for 100 calls.
+    let (sb, fake) = node(100)?;
+    let _agent = Agent::start(&sb, &fake, &[])?;
+    fake.set_fault(Fault::RateLimit(20));
+    let loads: Vec<_> = (0..100)
+        .map(|pod| {
+            spawn_load_with(
+                &sb,
+                pod,
+                0,
+                "169.254.170.23:80",
+                "/v1/credentials",
+                10,
+                10,
+                &[("LOAD_RETRIES", "3")],
+            )
+        })
+        .collect::<Result<_>>()?;
+    for (pod, load) in loads.into_iter().enumerate() {
+        let r = load_result(load)?;
+        assert_eq!(
+            r.count(200),
+            10,
+            "pod {pod} after 3 SDK-like retries: {r:?}"
+        );
+    }
+    assert_eq!(fake.issued().len(), 100, "one successful call per pod");
+    let attempts = fake.calls();
+    eprintln!("100 pods served under throttling with {attempts} EKS Auth attempts");
+    assert!(
+        attempts <= 150,
+        "{attempts} attempts for 100 successful calls"
+    );
     Ok(())
 }
 

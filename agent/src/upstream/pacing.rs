@@ -107,8 +107,9 @@ impl Pacer {
                     .last_cut
                     .is_none_or(|t| now.duration_since(t) >= CUT_EVERY)
                 {
-                    let granted = (st.granted.len() as f64 * 0.9).max(MIN_RATE);
-                    st.rate = Some(st.rate.map_or(granted, |r| r.min(granted).max(MIN_RATE)));
+                    // Re-estimated from scratch each time: an estimate made before all of a
+                    // burst's answers were in is corrected by the next throttle.
+                    st.rate = Some((st.granted.len() as f64 * 0.9).max(MIN_RATE));
                     st.last_cut = Some(now);
                     st.last_change = Some(now);
                     tracing::info!(rate = st.rate, "EKS Auth is throttling: pacing calls");
