@@ -2,10 +2,12 @@
 //! gets its own token bucket, so one pod hammering the agent cannot crowd out the others (the
 //! reference agent has one global limiter for everyone).
 
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dashmap::DashMap;
+use tokio::time::Instant;
+
+use crate::bucket::TokenBucket;
 
 /// Buckets kept before idle ones are pruned.
 const PRUNE_ABOVE: usize = 50_000;
@@ -15,7 +17,7 @@ const PRUNE_ABOVE: usize = 50_000;
 pub struct Admission {
     rate: f64,
     burst: f64,
-    buckets: DashMap<String, Mutex<(f64, Instant)>>,
+    buckets: DashMap<String, TokenBucket>,
 }
 
 impl Admission {
@@ -43,32 +45,20 @@ impl Admission {
         if self.rate <= 0.0 {
             return true;
         }
-        let now = Instant::now();
         if let Some(bucket) = self.buckets.get(key) {
-            return self.take(&bucket, now);
+            return bucket.try_take().is_ok();
         }
         if self.buckets.len() > PRUNE_ABOVE {
             let idle = Duration::from_secs_f64(self.burst / self.rate) + Duration::from_secs(1);
+            let now = Instant::now();
             self.buckets
-                .retain(|_, b| now.duration_since(b.get_mut().expect("not poisoned").1) < idle);
+                .retain(|_, b| now.duration_since(b.last_used()) < idle);
         }
         let bucket = self
             .buckets
             .entry(key.to_owned())
-            .or_insert_with(|| Mutex::new((self.burst, now)));
-        self.take(&bucket, now)
-    }
-
-    fn take(&self, bucket: &Mutex<(f64, Instant)>, now: Instant) -> bool {
-        let mut b = bucket.lock().expect("not poisoned");
-        b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * self.rate).min(self.burst);
-        b.1 = now;
-        if b.0 >= 1.0 {
-            b.0 -= 1.0;
-            true
-        } else {
-            false
-        }
+            .or_insert_with(|| TokenBucket::new(self.rate, self.burst));
+        bucket.try_take().is_ok()
     }
 }
 

@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// The IPv4 credential address pods are given.
-pub const DEFAULT_IPV4_HOST: &str = "169.254.170.23";
+/// The IPv4 credential address pods are given (defined once; everything else derives from it).
+pub const CREDENTIAL_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 170, 23);
 /// The IPv6 credential address pods are given.
-pub const DEFAULT_IPV6_HOST: &str = "fd00:ec2::23";
+pub const CREDENTIAL_V6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x23);
 
 /// Where `server` pins its maps and links.
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/eks-pod-identity-agent";
@@ -93,7 +94,7 @@ pub struct ServerArgs {
 
     /// Hosts to listen on; IPv6 in brackets. Repeatable.
     #[arg(short = 'b', long = "bind-hosts", env = "POD_IDENTITY_BIND_HOSTS", value_delimiter = ',',
-          default_values = [DEFAULT_IPV4_HOST, "[fd00:ec2::23]"],
+          default_values_t = [IpAddr::V4(CREDENTIAL_V4), IpAddr::V6(CREDENTIAL_V6)],
           value_parser = parse_bind_host)]
     pub bind_hosts: Vec<IpAddr>,
 

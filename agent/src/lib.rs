@@ -5,6 +5,7 @@
 
 pub mod admission;
 pub mod attribution;
+pub mod bucket;
 pub mod cache;
 pub mod cgroup;
 pub mod config;

@@ -10,7 +10,7 @@ use rtnetlink::packet_route::link::{LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use rtnetlink::{Handle, LinkBridge, LinkDummy, LinkUnspec, RouteMessageBuilder};
 
-use crate::config::{DEFAULT_IPV4_HOST, DEFAULT_IPV6_HOST};
+use crate::config::{CREDENTIAL_V4, CREDENTIAL_V6};
 
 /// The link the reference agent creates.
 pub const LINK_NAME: &str = "pod-id-link0";
@@ -145,8 +145,7 @@ pub async fn initialize() -> Result<Outcome, NetSetupError> {
         .await
         .map_err(nl(format!("bringing {LINK_NAME} up")))?;
 
-    let v4: Ipv4Addr = DEFAULT_IPV4_HOST.parse().expect("constant");
-    let v6: Ipv6Addr = DEFAULT_IPV6_HOST.parse().expect("constant");
+    let (v4, v6) = (CREDENTIAL_V4, CREDENTIAL_V6);
     let mut outcome = Outcome {
         kind: link_kind(&link),
         addresses: Vec::new(),

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
@@ -278,10 +278,7 @@ impl Prewarmer {
             .flatten()
             .map(|volume| volume.path().join(TOKEN_FILE))
             .find_map(|file| read_token(&file).map(|t| (file, t)))?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        let claims = token::parse(&token, now).ok()?;
+        let claims = token::parse(&token, token::epoch_secs() as i64).ok()?;
         // A token naming another pod is never used for this one.
         if claims.pod_uid() != Some(uid) {
             return None;

@@ -70,6 +70,14 @@ impl Claims {
     }
 }
 
+/// Seconds since the Unix epoch by the wall clock (0 if the clock is before 1970): the one
+/// place wall-clock time is read, for token windows and credential expiry.
+pub fn epoch_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// Checks the token's shape and time window (`now` in epoch seconds) and returns its claims.
 pub fn parse(token: &str, now: i64) -> Result<Claims, TokenError> {
     if token.is_empty() {

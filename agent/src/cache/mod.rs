@@ -16,19 +16,20 @@ mod tests;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use crate::bucket::TokenBucket;
 use crate::credentials::Credentials;
 use crate::metrics::{
     ErrorLabels, EvictionLabel, Metrics, OutcomeLabel, ResultLabel, StateLabel, UpstreamLabels,
 };
 use crate::upstream::pacing::{self, jittered, Pacer};
 use crate::upstream::{Fetcher, UpstreamError};
-use schedule::{Queue, TokenBucket};
+use schedule::Queue;
 
 /// What identifies a cache entry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -232,9 +233,7 @@ impl Cache {
             metrics,
             queue: Arc::new(Queue::new()),
             started: Instant::now(),
-            epoch_at_start: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64()),
+            epoch_at_start: crate::token::epoch_secs(),
         });
         tokio::spawn(Self::run_refreshes(
             Arc::downgrade(&cache),

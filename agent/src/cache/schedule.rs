@@ -1,10 +1,8 @@
-//! Timing helpers of the cache: a refresh queue ordered soonest-first and a token bucket for
-//! the refresh budget.
+//! The cache's refresh queue, ordered soonest-first.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -68,46 +66,10 @@ impl<K: Ord + Clone> Queue<K> {
     }
 }
 
-/// A token bucket: `rate` tokens per second, holding at most `burst`.
-#[derive(Debug)]
-pub struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    state: Mutex<(f64, Instant)>,
-}
-
-impl TokenBucket {
-    /// A full bucket.
-    pub fn new(rate: f64, burst: f64) -> Self {
-        Self {
-            rate,
-            burst,
-            state: Mutex::new((burst, Instant::now())),
-        }
-    }
-
-    /// Takes one token, waiting until one is available.
-    pub async fn acquire(&self) {
-        loop {
-            let wait = {
-                let mut st = self.state.lock().expect("not poisoned");
-                let now = Instant::now();
-                let refill = now.duration_since(st.1).as_secs_f64() * self.rate;
-                st.0 = (st.0 + refill).min(self.burst);
-                st.1 = now;
-                if st.0 >= 1.0 {
-                    st.0 -= 1.0;
-                    return;
-                }
-                Duration::from_secs_f64((1.0 - st.0) / self.rate)
-            };
-            tokio::time::sleep(wait).await;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[tokio::test(start_paused = true)]
@@ -120,20 +82,5 @@ mod tests {
         assert_eq!((k, at), ("soon", now + Duration::from_secs(10)));
         assert!(Instant::now() >= now + Duration::from_secs(10));
         assert_eq!(q.next().await.0, "late");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn bucket_paces_to_its_rate() {
-        let b = TokenBucket::new(3.0, 3.0);
-        let start = Instant::now();
-        for _ in 0..9 {
-            b.acquire().await;
-        }
-        // 3 from the burst, then 6 more at 3/s: 2 s.
-        let took = start.elapsed();
-        assert!(
-            took >= Duration::from_millis(1990) && took <= Duration::from_millis(2010),
-            "{took:?}"
-        );
     }
 }

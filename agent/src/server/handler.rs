@@ -1,6 +1,6 @@
 //! `GET /v1/credentials`: checks, the EKS Auth exchange, and the answer.
 
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -9,6 +9,7 @@ use http_body_util::Full;
 use super::State;
 use crate::attribution::{Caller, Identity, Outcome, UnattributedPolicy};
 use crate::cache::{CacheError, Key, Lookup};
+use crate::config::{CREDENTIAL_V4, CREDENTIAL_V6};
 use crate::credentials::error_json;
 use crate::metrics::{AttributionLabels, ListenerLabel};
 use crate::token::{self, TokenError};
@@ -225,10 +226,7 @@ async fn credentials<B>(
         })
         .transpose()?
         .unwrap_or_default();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    let claims = token::parse(token, now)?;
+    let claims = token::parse(token, token::epoch_secs() as i64)?;
     let (key, cgroup) = match identity {
         Identity::Pod { uid, cgroup } => {
             if claims.pod_uid() != Some(&*uid) {
@@ -298,7 +296,6 @@ fn count_attribution(state: &State, caller: &Caller, outcome: Outcome) {
 
 /// Accepts the two credential addresses, with or without a port, as the reference agent does.
 fn check_host<B>(req: &Request<B>) -> Result<(), RequestError> {
-    const HOSTS: [&str; 2] = ["169.254.170.23", "fd00:ec2::23"];
     let raw = req
         .headers()
         .get(header::HOST)
@@ -310,19 +307,24 @@ fn check_host<B>(req: &Request<B>) -> Result<(), RequestError> {
             return Err(RequestError::MissingHost);
         }
         return Err(RequestError::BadHost {
-            hosts: HOSTS.join(" "),
+            hosts: credential_hosts(),
             got: String::new(),
         });
     };
-    let host = host_without_port(raw);
-    if HOSTS.contains(&host) {
+    let host = host_without_port(raw).parse::<std::net::IpAddr>();
+    if host.is_ok_and(|ip| ip == CREDENTIAL_V4 || ip == CREDENTIAL_V6) {
         Ok(())
     } else {
         Err(RequestError::BadHost {
-            hosts: HOSTS.join(" "),
+            hosts: credential_hosts(),
             got: raw.to_owned(),
         })
     }
+}
+
+/// The credential addresses, as the Host refusal names them.
+fn credential_hosts() -> String {
+    format!("{CREDENTIAL_V4} {CREDENTIAL_V6}")
 }
 
 /// `169.254.170.23:80` → `169.254.170.23`, `[fd00:ec2::23]:80` → `fd00:ec2::23`.

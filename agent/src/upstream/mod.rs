@@ -161,7 +161,7 @@ impl EksAuth {
             .to_millis()
             .ok()
             .and_then(|ms| u64::try_from(ms / 1000).ok())
-            .filter(|&exp| exp > now_epoch_secs())
+            .filter(|&exp| exp as f64 > crate::token::epoch_secs())
             .ok_or(UpstreamError::Incomplete("a valid expiration"))?;
         Ok(Credentials::new(
             creds.access_key_id().to_owned(),
@@ -225,12 +225,6 @@ impl ProvideCredentials for RotatingSharedCredentials {
             ))
         })
     }
-}
-
-fn now_epoch_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// The account of an ARN (`arn:partition:service:region:account:resource`).
