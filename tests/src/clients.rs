@@ -202,6 +202,30 @@ pub fn spawn_load_with(
         .context("starting load")
 }
 
+/// A cold burst: each of the first `pods` pods asks 10 times at once (new connections), and
+/// retries a 5xx or a failed connect `retries` times, 1 s apart, as SDKs do.
+pub fn spawn_cold_burst(
+    sb: &Sandbox,
+    pods: usize,
+    retries: u32,
+) -> Result<Vec<std::process::Child>> {
+    let retries = retries.to_string();
+    (0..pods)
+        .map(|pod| {
+            spawn_load_with(
+                sb,
+                pod,
+                0,
+                "169.254.170.23:80",
+                "/v1/credentials",
+                10,
+                10,
+                &[("LOAD_RETRIES", retries.as_str())],
+            )
+        })
+        .collect()
+}
+
 /// Waits for a `spawn_load` child and parses its result.
 pub fn load_result(child: std::process::Child) -> Result<LoadResult> {
     let out = child.wait_with_output()?;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use tests::agent::{scrape, Agent, CLUSTER};
 use tests::cgroups::Driver;
-use tests::clients::{credentials_url, curl, load_result, spawn_load, spawn_load_with};
+use tests::clients::{credentials_url, curl, load_result, spawn_cold_burst, spawn_load};
 use tests::fake_eks::{FakeEksAuth, Fault};
 use tests::fixtures::metric;
 use tests::sandbox::{PodSpec, Sandbox};
@@ -80,22 +80,9 @@ fn throttling_is_absorbed_not_amplified() -> Result<()> {
     let (sb, fake) = node(100)?;
     let _agent = Agent::start(&sb, &fake, &[])?;
     fake.set_fault(Fault::RateLimit(20));
-    let loads: Vec<_> = (0..100)
-        .map(|pod| {
-            spawn_load_with(
-                &sb,
-                pod,
-                0,
-                "169.254.170.23:80",
-                "/v1/credentials",
-                10,
-                10,
-                // Patient clients: this test counts EKS Auth attempts, and beside the other
-                // suites' load the last pods are served after the SDKs' usual 3 retries.
-                &[("LOAD_RETRIES", "8")],
-            )
-        })
-        .collect::<Result<_>>()?;
+    // Patient clients (8 retries): this test counts EKS Auth attempts, and beside the other
+    // suites' load the last pods are served after the SDKs' usual 3 retries.
+    let loads = spawn_cold_burst(&sb, 100, 8)?;
     for (pod, load) in loads.into_iter().enumerate() {
         let r = load_result(load)?;
         assert_eq!(r.count(200), 10, "pod {pod}: {r:?}");

@@ -15,7 +15,9 @@ use serde_json::json;
 use tests::agent::{Agent, CLUSTER};
 use tests::budget::{is_out_of_time, Deadline, OutOfTime};
 use tests::cgroups::Driver;
-use tests::clients::{credentials_url, curl, helper_bin, spawn_load_with, LoadResult};
+use tests::clients::{
+    credentials_url, curl, helper_bin, spawn_cold_burst, spawn_load_with, LoadResult,
+};
 use tests::fake_eks::{FakeEksAuth, Fault};
 use tests::issuer::TokenSubject;
 use tests::sandbox::{PodSpec, Sandbox};
@@ -386,20 +388,7 @@ fn cold_burst(report: &mut Report, deadline: &Deadline) -> Result<()> {
     fake.set_fault(Fault::RateLimit(20));
     let started = Instant::now();
     // SDK-like clients: retry 5xx up to 3 times, 1 s apart.
-    let children: Vec<_> = (0..100)
-        .map(|pod| {
-            spawn_load_with(
-                &sb,
-                pod,
-                0,
-                "169.254.170.23:80",
-                "/v1/credentials",
-                10,
-                10,
-                &[("LOAD_RETRIES", "3")],
-            )
-        })
-        .collect::<Result<_>>()?;
+    let children = spawn_cold_burst(&sb, 100, 3)?;
     let mut failures = 0;
     let mut retries = 0;
     let mut waited = 0;
