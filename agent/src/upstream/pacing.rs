@@ -107,9 +107,13 @@ impl Pacer {
                     .last_cut
                     .is_none_or(|t| now.duration_since(t) >= CUT_EVERY)
                 {
-                    // Re-estimated from scratch each time: an estimate made before all of a
-                    // burst's answers were in is corrected by the next throttle.
-                    st.rate = Some((st.granted.len() as f64 * 0.9).max(MIN_RATE));
+                    // Re-estimated each time (an estimate made before all of a burst's answers
+                    // were in is corrected by the next throttle), but never below half the
+                    // current pace: a throttle met while paced slowly sees few grants, and
+                    // taking that for the limit would spiral down.
+                    let granted = st.granted.len() as f64 * 0.9;
+                    let floor = st.rate.map_or(MIN_RATE, |r| (r * 0.5).max(MIN_RATE));
+                    st.rate = Some(granted.max(floor));
                     st.last_cut = Some(now);
                     st.last_change = Some(now);
                     tracing::info!(rate = st.rate, "EKS Auth is throttling: pacing calls");
