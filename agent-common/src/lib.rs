@@ -44,6 +44,56 @@ pub struct TupleKey {
 /// Maximum number of live attributed connections tracked at once.
 pub const TUPLE_MAP_ENTRIES: u32 = 65_536;
 
+/// The per-pod connect budget (the `BUDGET` array's one entry), written by user space.
+///
+/// A generic cell rate algorithm: each pod has one "theoretical arrival time" and a connect is
+/// admitted while that time is at most `tolerance_ns` ahead of now. It is a token bucket of
+/// `tolerance_ns / interval_ns + 1` tokens refilled one per `interval_ns`, kept in one word.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BudgetConfig {
+    /// cgroup id of the pods cgroup the programs are attached to.
+    pub pods_root: u64,
+    /// cgroup ids of the QoS-class cgroups directly under it (`besteffort`, `burstable`);
+    /// pods in them sit one level deeper. 0: none.
+    pub qos: [u64; 2],
+    /// Nanoseconds per connect at the sustained rate; 0 disables the budget.
+    pub interval_ns: u64,
+    /// How far ahead of now a pod's arrival time may run: (burst - 1) × interval.
+    pub tolerance_ns: u64,
+}
+
+impl BudgetConfig {
+    /// Whether a connect at `now` (ns) from a pod whose arrival time is `tat` is admitted;
+    /// if so, the pod's new arrival time. No division, no overflow for any sane setting:
+    /// the kernel and the user-side tests run this same arithmetic.
+    #[inline(always)]
+    pub fn admit(&self, tat: u64, now: u64) -> Option<u64> {
+        let start = if tat > now { tat } else { now };
+        if start - now > self.tolerance_ns {
+            None
+        } else {
+            Some(start.saturating_add(self.interval_ns))
+        }
+    }
+}
+
+/// One pod's connect budget in the `POD_BUDGETS` map, keyed by the pod cgroup's id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodBudget {
+    /// Theoretical arrival time of the pod's next connect (kernel monotonic ns).
+    pub tat: u64,
+    /// Connects refused since the entry was made.
+    pub refused: u64,
+}
+
+/// Most pods with a connect budget at once; beyond, connects proceed unbudgeted (counted).
+pub const POD_BUDGET_ENTRIES: u32 = 16_384;
+
+/// Deepest cgroup level searched for the pods cgroup (the kernel's root is level 0).
+pub const MAX_CGROUP_LEVEL: i32 = 32;
+
 /// Slots of the per-CPU `COUNTERS` array: how far the programs got.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,11 +115,15 @@ pub enum Counter {
     PeerNameRewritten = 6,
     /// Connects that could not store their cgroup mark on the socket.
     MarkFailed = 7,
+    /// Connects refused in the kernel: their pod was over its connect budget.
+    BudgetRefused = 8,
+    /// Connects let through without a budget: no pod cgroup found, or the budget map full.
+    BudgetUntracked = 9,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 8] = [
+    pub const ALL: [Counter; 10] = [
         Counter::Steered4,
         Counter::Steered6,
         Counter::TupleRecorded,
@@ -78,6 +132,8 @@ impl Counter {
         Counter::TupleDeleted,
         Counter::PeerNameRewritten,
         Counter::MarkFailed,
+        Counter::BudgetRefused,
+        Counter::BudgetUntracked,
     ];
 
     /// Stable snake_case name for metrics and logs.
@@ -91,6 +147,8 @@ impl Counter {
             Counter::TupleDeleted => "tuple_deleted",
             Counter::PeerNameRewritten => "peername_rewritten",
             Counter::MarkFailed => "mark_failed",
+            Counter::BudgetRefused => "budget_refused",
+            Counter::BudgetUntracked => "budget_untracked",
         }
     }
 }
@@ -108,6 +166,10 @@ pub mod names {
     pub const SK_CGROUP: &str = "SK_CGROUP";
     /// Per-CPU counters.
     pub const COUNTERS: &str = "COUNTERS";
+    /// Per-pod connect budget settings (array, one entry).
+    pub const BUDGET: &str = "BUDGET";
+    /// Pod cgroup id → its connect budget (hash).
+    pub const POD_BUDGETS: &str = "POD_BUDGETS";
     /// `cgroup/connect4` program.
     pub const CONNECT4: &str = "connect4";
     /// `cgroup/connect6` program.
@@ -126,4 +188,8 @@ mod user {
     unsafe impl aya::Pod for super::SteerConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TupleKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BudgetConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PodBudget {}
 }

@@ -8,14 +8,21 @@
 //!   reused tuple never inherits a stale pod.
 //! * `getpeername4` / `getpeername6` keep the rewrite invisible to the client.
 //!
-//! The programs never deny: every path returns "proceed" (fail open in the kernel, closed in HTTP).
+//! The programs deny one thing only: a connect to the credential address from a pod over its
+//! connect budget (`ECONNREFUSED`, counted per pod). Everything else, a map error or a full
+//! map included, proceeds (fail open in the kernel, closed in HTTP).
 #![no_std]
 #![no_main]
+// The bpfel target has no atomic read-modify-write types; the intrinsic lowers to BPF's xadd.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
+use core::intrinsics::AtomicOrdering;
 use core::ptr::{self, read_volatile};
 
 use agent_common::{
-    Counter, SteerConfig, TupleKey, CONFIG_INDEX, COUNTER_SLOTS, TUPLE_MAP_ENTRIES,
+    BudgetConfig, Counter, PodBudget, SteerConfig, TupleKey, CONFIG_INDEX, COUNTER_SLOTS,
+    MAX_CGROUP_LEVEL, POD_BUDGET_ENTRIES, TUPLE_MAP_ENTRIES,
 };
 use aya_ebpf::{
     bindings::{
@@ -23,14 +30,26 @@ use aya_ebpf::{
         BPF_TCP_CLOSE,
     },
     btf_maps::SkStorage,
-    helpers::{bpf_get_current_cgroup_id, generated::bpf_sk_storage_get},
+    helpers::{
+        bpf_get_current_cgroup_id,
+        generated::{
+            bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_ns, bpf_set_retval,
+            bpf_sk_storage_get,
+        },
+    },
     macros::{btf_map, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, PerCpuArray},
     programs::{SockAddrContext, SockOpsContext},
 };
 
-/// cgroup sock_addr programs: 1 lets the syscall proceed.
+/// cgroup sock_addr programs: 1 lets the syscall proceed, 0 fails it.
 const PROCEED: i32 = 1;
+const DENY: i32 = 0;
+/// What a connect over budget fails with: what a client sees when nothing listens, so SDKs
+/// back off and retry as they already do.
+const ECONNREFUSED: i32 = 111;
+/// `BPF_NOEXIST`: create only.
+const NOEXIST: u64 = 1;
 const IPPROTO_TCP: u32 = 6;
 const AF_INET: u32 = 2;
 /// `::ffff:0:0/96` prefix word, network order.
@@ -46,6 +65,13 @@ static TUPLES: HashMap<TupleKey, u64> = HashMap::with_max_entries(TUPLE_MAP_ENTR
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+#[map]
+static BUDGET: Array<BudgetConfig> = Array::with_max_entries(1, 0);
+
+/// Pod cgroup id → connect budget. User space deletes the entries of pods that are gone.
+#[map]
+static POD_BUDGETS: HashMap<u64, PodBudget> = HashMap::with_max_entries(POD_BUDGET_ENTRIES, 0);
 
 /// The cgroup id that connected this socket; its presence also means "we steered it".
 #[btf_map]
@@ -77,6 +103,94 @@ fn steer(ctx: &SockAddrContext, cfg: &SteerConfig, counter: Counter) {
     bump(counter);
 }
 
+/// The calling pod's cgroup id: the child of the pods cgroup, or the grandchild when the child
+/// is a QoS-class cgroup. 0 when the caller is not inside a pod.
+#[inline(always)]
+fn caller_pod(budget: &BudgetConfig) -> u64 {
+    // SAFETY (all helper calls below): no pointers, allowed in cgroup sock_addr programs.
+    let ancestor = |level: i32| unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+    // The pods cgroup's level is found, not configured: it holds across cgroup namespaces.
+    let mut level = 0;
+    while level < MAX_CGROUP_LEVEL {
+        let id = ancestor(level);
+        if id == 0 {
+            return 0;
+        }
+        if id == budget.pods_root {
+            break;
+        }
+        level += 1;
+    }
+    let child = ancestor(level + 1);
+    if child != 0 && (child == budget.qos[0] || child == budget.qos[1]) {
+        ancestor(level + 2)
+    } else {
+        child
+    }
+}
+
+/// Charges one connect to the caller's pod. False only for a pod found over its budget.
+#[inline(always)]
+fn within_budget() -> bool {
+    let Some(budget) = BUDGET.get(CONFIG_INDEX) else {
+        return true;
+    };
+    if budget.interval_ns == 0 {
+        return true;
+    }
+    let pod = caller_pod(budget);
+    if pod == 0 {
+        bump(Counter::BudgetUntracked);
+        return true;
+    }
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(entry) = POD_BUDGETS.get_ptr_mut(&pod) else {
+        let first = PodBudget {
+            tat: budget.admit(0, now).unwrap_or(now),
+            refused: 0,
+        };
+        // Full map (or a racing insert): proceed unbudgeted.
+        if POD_BUDGETS.insert(&pod, &first, NOEXIST).is_err() {
+            bump(Counter::BudgetUntracked);
+        }
+        return true;
+    };
+    // Unlocked read-modify-write: two CPUs racing on one pod may both be admitted, never
+    // both refused. The error is at most one connect per racing CPU.
+    // SAFETY: non-null pointer into the map value.
+    match budget.admit(unsafe { (*entry).tat }, now) {
+        Some(next) => {
+            // SAFETY: as above.
+            unsafe { (*entry).tat = next };
+            true
+        }
+        None => {
+            // SAFETY: as above; an atomic add, so concurrent refusals are all counted.
+            unsafe {
+                core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                    &raw mut (*entry).refused,
+                    1,
+                )
+            };
+            bump(Counter::BudgetRefused);
+            false
+        }
+    }
+}
+
+/// Steers a connect to the credential address, or refuses it when its pod is over budget.
+#[inline(always)]
+fn steer_or_refuse(ctx: &SockAddrContext, cfg: &SteerConfig, counter: Counter) -> i32 {
+    if !within_budget() {
+        // SAFETY: cgroup sock_addr programs may set the syscall's return value.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        return DENY;
+    }
+    steer(ctx, cfg, counter);
+    PROCEED
+}
+
 /// Reads (destination port, protocol) of a sock_addr context.
 #[inline(always)]
 fn port_and_proto(ctx: &SockAddrContext) -> (u32, u32) {
@@ -101,7 +215,7 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
         // SAFETY: fixed-offset context read.
         let ip = unsafe { read_volatile(&raw const (*ctx.sock_addr).user_ip4) };
         if proto == IPPROTO_TCP && port == cfg.port && cfg.addr4 != 0 && ip == cfg.addr4 {
-            steer(&ctx, cfg, Counter::Steered4);
+            return steer_or_refuse(&ctx, cfg, Counter::Steered4);
         }
     }
     PROCEED
@@ -117,7 +231,7 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
             // A dual-stack socket dialling 169.254.170.23 arrives here as ::ffff:169.254.170.23.
             let mapped = cfg.addr4 != 0 && ip == [0, 0, V4_MAPPED, cfg.addr4];
             if native || mapped {
-                steer(&ctx, cfg, Counter::Steered6);
+                return steer_or_refuse(&ctx, cfg, Counter::Steered6);
             }
         }
     }

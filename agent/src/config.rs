@@ -168,6 +168,15 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = 400.0, env = "POD_IDENTITY_POD_REQUEST_BURST")]
     pub pod_request_burst: f64,
 
+    /// New connections per second each pod may open to the credential addresses, enforced in
+    /// the kernel (over it, the connect fails with ECONNREFUSED); 0 for no limit.
+    #[arg(long, default_value_t = 100.0, env = "POD_IDENTITY_POD_CONNECT_RATE")]
+    pub pod_connect_rate: f64,
+
+    /// Connections each pod may open at once after being idle.
+    #[arg(long, default_value_t = 200.0, env = "POD_IDENTITY_POD_CONNECT_BURST")]
+    pub pod_connect_burst: f64,
+
     /// How long a request's EKS Auth call keeps retrying throttling and 5xx in the background
     /// (callers get a 503 "retry" at the response deadline and join it); 0 disables.
     #[arg(long, default_value = "10s", env = "POD_IDENTITY_UPSTREAM_RETRY_WINDOW", value_parser = parse_duration)]
@@ -246,12 +255,16 @@ pub enum ConfigError {
         /// Its value.
         value: f64,
     },
-    /// A rate without room for one request.
-    #[error("--pod-request-burst ({burst}) must be at least 1 when --pod-request-rate ({rate}) limits requests")]
+    /// A rate without room for one request or connect.
+    #[error("{burst_flag} ({burst}) must be at least 1 when {rate_flag} ({rate}) limits")]
     BurstBelowOne {
-        /// `--pod-request-rate`.
+        /// The rate flag.
+        rate_flag: &'static str,
+        /// Its value.
         rate: f64,
-        /// `--pod-request-burst`.
+        /// The burst flag.
+        burst_flag: &'static str,
+        /// Its value.
         burst: f64,
     },
     /// Two listeners on one port.
@@ -279,10 +292,33 @@ pub struct ServerConfig {
     pub cache: crate::cache::CacheConfig,
     /// Requests per second and burst each pod may make; `None`: no limit.
     pub pod_budget: Option<(f64, f64)>,
+    /// Connects per second and burst each pod may make, enforced in the kernel; `None`: no limit.
+    pub connect_budget: Option<crate::ebpf::ConnectBudget>,
     /// Where `/healthz` and `/readyz` listen (localhost).
     pub probe_addr: SocketAddr,
     /// Where `/metrics` listens.
     pub metrics_addr: SocketAddr,
+}
+
+/// A checked (rate, burst) pair; `None` when the rate is 0 (no limit).
+fn rate_and_burst(
+    (rate_flag, rate): (&'static str, f64),
+    (burst_flag, burst): (&'static str, f64),
+) -> Result<Option<(f64, f64)>, ConfigError> {
+    for (flag, value) in [(rate_flag, rate), (burst_flag, burst)] {
+        if !value.is_finite() || value < 0.0 {
+            return Err(ConfigError::NotARate { flag, value });
+        }
+    }
+    if rate > 0.0 && burst < 1.0 {
+        return Err(ConfigError::BurstBelowOne {
+            rate_flag,
+            rate,
+            burst_flag,
+            burst,
+        });
+    }
+    Ok((rate > 0.0).then_some((rate, burst)))
 }
 
 impl TryFrom<ServerArgs> for ServerConfig {
@@ -295,18 +331,15 @@ impl TryFrom<ServerArgs> for ServerConfig {
                 floor: flags.min_credential_lifetime,
             });
         }
-        for (flag, value) in [
+        let pod_budget = rate_and_burst(
             ("--pod-request-rate", flags.pod_request_rate),
             ("--pod-request-burst", flags.pod_request_burst),
-        ] {
-            if !value.is_finite() || value < 0.0 {
-                return Err(ConfigError::NotARate { flag, value });
-            }
-        }
-        let (rate, burst) = (flags.pod_request_rate, flags.pod_request_burst);
-        if rate > 0.0 && burst < 1.0 {
-            return Err(ConfigError::BurstBelowOne { rate, burst });
-        }
+        )?;
+        let connect_budget = rate_and_burst(
+            ("--pod-connect-rate", flags.pod_connect_rate),
+            ("--pod-connect-burst", flags.pod_connect_burst),
+        )?
+        .map(|(rate, burst)| crate::ebpf::ConnectBudget { rate, burst });
         let ports = [
             ("--port", flags.port),
             ("--attributed-port", flags.attributed_port),
@@ -323,7 +356,8 @@ impl TryFrom<ServerArgs> for ServerConfig {
         }
         Ok(Self {
             cache: flags.cache_config(),
-            pod_budget: (rate > 0.0).then_some((rate, burst)),
+            pod_budget,
+            connect_budget,
             probe_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), flags.probe_port),
             metrics_addr: SocketAddr::new(flags.metrics_address, flags.metrics_port),
             flags,
@@ -527,6 +561,11 @@ mod tests {
                 &["--pod-request-burst", "--pod-request-rate"][..],
             ),
             (
+                &["--pod-connect-rate", "5", "--pod-connect-burst", "0"][..],
+                &["--pod-connect-burst", "--pod-connect-rate"][..],
+            ),
+            (&["--pod-connect-rate=-3"][..], &["--pod-connect-rate"][..]),
+            (
                 &["--port", "2704"][..],
                 &["--port", "--attributed-port"][..],
             ),
@@ -553,8 +592,22 @@ mod tests {
         let config = ServerConfig::try_from(server(&[])).unwrap();
         assert_eq!(config.pod_budget, Some((200.0, 400.0)));
         assert_eq!(config.probe_addr.to_string(), "127.0.0.1:2703");
-        let config = ServerConfig::try_from(server(&["--pod-request-rate", "0"])).unwrap();
+        assert_eq!(
+            config.connect_budget,
+            Some(crate::ebpf::ConnectBudget {
+                rate: 100.0,
+                burst: 200.0
+            })
+        );
+        let config = ServerConfig::try_from(server(&[
+            "--pod-request-rate",
+            "0",
+            "--pod-connect-rate",
+            "0",
+        ]))
+        .unwrap();
         assert_eq!(config.pod_budget, None);
+        assert_eq!(config.connect_budget, None);
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub async fn run_server(config: ServerConfig) -> anyhow::Result<()> {
         tracing::warn!("eBPF disabled by --no-ebpf: serving the plain listeners without kernel attribution (fallback mode)");
         None
     } else {
-        match attach(args) {
+        match attach(args, config.connect_budget) {
             Ok(s) => Some(s),
             Err(e) => {
                 // Serving without attribution beats leaving every pod of the node without credentials.
@@ -113,6 +113,12 @@ pub async fn run_server(config: ServerConfig) -> anyhow::Result<()> {
         ready: AtomicBool::new(false),
         metrics,
     });
+    if state.steering.is_some() {
+        tokio::spawn(sweep_budgets(
+            Arc::downgrade(&state),
+            args.cache_sweep_interval,
+        ));
+    }
     if let Some(kubelet_root) = &args.prewarm {
         let pods_root = match (&state.steering, &args.cgroup_root) {
             (Some(s), _) => Some(s.cgroup().to_path_buf()),
@@ -167,6 +173,24 @@ pub async fn run_server(config: ServerConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every `interval`, removes the kernel connect budgets of pods that are gone.
+async fn sweep_budgets(state: std::sync::Weak<State>, interval: std::time::Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(state) = state.upgrade() else { return };
+        let Some(steering) = &state.steering else {
+            return;
+        };
+        match steering.sweep_budgets() {
+            Ok(0) => {}
+            Ok(removed) => tracing::debug!(removed, "connect budgets of gone pods removed"),
+            Err(e) => tracing::warn!(error = %e, "sweeping connect budgets failed"),
+        }
+    }
+}
+
 fn bind_admin(
     addr: SocketAddr,
     backlog: u32,
@@ -207,7 +231,10 @@ pub async fn run_initialize(args: crate::config::InitializeArgs) -> anyhow::Resu
 }
 
 /// Loads and attaches the programs to the pods cgroup, and checks they are in effect.
-fn attach(args: &ServerArgs) -> anyhow::Result<Steering> {
+fn attach(
+    args: &ServerArgs,
+    budget: Option<crate::ebpf::ConnectBudget>,
+) -> anyhow::Result<Steering> {
     let root = match &args.cgroup_root {
         Some(p) => p.clone(),
         None => cgroup::default_pods_root()?,
@@ -228,6 +255,7 @@ fn attach(args: &ServerArgs) -> anyhow::Result<Steering> {
             port: args.port,
             attributed_port: args.attributed_port,
         },
+        budget,
         (!args.no_pin).then_some(args.bpffs_dir.as_path()),
     )
     .with_context(|| format!("attaching eBPF programs to {}", root.display()))?;

@@ -144,6 +144,13 @@ pub struct EventLabel {
     pub event: &'static str,
 }
 
+/// `pod` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PodLabel {
+    /// Pod UID.
+    pub pod: String,
+}
+
 /// Every metric the agent exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -189,6 +196,10 @@ pub struct Metrics {
     pub ebpf_tuples: Gauge<u64, AtomicU64>,
     /// The eBPF programs' counters, read from the kernel at scrape time.
     pub ebpf_events: Family<EventLabel, Gauge<u64, AtomicU64>>,
+    /// Pods with a connect budget in the kernel (read at scrape time).
+    pub ebpf_pod_budgets: Gauge<u64, AtomicU64>,
+    /// Connects the kernel refused per pod over its connect budget (read at scrape time).
+    pub pod_connects_refused: Family<PodLabel, Gauge<u64, AtomicU64>>,
 }
 
 fn register<M: prometheus_client::registry::Metric>(
@@ -226,6 +237,8 @@ impl Default for Metrics {
         let ebpf_events = Family::default();
         let attribution = Family::default();
         let ebpf_tuples = Gauge::default();
+        let ebpf_pod_budgets = Gauge::default();
+        let pod_connects_refused = Family::default();
         let cache_entries = Gauge::default();
         let connection_errors = Family::default();
         let admission_rejected = Family::default();
@@ -379,6 +392,20 @@ impl Default for Metrics {
             "Live connections in the kernel's attribution map",
             ebpf_tuples.clone(),
         );
+        register(
+            &mut registry,
+            &mut names,
+            "pod_identity_ebpf_pod_budgets",
+            "Pods with a connect budget in the kernel (entries go when the pod's cgroup does)",
+            ebpf_pod_budgets.clone(),
+        );
+        register(
+            &mut registry,
+            &mut names,
+            "pod_identity_pod_connects_refused",
+            "Connects to the credential addresses the kernel refused, per pod over --pod-connect-rate",
+            pod_connects_refused.clone(),
+        );
         Self {
             registry,
             names,
@@ -395,6 +422,8 @@ impl Default for Metrics {
             prewarm_first_hits,
             attribution,
             ebpf_tuples,
+            ebpf_pod_budgets,
+            pod_connects_refused,
             http_response,
             cache_state,
             cache_errors,

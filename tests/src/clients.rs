@@ -138,8 +138,11 @@ pub struct LoadResult {
     pub statuses: std::collections::BTreeMap<String, u64>,
     /// Requests that got no HTTP answer.
     pub errors: u64,
-    /// Of those, connects that failed (nothing listening).
+    /// Of those, connects that failed (nothing listening, or the kernel's budget).
     pub refused: u64,
+    /// The failed connects by error kind (`ConnectionRefused`, ...).
+    #[serde(default)]
+    pub connect_errors: std::collections::BTreeMap<String, u64>,
     /// Of those, connections that broke without an answer.
     pub broken: u64,
     /// Median latency, µs.

@@ -11,8 +11,8 @@ use crate::cgroups::Driver;
 use crate::fake_eks::FakeEksAuth;
 use crate::sandbox::Sandbox;
 
-/// Agent flags lifting the per-pod request budget, for suites that load one pod on purpose.
-pub const UNLIMITED: &[&str] = &["--pod-request-rate", "0"];
+/// Agent flags lifting the per-pod request and connect budgets, for suites that load one pod on purpose.
+pub const UNLIMITED: &[&str] = &["--pod-request-rate", "0", "--pod-connect-rate", "0"];
 
 /// A sandbox whose fake EKS Auth knows `app/reader` (role ReaderRole) but not `app/stranger`.
 pub fn node(driver: Driver) -> Result<(Sandbox, FakeEksAuth)> {

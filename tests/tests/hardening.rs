@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use base64::Engine as _;
 use tests::agent::{scrape, Agent};
 use tests::cgroups::Driver;
@@ -445,10 +445,20 @@ fn one_pod_flooding_the_agent_is_held_to_its_budget_and_others_are_served() -> R
     let flooder = sb.add_pod(PodSpec::new("app", "reader"))?;
     let quiet = sb.add_pod(PodSpec::new("app", "reader"))?;
     // The quiet pod asks at most ~600/s (sequential cache hits), under its 1,000/s budget.
+    // The flood reuses its 16 connections (keep-alive): the kernel's connect budget never
+    // sees it, so the user-space request budget is what holds it.
     let _agent = Agent::start(
         &sb,
         &fake,
-        &["--pod-request-rate", "1000", "--pod-request-burst", "1000"],
+        &[
+            "--pod-request-rate",
+            "1000",
+            "--pod-request-burst",
+            "1000",
+            // The quiet pod opens ~600 connections/s itself; the kernel budget has its own test.
+            "--pod-connect-rate",
+            "0",
+        ],
     )?;
     // The quiet pod alone: its unloaded latency.
     let alone = load_result(spawn_load(
@@ -463,7 +473,7 @@ fn one_pod_flooding_the_agent_is_held_to_its_budget_and_others_are_served() -> R
     // Its bucket refills; then the flood (bounded: 20,000 requests, 16 at a time) with the
     // quiet pod asking beside it.
     std::thread::sleep(Duration::from_secs(1));
-    let flood = spawn_load(
+    let flood = spawn_load_with(
         &sb,
         flooder,
         0,
@@ -471,6 +481,7 @@ fn one_pod_flooding_the_agent_is_held_to_its_budget_and_others_are_served() -> R
         "/v1/credentials",
         20_000,
         16,
+        &[("LOAD_KEEPALIVE", "1")],
     )?;
     std::thread::sleep(Duration::from_millis(300));
     let beside = load_result(spawn_load(
@@ -511,6 +522,139 @@ fn one_pod_flooding_the_agent_is_held_to_its_budget_and_others_are_served() -> R
     Ok(())
 }
 
+#[test]
+fn a_pod_over_its_connect_budget_is_refused_in_the_kernel_and_the_others_are_not() -> Result<()> {
+    let (mut sb, fake) = node(Driver::Cgroupfs)?;
+    // Two containers: the budget is the pod's, not each container's.
+    let flooder = sb.add_pod(PodSpec {
+        containers: 2,
+        ..PodSpec::new("app", "reader")
+    })?;
+    let quiet = sb.add_pod(PodSpec::new("app", "reader"))?;
+    // 5 connects/s, 10 at once: small enough to cross in a test, with no request budget.
+    let agent = Agent::start(
+        &sb,
+        &fake,
+        &[
+            "--pod-request-rate",
+            "0",
+            "--pod-connect-rate",
+            "5",
+            "--pod-connect-burst",
+            "10",
+            "--cache-sweep-interval",
+            "1s",
+        ],
+    )?;
+    // The quiet pod's first connect is admitted and gives it a budget of its own.
+    assert_eq!(
+        curl(&sb, quiet, 0, credentials_url(false), &[])?.status,
+        200
+    );
+    // 60 connects, IPv4 from one container and IPv6 from the other, at once (a refused
+    // connect backs off 10 ms).
+    let runs = [(0, "169.254.170.23:80"), (1, "[fd00:ec2::23]:80")]
+        .map(|(c, addr)| spawn_load(&sb, flooder, c, addr, "/v1/credentials", 30, 1));
+    let mut admitted = 0;
+    let mut refused = 0;
+    let mut elapsed_ms: u64 = 0;
+    for run in runs {
+        let r = load_result(run?)?;
+        // Refused in the kernel, as a closed port refuses: ECONNREFUSED, nothing else.
+        assert_eq!(
+            r.refused,
+            r.connect_errors
+                .get("ConnectionRefused")
+                .copied()
+                .unwrap_or(0),
+            "{r:?}"
+        );
+        assert_eq!(r.broken, 0, "{r:?}");
+        admitted += r.count(200);
+        refused += r.refused;
+        elapsed_ms = elapsed_ms.max(r.elapsed_ms);
+    }
+    // Each of the 60 attempts was answered or refused at connect (load does not retry).
+    assert_eq!(admitted + refused, 60);
+    // At least the burst, at most the burst plus what 5/s refilled meanwhile.
+    let budget = 10.0 + 5.0 * elapsed_ms as f64 / 1000.0;
+    assert!(
+        (10..=(budget + 2.0) as u64).contains(&admitted),
+        "{admitted} connects admitted in {elapsed_ms} ms, budget {budget:.0}"
+    );
+    assert!(refused > 0, "the flooding pod was never refused");
+    // The quiet pod, beside it, is not.
+    for ipv6 in [false, true] {
+        assert_eq!(curl(&sb, quiet, 0, credentials_url(ipv6), &[])?.status, 200);
+    }
+    // The agent never saw the refused connects; the kernel counted them, per pod.
+    let text = scrape(&sb)?;
+    let events = |event: &str| {
+        metric(
+            &text,
+            &format!("pod_identity_ebpf_events{{event=\"{event}\"}}"),
+        )
+    };
+    assert_eq!(events("budget_refused")?, refused, "{text}");
+    assert_eq!(events("budget_untracked")?, 0, "{text}");
+    assert_eq!(
+        events("steered4")? + events("steered6")?,
+        admitted + 3,
+        "{text}"
+    );
+    let per_pod = |i: usize| {
+        metric(
+            &text,
+            &format!(
+                "pod_identity_pod_connects_refused{{pod=\"{}\"}}",
+                sb.pods()[i].uid
+            ),
+        )
+    };
+    assert_eq!(per_pod(flooder)?, refused, "{text}");
+    assert!(
+        per_pod(quiet).is_err(),
+        "the quiet pod has no refusals: {text}"
+    );
+    assert_eq!(metric(&text, "pod_identity_ebpf_pod_budgets")?, 2, "{text}");
+    // The budget refills: two seconds idle buy 10 connects again.
+    std::thread::sleep(Duration::from_secs(2));
+    let again = load_result(spawn_load(
+        &sb,
+        flooder,
+        0,
+        "169.254.170.23:80",
+        "/v1/credentials",
+        10,
+        1,
+    )?)?;
+    assert_eq!((again.count(200), again.refused), (10, 0), "{again:?}");
+    // The pod is deleted: its budget goes with its cgroup at the next sweep.
+    let containers = &sb.pods()[flooder].containers;
+    for dir in containers {
+        std::fs::remove_dir(dir)?;
+    }
+    std::fs::remove_dir(containers[0].parent().context("pod cgroup")?)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = scrape(&sb)?;
+        if metric(&text, "pod_identity_ebpf_pod_budgets")? == 1 {
+            assert!(
+                !text.contains(&sb.pods()[flooder].uid),
+                "the deleted pod is still reported: {text}"
+            );
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the deleted pod's budget stayed: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(agent);
+    Ok(())
+}
+
 /// Starts `conn-flood` from pod `pod` and waits until it holds its connections.
 fn flood(
     sb: &tests::sandbox::Sandbox,
@@ -547,6 +691,10 @@ fn a_descriptor_flood_on_any_port_cannot_starve_another_pods_credentials() -> Re
             tests::agent::CLUSTER,
             "--cgroup-root",
             &root,
+            // The per-connection caps under test, not the kernel's connect budget (which
+            // would refuse this flood of the credential port after 200 connects).
+            "--pod-connect-rate",
+            "0",
         ],
         &[],
     )?;

@@ -1,6 +1,7 @@
 //! Loads the embedded BPF object, configures it, attaches it to the pods cgroup and reads
 //! its maps: who opened an accepted connection, and how far the programs got.
 
+pub mod budget;
 mod sys;
 
 use std::fs::File;
@@ -8,12 +9,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use agent_common::{names, Counter, SteerConfig, TupleKey, CONFIG_INDEX};
+use agent_common::{names, BudgetConfig, Counter, PodBudget, SteerConfig, TupleKey, CONFIG_INDEX};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
 use aya::{Ebpf, EbpfLoader};
 
+pub use budget::ConnectBudget;
 pub use sys::AttachType;
 
 /// The BPF object built by `cargo xtask build-ebpf`, embedded at compile time.
@@ -141,6 +143,9 @@ pub struct Steering {
     _bpf: Ebpf,
     tuples: HashMap<MapData, TupleKey, u64>,
     counters: PerCpuArray<MapData, u64>,
+    budget_config: std::sync::Mutex<Array<MapData, BudgetConfig>>,
+    pod_budgets: std::sync::Mutex<HashMap<MapData, u64, PodBudget>>,
+    budget: Option<ConnectBudget>,
     cgroup: PathBuf,
     program_ids: Vec<(AttachType, u32)>,
     /// The last count of live tuples and when it was taken (see [`Steering::live_tuples`]).
@@ -265,11 +270,13 @@ pub fn uninstall(dir: &Path) -> std::io::Result<usize> {
 }
 
 /// Maps one program hands to another: pinned so a restarted agent's programs share them.
-const PINNED_MAPS: [&str; 4] = [
+const PINNED_MAPS: [&str; 6] = [
     names::CONFIG,
     names::TUPLES,
     names::SK_CGROUP,
     names::COUNTERS,
+    names::BUDGET,
+    names::POD_BUDGETS,
 ];
 
 impl Steering {
@@ -278,9 +285,13 @@ impl Steering {
     ///
     /// With `pins`, maps and links are pinned there: they outlive this process, and a later
     /// run re-opens the maps and swaps its programs into the links with no unsteered window.
+    ///
+    /// With `budget`, each pod's connects to the credential addresses are limited in the
+    /// kernel; without, they are not (a budget an earlier run configured is switched off).
     pub fn attach(
         cgroup: &Path,
         target: SteerTarget,
+        budget: Option<ConnectBudget>,
         pins: Option<&Path>,
     ) -> Result<Self, EbpfError> {
         if OBJECT.is_empty() {
@@ -342,14 +353,63 @@ impl Steering {
 
         let tuples = take_map(&mut bpf, names::TUPLES)?;
         let counters = take_map(&mut bpf, names::COUNTERS)?;
-        Ok(Self {
+        let steering = Self {
+            budget_config: std::sync::Mutex::new(take_map(&mut bpf, names::BUDGET)?),
+            pod_budgets: std::sync::Mutex::new(take_map(&mut bpf, names::POD_BUDGETS)?),
+            budget,
             _bpf: bpf,
             tuples,
             counters,
             cgroup: cgroup.to_path_buf(),
             program_ids,
             live: std::sync::Mutex::new(None),
-        })
+        };
+        steering.configure_budget()?;
+        Ok(steering)
+    }
+
+    /// Writes the budget settings (with the QoS cgroups as they are now) into the kernel.
+    fn configure_budget(&self) -> Result<(), EbpfError> {
+        let config = match self.budget {
+            Some(b) => b.to_kernel(
+                budget::cgroup_id(&self.cgroup),
+                budget::qos_ids(&self.cgroup),
+            ),
+            None => BudgetConfig::default(),
+        };
+        let mut map = self.budget_config.lock().expect("not poisoned");
+        if map.get(&CONFIG_INDEX, 0).ok() == Some(config) {
+            return Ok(());
+        }
+        map.set(CONFIG_INDEX, config, 0)
+            .map_err(|source| EbpfError::Map {
+                name: names::BUDGET,
+                source,
+            })
+    }
+
+    /// Forgets the connect budgets of pods whose cgroup is gone and picks up QoS cgroups made
+    /// since the last call. Returns how many budgets were removed.
+    pub fn sweep_budgets(&self) -> Result<usize, EbpfError> {
+        self.configure_budget()?;
+        let live = budget::pod_level_cgroups(&self.cgroup);
+        let mut map = self.pod_budgets.lock().expect("not poisoned");
+        let gone: Vec<u64> = map
+            .keys()
+            .flatten()
+            .filter(|id| !live.contains_key(id))
+            .collect();
+        for id in &gone {
+            // Already removed by a concurrent sweep is fine.
+            let _ = map.remove(id);
+        }
+        Ok(gone.len())
+    }
+
+    /// Each budgeted pod's cgroup id and budget state.
+    pub fn pod_budgets(&self) -> Vec<(u64, PodBudget)> {
+        let map = self.pod_budgets.lock().expect("not poisoned");
+        map.iter().flatten().collect()
     }
 
     /// The cgroup id that opened the connection the server sees as (peer, local), if the

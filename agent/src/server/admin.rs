@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use super::limits::{ConnLimits, Peer};
 use super::State;
-use crate::metrics::{EventLabel, ModeLabel};
+use crate::metrics::{EventLabel, ModeLabel, PodLabel};
 
 /// What an admin listener answers.
 pub type Router = fn(&State, &str) -> Response<Full<Bytes>>;
@@ -129,6 +129,23 @@ pub fn metrics(state: &State, path: &str) -> Response<Full<Bytes>> {
                     event: counter.name(),
                 })
                 .set(value);
+        }
+        let budgets = steering.pod_budgets();
+        m.ebpf_pod_budgets.set(budgets.len() as u64);
+        // Pods gone since the last scrape drop out of the family.
+        m.pod_connects_refused.clear();
+        if budgets.iter().any(|(_, b)| b.refused > 0) {
+            let cgroups = crate::ebpf::budget::pod_level_cgroups(steering.cgroup());
+            for (id, b) in budgets.iter().filter(|(_, b)| b.refused > 0) {
+                let uid = cgroups
+                    .get(id)
+                    .and_then(|p| crate::cgroup::pod_uid_from_path(p));
+                if let Some(pod) = uid {
+                    m.pod_connects_refused
+                        .get_or_create(&PodLabel { pod })
+                        .set(b.refused);
+                }
+            }
         }
     }
     respond(

@@ -98,7 +98,7 @@ fn node(driver: Driver, pods: usize) -> Result<(Sandbox, FakeEksAuth)> {
     Ok((sb, fake))
 }
 
-/// The agent as an operator runs it (info logs), with no per-pod budget (the bench is one pod).
+/// The agent as an operator runs it (info logs), with no per-pod budgets (the bench is one pod).
 fn agent(sb: &Sandbox, fake: &FakeEksAuth, extra: &[&str]) -> Result<Agent> {
     let root = sb.cgroups().pods_root().display().to_string();
     let mut args = vec![
@@ -110,6 +110,8 @@ fn agent(sb: &Sandbox, fake: &FakeEksAuth, extra: &[&str]) -> Result<Agent> {
         "--cgroup-root",
         &root,
         "--pod-request-rate",
+        "0",
+        "--pod-connect-rate",
         "0",
     ];
     args.extend_from_slice(extra);

@@ -3,8 +3,8 @@
 //!
 //! By default each request is a new connection (as SDKs do): connect, `GET PATH` (default
 //! `/v1/credentials`), read to EOF. A refused connect backs off 10 ms. Stops after COUNT
-//! requests or 120 s, and prints one JSON line: status counts, connection failures, latency
-//! percentiles (µs), wall time.
+//! requests or 120 s, and prints one JSON line: status counts, connection failures (and the
+//! connect errors by kind), latency percentiles (µs), wall time.
 //!
 //! Environment:
 //! - `LOAD_KEEPALIVE=1`: one persistent connection per worker.
@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 /// How a request failed without an HTTP answer.
 enum Failure {
-    /// The connect itself failed (nothing listening).
-    Refused,
+    /// The connect itself failed (nothing listening, or refused by the kernel's budget).
+    Refused(std::io::ErrorKind),
     /// Connected, but no complete answer (reset, timeout, garbage).
     Broken,
 }
@@ -31,6 +31,8 @@ enum Failure {
 struct Tally {
     statuses: BTreeMap<u16, u64>,
     refused: u64,
+    /// Connect failures by error kind (`ConnectionRefused`, ...).
+    connect_errors: BTreeMap<String, u64>,
     broken: u64,
     retries: u64,
     latencies: Vec<u64>,
@@ -112,6 +114,7 @@ fn main() {
             "statuses": statuses,
             "errors": t.refused + t.broken,
             "refused": t.refused,
+            "connect_errors": t.connect_errors,
             "broken": t.broken,
             "retries": t.retries,
             "p50_us": pct(0.50),
@@ -154,8 +157,9 @@ fn worker(o: &Options, next: &AtomicUsize, count: usize, deadline: Instant, tall
                     .entry(if wrong { 299 } else { status })
                     .or_default() += 1;
             }
-            Err(Failure::Refused) => {
+            Err(Failure::Refused(kind)) => {
                 t.refused += 1;
+                *t.connect_errors.entry(format!("{kind:?}")).or_default() += 1;
                 drop(t);
                 // Back off like an SDK would, instead of burning the budget.
                 std::thread::sleep(Duration::from_millis(10));
@@ -169,7 +173,7 @@ fn worker(o: &Options, next: &AtomicUsize, count: usize, deadline: Instant, tall
 
 /// One request on a fresh connection.
 fn fresh(addr: &str, request: &str) -> Result<(u16, String), Failure> {
-    let mut s = TcpStream::connect(addr).map_err(|_| Failure::Refused)?;
+    let mut s = TcpStream::connect(addr).map_err(|e| Failure::Refused(e.kind()))?;
     let broken = |_| Failure::Broken;
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(broken)?;
@@ -191,7 +195,7 @@ fn keepalive(
     conn: &mut Option<BufReader<TcpStream>>,
 ) -> Result<(u16, String), Failure> {
     if conn.is_none() {
-        let s = TcpStream::connect(addr).map_err(|_| Failure::Refused)?;
+        let s = TcpStream::connect(addr).map_err(|e| Failure::Refused(e.kind()))?;
         s.set_read_timeout(Some(Duration::from_secs(10)))
             .map_err(|_| Failure::Broken)?;
         let _ = s.set_nodelay(true);

@@ -1,0 +1,189 @@
+//! The per-pod connect budget the connect hooks enforce: its kernel settings, the pods the
+//! kernel tracks, and the removal of pods that are gone.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use agent_common::BudgetConfig;
+
+/// Connects per second and burst each pod may make to the credential addresses.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ConnectBudget {
+    /// Sustained connects per second (> 0).
+    pub rate: f64,
+    /// Connects a pod may make at once after being idle (>= 1).
+    pub burst: f64,
+}
+
+/// QoS-class cgroups the kubelet makes under the pods cgroup (cgroupfs and systemd names).
+const QOS_CLASSES: [[&str; 2]; 2] = [
+    ["besteffort", "kubepods-besteffort.slice"],
+    ["burstable", "kubepods-burstable.slice"],
+];
+
+impl ConnectBudget {
+    /// The kernel's form for pods under `pods_root` (its cgroup id) and its QoS cgroups.
+    pub fn to_kernel(self, pods_root: u64, qos: [u64; 2]) -> BudgetConfig {
+        let interval_ns = (1e9 / self.rate).round().max(1.0) as u64;
+        BudgetConfig {
+            pods_root,
+            qos,
+            interval_ns,
+            tolerance_ns: ((self.burst - 1.0).max(0.0) * interval_ns as f64).round() as u64,
+        }
+    }
+}
+
+/// The cgroup id of a directory (its inode in cgroup2fs); 0 when it does not exist.
+pub fn cgroup_id(dir: &Path) -> u64 {
+    std::fs::metadata(dir).map_or(0, |m| m.ino())
+}
+
+/// Ids of the QoS-class cgroups under `pods_root` (0 for one not made yet).
+pub fn qos_ids(pods_root: &Path) -> [u64; 2] {
+    QOS_CLASSES.map(|names| {
+        names
+            .iter()
+            .map(|n| cgroup_id(&pods_root.join(n)))
+            .find(|&id| id != 0)
+            .unwrap_or(0)
+    })
+}
+
+/// Every cgroup directly under `pods_root` and one level below (pods and QoS classes), by id.
+/// A node has at most a few hundred pods: the walk is a few hundred stats.
+pub fn pod_level_cgroups(pods_root: &Path) -> HashMap<u64, PathBuf> {
+    let mut found = HashMap::new();
+    let subdirs = |dir: &Path| -> Vec<(u64, PathBuf)> {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .filter_map(|e| Some((e.metadata().ok()?.ino(), e.path())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for (id, dir) in subdirs(pods_root) {
+        found.extend(subdirs(&dir));
+        found.insert(id, dir);
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: u64 = 1_000_000_000;
+
+    /// Runs `attempts` connects at `at` (ns) and returns how many were admitted.
+    fn burst(cfg: &BudgetConfig, tat: &mut u64, at: u64, attempts: u32) -> u32 {
+        let mut admitted = 0;
+        for _ in 0..attempts {
+            if let Some(next) = cfg.admit(*tat, at) {
+                *tat = next;
+                admitted += 1;
+            }
+        }
+        admitted
+    }
+
+    #[test]
+    fn a_fresh_pod_gets_its_burst_then_its_rate() {
+        let cfg = ConnectBudget {
+            rate: 10.0,
+            burst: 5.0,
+        }
+        .to_kernel(1, [0; 2]);
+        assert_eq!(
+            (cfg.interval_ns, cfg.tolerance_ns),
+            (SEC / 10, 4 * SEC / 10)
+        );
+        let t0 = 1_000 * SEC;
+        let mut tat = 0;
+        assert_eq!(burst(&cfg, &mut tat, t0, 50), 5, "the burst, then nothing");
+        // The clock stands still: still nothing.
+        assert_eq!(burst(&cfg, &mut tat, t0, 10), 0);
+        // One interval later: exactly one more.
+        assert_eq!(burst(&cfg, &mut tat, t0 + SEC / 10, 10), 1);
+        // Just short of the next interval: none.
+        assert_eq!(burst(&cfg, &mut tat, t0 + 2 * SEC / 10 - 1, 10), 0);
+        // Idle for a minute: the bucket holds the burst again, not more.
+        assert_eq!(burst(&cfg, &mut tat, t0 + 60 * SEC, 50), 5);
+    }
+
+    #[test]
+    fn sustained_admissions_follow_the_rate() {
+        let cfg = ConnectBudget {
+            rate: 100.0,
+            burst: 200.0,
+        }
+        .to_kernel(1, [0; 2]);
+        let mut tat = 0;
+        let t0 = 5 * SEC;
+        // 1,000 attempts per second for 10 s, 1 ms apart.
+        let admitted: u32 = (0..10_000)
+            .map(|i| burst(&cfg, &mut tat, t0 + i * SEC / 1000, 1))
+            .sum();
+        // burst + rate × elapsed (9.999 s), give or take the one in flight.
+        assert!((1_198..=1_201).contains(&admitted), "{admitted}");
+    }
+
+    #[test]
+    fn a_cold_start_of_ten_concurrent_connects_fits_the_default_budget() {
+        let cfg = ConnectBudget {
+            rate: 100.0,
+            burst: 200.0,
+        }
+        .to_kernel(1, [0; 2]);
+        let mut tat = 0;
+        // Ten concurrent requests, each retried three times at once (the worst SDK retry).
+        assert_eq!(burst(&cfg, &mut tat, SEC, 40), 40);
+    }
+
+    #[test]
+    fn fractional_rates_and_a_burst_of_one() {
+        let cfg = ConnectBudget {
+            rate: 0.5,
+            burst: 1.0,
+        }
+        .to_kernel(1, [0; 2]);
+        assert_eq!((cfg.interval_ns, cfg.tolerance_ns), (2 * SEC, 0));
+        let mut tat = 0;
+        assert_eq!(burst(&cfg, &mut tat, 10 * SEC, 3), 1);
+        assert_eq!(burst(&cfg, &mut tat, 11 * SEC, 3), 0);
+        assert_eq!(burst(&cfg, &mut tat, 12 * SEC, 3), 1);
+    }
+
+    #[test]
+    fn no_overflow_at_the_ends_of_the_clock() {
+        let cfg = ConnectBudget {
+            rate: 1.0,
+            burst: 3.0,
+        }
+        .to_kernel(1, [0; 2]);
+        let mut tat = u64::MAX - 10;
+        assert_eq!(burst(&cfg, &mut tat, u64::MAX - 5, 3), 3);
+        assert_eq!(tat, u64::MAX, "saturates, never wraps to admit forever");
+    }
+
+    #[test]
+    fn pod_level_cgroups_lists_pods_and_qos_classes() {
+        let dir = std::env::temp_dir().join(format!("budget-walk-{}", std::process::id()));
+        let pod = dir.join("besteffort/podA");
+        let guaranteed = dir.join("podB");
+        std::fs::create_dir_all(pod.join("ctr")).unwrap();
+        std::fs::create_dir_all(&guaranteed).unwrap();
+        let found = pod_level_cgroups(&dir);
+        let qos = qos_ids(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let mut paths: Vec<_> = found.values().cloned().collect();
+        paths.sort();
+        assert_eq!(paths, [dir.join("besteffort"), pod, guaranteed]);
+        assert_ne!(qos[0], 0);
+        assert_eq!(qos[1], 0, "no burstable cgroup made");
+    }
+}
