@@ -145,16 +145,26 @@ fn within_budget() -> bool {
     }
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let Some(entry) = POD_BUDGETS.get_ptr_mut(&pod) else {
-        let first = PodBudget {
-            tat: budget.admit(0, now).unwrap_or(now),
-            refused: 0,
-        };
-        // Full map (or a racing insert): proceed unbudgeted.
-        if POD_BUDGETS.insert(&pod, &first, NOEXIST).is_err() {
-            bump(Counter::BudgetUntracked);
+    let entry = match POD_BUDGETS.get_ptr_mut(&pod) {
+        Some(entry) => entry,
+        None => {
+            let first = PodBudget {
+                tat: budget.admit(0, now).unwrap_or(now),
+                refused: 0,
+            };
+            if POD_BUDGETS.insert(&pod, &first, NOEXIST).is_ok() {
+                return true;
+            }
+            // Another CPU made the entry first (charge this connect to it), or the map is
+            // full (proceed unbudgeted).
+            match POD_BUDGETS.get_ptr_mut(&pod) {
+                Some(entry) => entry,
+                None => {
+                    bump(Counter::BudgetUntracked);
+                    return true;
+                }
+            }
         }
-        return true;
     };
     // Unlocked read-modify-write: two CPUs racing on one pod may both be admitted, never
     // both refused. The error is at most one connect per racing CPU.

@@ -159,6 +159,15 @@ impl Agent {
             .collect()
     }
 
+    /// CPU time the agent has used so far (user + system), from /proc.
+    pub fn cpu_time(&self) -> Result<Duration> {
+        let stat = procfs::process::Process::new(self.pid() as i32)?.stat()?;
+        let ticks = stat.utime + stat.stime;
+        Ok(Duration::from_secs_f64(
+            ticks as f64 / procfs::ticks_per_second() as f64,
+        ))
+    }
+
     /// Resident set size in KiB (VmRSS), 0 if unknown.
     pub fn rss_kib(&self) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.pid()))

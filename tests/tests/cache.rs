@@ -70,6 +70,16 @@ fn a_cold_burst_of_100_pods_times_10_requests_makes_100_upstream_calls() -> Resu
     );
     assert_eq!(ok, 1000);
     assert_eq!(fake.calls(), 100, "exactly one EKS Auth call per pod");
+    // The default kernel connect budget (100/s, 200 at once per pod) never met the cold start.
+    let text = scrape(&sb)?;
+    let events = |e: &str| metric(&text, &format!("pod_identity_ebpf_events{{event=\"{e}\"}}"));
+    assert_eq!(events("budget_refused")?, 0, "{text}");
+    assert_eq!(events("budget_untracked")?, 0, "{text}");
+    assert_eq!(
+        metric(&text, "pod_identity_ebpf_pod_budgets")?,
+        100,
+        "{text}"
+    );
     Ok(())
 }
 

@@ -8,7 +8,7 @@ use crate::steps::run as run_cmd;
 use crate::steps::{cargo_bin_dir, step};
 
 /// Debian packages: the BPF compiler and its prebuilt core (docs/toolchain.md), LLVM for
-/// bpf-linker, and the tools the sandbox uses.
+/// bpf-linker, the tools the sandbox uses, and perf (the bench's `BENCH_PROFILE=1`).
 pub const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
@@ -22,6 +22,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "curl",
     "procps",
     "iptables",
+    "linux-perf",
 ];
 
 /// Python test tools, pinned: botocore (the client matrix), kubernetes-validate and yamllint

@@ -11,6 +11,8 @@
 //! - `LOAD_TOKENS=FILE`: one token per line, used in turn (instead of TOKEN_FILE's one token).
 //! - `LOAD_RETRIES=N`: retry a 5xx or a failed connection up to N times, 1 s apart (as SDKs do).
 //! - `LOAD_EXPECT=TEXT`: a 200 whose body lacks TEXT is counted as status 299 (wrong answer).
+//! - `LOAD_INTERVAL_MS=N`: each worker waits N ms after each request (a quiet, paced caller).
+//! - `LOAD_SECONDS=N`: stop after N s instead of 120 s.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -44,6 +46,7 @@ struct Options {
     keepalive: bool,
     retries: u32,
     expect: Option<String>,
+    interval: Duration,
 }
 
 fn main() {
@@ -75,14 +78,15 @@ fn main() {
             })
             .collect(),
         keepalive,
-        retries: std::env::var("LOAD_RETRIES").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
+        retries: env_number("LOAD_RETRIES").unwrap_or(0) as u32,
         expect: std::env::var("LOAD_EXPECT").ok(),
+        interval: Duration::from_millis(env_number("LOAD_INTERVAL_MS").unwrap_or(0)),
     });
     let count: usize = count.parse().expect("COUNT");
     let concurrency: usize = concurrency.parse().expect("CONCURRENCY");
     let next = Arc::new(AtomicUsize::new(0));
     let tally = Arc::new(Mutex::new(Tally::default()));
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(env_number("LOAD_SECONDS").unwrap_or(120));
     let started = Instant::now();
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
@@ -168,7 +172,16 @@ fn worker(o: &Options, next: &AtomicUsize, count: usize, deadline: Instant, tall
             Err(Failure::Broken) => t.broken += 1,
         }
         t.latencies.push(micros);
+        drop(t);
+        if !o.interval.is_zero() {
+            std::thread::sleep(o.interval);
+        }
     }
+}
+
+/// A numeric environment option.
+fn env_number(name: &str) -> Option<u64> {
+    std::env::var(name).ok()?.parse().ok()
 }
 
 /// One request on a fresh connection.
