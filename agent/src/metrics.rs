@@ -2,6 +2,7 @@
 //! existing dashboards keep working, plus latency histograms and the kernel's counters.
 
 use std::sync::atomic::AtomicU64;
+use std::sync::OnceLock;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -200,6 +201,16 @@ pub struct Metrics {
     pub ebpf_pod_budgets: Gauge<u64, AtomicU64>,
     /// Connects the kernel refused per pod over its connect budget (read at scrape time).
     pub pod_connects_refused: Family<PodLabel, Gauge<u64, AtomicU64>>,
+    hot: Hot,
+}
+
+/// The warm path's series, looked up once: a family lookup hashes its labels under a lock on
+/// every call. Made on first use, so the exposition is what it would be without them.
+#[derive(Debug, Default)]
+struct Hot {
+    ok: OnceLock<(ReferenceCounter, Histogram)>,
+    hit: OnceLock<(ReferenceCounter, Counter)>,
+    attributed: OnceLock<Counter>,
 }
 
 fn register<M: prometheus_client::registry::Metric>(
@@ -424,6 +435,7 @@ impl Default for Metrics {
             ebpf_tuples,
             ebpf_pod_budgets,
             pod_connects_refused,
+            hot: Hot::default(),
             http_response,
             cache_state,
             cache_errors,
@@ -458,12 +470,59 @@ impl Metrics {
 
     /// Counts one answered credentials request.
     pub fn record_response(&self, status: u16, outcome: &'static str, seconds: f64) {
+        if status == 200 && outcome == "success" {
+            let (count, latency) = self.hot.ok.get_or_init(|| {
+                (
+                    self.http_response
+                        .get_or_create(&CodeLabel { code: 200 })
+                        .clone(),
+                    self.request_seconds
+                        .get_or_create(&OutcomeLabel { outcome })
+                        .clone(),
+                )
+            });
+            count.inc();
+            latency.observe(seconds);
+            return;
+        }
         self.http_response
             .get_or_create(&CodeLabel { code: status })
             .inc();
         self.request_seconds
             .get_or_create(&OutcomeLabel { outcome })
             .observe(seconds);
+    }
+}
+
+impl Metrics {
+    /// Counts a cache hit (`cache_state{hit}` and `cache_requests{hit}`).
+    pub fn count_cache_hit(&self) {
+        let (state, result) = self.hot.hit.get_or_init(|| {
+            (
+                self.cache_state
+                    .get_or_create(&StateLabel { state: "hit" })
+                    .clone(),
+                self.cache_requests
+                    .get_or_create(&ResultLabel { result: "hit" })
+                    .clone(),
+            )
+        });
+        state.inc();
+        result.inc();
+    }
+
+    /// Counts a request by listener and attribution outcome.
+    pub fn count_attribution(&self, listener: &'static str, outcome: &'static str) {
+        let labels = AttributionLabels { listener, outcome };
+        if listener == "attributed" && outcome == "attributed" {
+            let hot = self
+                .hot
+                .attributed
+                .get_or_init(|| self.attribution.get_or_create(&labels).clone());
+            hot.inc();
+            return;
+        }
+        self.attribution.get_or_create(&labels).inc();
     }
 }
 

@@ -289,8 +289,8 @@ impl Prewarmer {
             Key::for_token(&token)
         };
         let lookup = Lookup {
-            key,
-            token,
+            key: Arc::new(key),
+            token: Arc::from(token),
             token_exp: claims.exp,
             cgroup: Some(Arc::from(dir)),
         };

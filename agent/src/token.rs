@@ -80,6 +80,27 @@ pub fn epoch_secs() -> f64 {
 
 /// Checks the token's shape and time window (`now` in epoch seconds) and returns its claims.
 pub fn parse(token: &str, now: i64) -> Result<Claims, TokenError> {
+    let claims = parse_shape(token)?;
+    claims.check_window(now)?;
+    Ok(claims)
+}
+
+impl Claims {
+    /// Checks `exp` and `nbf` against `now` (epoch seconds).
+    pub fn check_window(&self, now: i64) -> Result<(), TokenError> {
+        if self.exp.is_some_and(|exp| exp <= now) {
+            return Err(TokenError::Expired);
+        }
+        if self.nbf.is_some_and(|nbf| nbf > now) {
+            return Err(TokenError::NotYetValid);
+        }
+        Ok(())
+    }
+}
+
+/// Checks the token's shape and returns its claims, without looking at the clock: what a
+/// token's bytes say never changes, so this may be remembered per token.
+pub fn parse_shape(token: &str) -> Result<Claims, TokenError> {
     if token.is_empty() {
         return Err(TokenError::Empty);
     }
@@ -109,15 +130,8 @@ pub fn parse(token: &str, now: i64) -> Result<Claims, TokenError> {
     let payload = engine
         .decode(payload)
         .map_err(|_| TokenError::Malformed("payload is not base64url"))?;
-    let claims: Claims = serde_json::from_slice(&payload)
-        .map_err(|_| TokenError::Malformed("payload is not a JSON object of claims"))?;
-    if claims.exp.is_some_and(|exp| exp <= now) {
-        return Err(TokenError::Expired);
-    }
-    if claims.nbf.is_some_and(|nbf| nbf > now) {
-        return Err(TokenError::NotYetValid);
-    }
-    Ok(claims)
+    serde_json::from_slice(&payload)
+        .map_err(|_| TokenError::Malformed("payload is not a JSON object of claims"))
 }
 
 /// A projected-token-shaped JWT (unsigned) naming pod `uid` in `ns`/`sa`, expiring at `exp`:

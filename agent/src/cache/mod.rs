@@ -126,10 +126,10 @@ pub enum CacheError {
 /// What a request brings besides its key.
 #[derive(Debug, Clone)]
 pub struct Lookup {
-    /// The entry's identity.
-    pub key: Key,
+    /// The entry's identity (shared: a connection's requests present the same one).
+    pub key: Arc<Key>,
     /// The token presented (the newest one becomes the entry's refresh token).
-    pub token: String,
+    pub token: Arc<str>,
     /// The token's `exp` (epoch seconds), if it has one.
     pub token_exp: Option<i64>,
     /// The caller's cgroup directory (attribution mode): the entry dies with it.
@@ -261,16 +261,19 @@ impl Cache {
     pub async fn get(self: &Arc<Self>, lookup: Lookup) -> Result<Arc<Credentials>, CacheError> {
         if self.disabled() {
             self.count_state("miss");
-            return Ok(Arc::new(self.fetcher.fetch(lookup.token).await?));
+            return Ok(Arc::new(
+                self.fetcher.fetch(lookup.token.to_string()).await?,
+            ));
         }
         let slot = self.slot(&lookup.key);
         slot.last_used.store(self.millis(), Ordering::Relaxed);
         let mut rx = {
             let mut st = slot.state.lock().expect("not poisoned");
             if (lookup.token_exp >= st.token_exp || st.token.is_empty())
+                && !Arc::ptr_eq(&st.token, &lookup.token)
                 && *st.token != *lookup.token
             {
-                st.token = Arc::from(lookup.token);
+                st.token = lookup.token;
                 st.token_exp = lookup.token_exp;
             }
             if lookup.cgroup.is_some() {
@@ -278,8 +281,7 @@ impl Cache {
             }
             let now = Instant::now();
             if let Some(c) = st.creds.as_ref().filter(|c| self.fresh(c, now)) {
-                self.count_state("hit");
-                self.count_result("hit");
+                self.metrics.count_cache_hit();
                 let creds = c.creds.clone();
                 if std::mem::take(&mut st.prewarmed) {
                     self.metrics.prewarm_first_hits.inc();

@@ -24,7 +24,7 @@ impl Cache {
             let mut st = slot.state.lock().expect("not poisoned");
             st.token_file = Some(token_file);
             if st.token.is_empty() || lookup.token_exp > st.token_exp {
-                st.token = Arc::from(lookup.token);
+                st.token = lookup.token;
                 st.token_exp = lookup.token_exp;
             }
             if st.cgroup.is_none() {

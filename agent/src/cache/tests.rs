@@ -113,8 +113,8 @@ fn pod(uid: &str) -> Key {
 
 fn lookup(key: Key, token: &str) -> Lookup {
     Lookup {
-        key,
-        token: token.into(),
+        key: Arc::new(key),
+        token: Arc::from(token),
         token_exp: Some(i64::MAX / 2),
         cgroup: None,
     }

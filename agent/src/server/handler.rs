@@ -6,12 +6,13 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
+use super::memo::ConnMemo;
 use super::State;
 use crate::attribution::{Caller, Identity, Outcome, UnattributedPolicy};
-use crate::cache::{CacheError, Key, Lookup};
+use crate::cache::{CacheError, Lookup};
 use crate::config::{CREDENTIAL_V4, CREDENTIAL_V6};
 use crate::credentials::error_json;
-use crate::metrics::{AttributionLabels, ListenerLabel};
+use crate::metrics::ListenerLabel;
 use crate::token::{self, TokenError};
 use crate::upstream::UpstreamError;
 
@@ -145,11 +146,16 @@ fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<By
     resp
 }
 
-/// Serves one request from `caller`.
-pub async fn handle<B>(state: &State, caller: &Caller, req: Request<B>) -> Response<Full<Bytes>> {
+/// Serves one request from `caller`, on a connection whose requests share `memo`.
+pub async fn handle<B>(
+    state: &State,
+    caller: &Caller,
+    memo: &ConnMemo,
+    req: Request<B>,
+) -> Response<Full<Bytes>> {
     let started = Instant::now();
     let head_only = req.method() == Method::HEAD;
-    let result = credentials(state, caller, &req).await;
+    let result = credentials(state, caller, memo, &req).await;
     let (mut resp, outcome) = match result {
         Ok(body) => (json_response(StatusCode::OK, body), "success"),
         Err(e) => {
@@ -189,6 +195,7 @@ pub async fn handle<B>(state: &State, caller: &Caller, req: Request<B>) -> Respo
 async fn credentials<B>(
     state: &State,
     caller: &Caller,
+    memo: &ConnMemo,
     req: &Request<B>,
 ) -> Result<Bytes, RequestError> {
     // The method first: CONNECT and friends have no path to match.
@@ -226,29 +233,29 @@ async fn credentials<B>(
         })
         .transpose()?
         .unwrap_or_default();
-    let claims = token::parse(token, token::epoch_secs() as i64)?;
+    let parsed = memo.token(token, token::epoch_secs() as i64)?;
     let (key, cgroup) = match identity {
         Identity::Pod { uid, cgroup } => {
-            if claims.pod_uid() != Some(&*uid) {
+            if parsed.claims.pod_uid() != Some(&*uid) {
                 count_attribution(state, caller, Outcome::Mismatch);
                 return Err(RequestError::Mismatch);
             }
             count_attribution(state, caller, Outcome::Attributed);
             // The kernel proved the pod; the token names its service account.
-            (Key::for_pod(&uid, &claims), Some(cgroup))
+            (memo.key(&parsed, Some(&uid)), Some(cgroup))
         }
-        Identity::Peer(_) => (Key::for_token(token), None),
+        Identity::Peer(_) => (memo.key(&parsed, None), None),
     };
     let creds = state
         .cache
         .get(Lookup {
             key,
-            token: token.to_owned(),
-            token_exp: claims.exp,
+            token_exp: parsed.claims.exp,
+            token: parsed.token,
             cgroup,
         })
         .await?;
-    Ok(creds.to_json())
+    Ok(memo.body(&creds))
 }
 
 /// Who is calling: the pod the kernel attributed the connection to, or the peer address of a
@@ -286,12 +293,7 @@ fn identify(state: &State, caller: &Caller) -> Result<Identity, RequestError> {
 fn count_attribution(state: &State, caller: &Caller, outcome: Outcome) {
     state
         .metrics
-        .attribution
-        .get_or_create(&AttributionLabels {
-            listener: caller.listener(),
-            outcome: outcome.label(),
-        })
-        .inc();
+        .count_attribution(caller.listener(), outcome.label());
 }
 
 /// Accepts the two credential addresses, with or without a port, as the reference agent does.

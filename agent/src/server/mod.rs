@@ -5,6 +5,7 @@ mod admin;
 pub mod handler;
 pub mod limits;
 pub mod listen;
+pub mod memo;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -295,12 +296,12 @@ async fn serve_connection(
     graceful: hyper_util::server::graceful::Watcher,
 ) {
     let _ = stream.set_nodelay(true);
-    let caller = Arc::new(caller);
+    let conn = Arc::new((caller, memo::ConnMemo::default()));
     let handler_state = state.clone();
     let service = service_fn(move |req| {
         let state = handler_state.clone();
-        let caller = caller.clone();
-        async move { Ok::<_, Infallible>(handler::handle(&state, &caller, req).await) }
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handler::handle(&state, &conn.0, &conn.1, req).await) }
     });
     let conn = http1()
         .max_header_size(MAX_HEAD_BYTES)

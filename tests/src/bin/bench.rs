@@ -273,17 +273,22 @@ fn profile(agent: &Agent, run: impl FnOnce() -> Result<()>) -> Result<String> {
     unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
     perf.wait()?;
     ran?;
-    let report = std::process::Command::new("perf")
-        .args(["report", "--stdio", "--no-children", "--sort", "symbol"])
-        .args(["--percent-limit", "0.5", "-g", "none", "-i"])
-        .arg(&data)
-        .output()?;
-    ensure!(
-        report.status.success(),
-        "perf report: {}",
-        String::from_utf8_lossy(&report.stderr)
-    );
-    Ok(String::from_utf8_lossy(&report.stdout).into_owned())
+    let mut text = String::new();
+    // Where the time went (kernel, agent, libc), then by symbol.
+    for sort in ["dso", "symbol"] {
+        let report = std::process::Command::new("perf")
+            .args(["report", "--stdio", "--no-children", "--sort", sort])
+            .args(["--percent-limit", "0.5", "-g", "none", "-i"])
+            .arg(&data)
+            .output()?;
+        ensure!(
+            report.status.success(),
+            "perf report: {}",
+            String::from_utf8_lossy(&report.stderr)
+        );
+        text.push_str(&String::from_utf8_lossy(&report.stdout));
+    }
+    Ok(text)
 }
 
 /// What one connect-bench run measured.
@@ -865,7 +870,17 @@ fn main() -> Result<()> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1.0);
+    // BENCH_ONLY=1,7 runs those cases only.
+    let only: Option<Vec<String>> = std::env::var("BENCH_ONLY")
+        .ok()
+        .map(|s| s.split(',').map(|c| format!("{}.", c.trim())).collect());
     for (name, budget, case) in CASES {
+        if only
+            .as_ref()
+            .is_some_and(|o| !o.iter().any(|p| name.starts_with(p.as_str())))
+        {
+            continue;
+        }
         let budget = budget.mul_f64(scale);
         let deadline = Deadline::after(budget);
         let t = Instant::now();

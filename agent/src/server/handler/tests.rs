@@ -125,7 +125,7 @@ type Case<'a> = (&'a str, &'a Caller, Request<()>, (u16, &'a str));
 
 /// (status, body code) of one request.
 async fn ask(state: &State, caller: &Caller, req: Request<()>) -> (u16, String) {
-    let resp = handle(state, caller, req).await;
+    let resp = handle(state, caller, &ConnMemo::default(), req).await;
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap();

@@ -1,0 +1,129 @@
+//! What one connection's requests share. SDKs present the same token on every request of a
+//! keep-alive connection (until the kubelet rotates it) and are served the same credentials
+//! until they are renewed, so the token's claims, the cache key they make and the JSON answer
+//! are worked out once per connection instead of once per request. A memo lives and dies with
+//! its connection: nothing in it crosses to another caller, and it holds at most one token
+//! and one answer (no memory per cached identity).
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+use crate::cache::Key;
+use crate::credentials::Credentials;
+use crate::token::{self, Claims, TokenError};
+
+/// One connection's memo.
+#[derive(Debug, Default)]
+pub struct ConnMemo(Mutex<Memo>);
+
+#[derive(Debug, Default)]
+struct Memo {
+    token: Option<Parsed>,
+    key: Option<MadeKey>,
+    body: Option<(Arc<Credentials>, Bytes)>,
+}
+
+/// A cache key and what it was made from: (token, the pod's uid for a pod's key), key.
+type MadeKey = (Arc<str>, Option<Arc<str>>, Arc<Key>);
+
+/// A token's bytes and the claims they carry.
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    /// The token as presented.
+    pub token: Arc<str>,
+    /// Its claims (shape checked; the time window is checked on every use).
+    pub claims: Arc<Claims>,
+}
+
+impl ConnMemo {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Memo> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The claims of `token`, parsed once per connection; its time window is checked against
+    /// `now` (epoch seconds) on every call, so an expired token is refused on a live connection.
+    pub fn token(&self, token: &str, now: i64) -> Result<Parsed, TokenError> {
+        let remembered = self.lock().token.clone().filter(|p| *p.token == *token);
+        let parsed = match remembered {
+            Some(p) => p,
+            None => {
+                let p = Parsed {
+                    claims: Arc::new(token::parse_shape(token)?),
+                    token: Arc::from(token),
+                };
+                self.lock().token = Some(p.clone());
+                p
+            }
+        };
+        parsed.claims.check_window(now)?;
+        Ok(parsed)
+    }
+
+    /// The cache key for `parsed` from pod `uid` (or, without one, the token's own key).
+    pub fn key(&self, parsed: &Parsed, uid: Option<&Arc<str>>) -> Arc<Key> {
+        if let Some((token, for_uid, key)) = &self.lock().key {
+            if Arc::ptr_eq(token, &parsed.token) && for_uid.as_ref() == uid {
+                return key.clone();
+            }
+        }
+        let key = Arc::new(match uid {
+            Some(uid) => Key::for_pod(uid, &parsed.claims),
+            None => Key::for_token(&parsed.token),
+        });
+        self.lock().key = Some((parsed.token.clone(), uid.cloned(), key.clone()));
+        key
+    }
+
+    /// The JSON answer for `creds`, serialised once per connection and set of credentials.
+    pub fn body(&self, creds: &Arc<Credentials>) -> Bytes {
+        if let Some((served, body)) = &self.lock().body {
+            if Arc::ptr_eq(served, creds) {
+                return body.clone();
+            }
+        }
+        let body = creds.to_json();
+        self.lock().body = Some((creds.clone(), body.clone()));
+        body
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::test_token;
+
+    const UID: &str = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+
+    #[test]
+    fn a_token_is_parsed_once_but_its_window_checked_every_time() {
+        let memo = ConnMemo::default();
+        let token = test_token(UID, 1_000);
+        let a = memo.token(&token, 500).unwrap();
+        let b = memo.token(&token, 600).unwrap();
+        assert!(Arc::ptr_eq(&a.claims, &b.claims), "parsed once");
+        assert_eq!(memo.token(&token, 1_000).unwrap_err(), TokenError::Expired);
+        // A rotated token replaces it; garbage is refused and forgets nothing.
+        let rotated = test_token(UID, 2_000);
+        let c = memo.token(&rotated, 1_500).unwrap();
+        assert_eq!(c.claims.exp, Some(2_000));
+        assert!(memo.token("x.y.z", 1_500).is_err());
+        assert!(Arc::ptr_eq(
+            &memo.token(&rotated, 1_500).unwrap().claims,
+            &c.claims
+        ));
+    }
+
+    #[test]
+    fn keys_follow_the_token_and_the_uid() {
+        let memo = ConnMemo::default();
+        let parsed = memo.token(&test_token(UID, 1_000), 0).unwrap();
+        let uid: Arc<str> = Arc::from(UID);
+        let k1 = memo.key(&parsed, Some(&uid));
+        assert!(Arc::ptr_eq(&k1, &memo.key(&parsed, Some(&uid))));
+        assert_eq!(*k1, Key::for_pod(UID, &parsed.claims));
+        let other: Arc<str> = Arc::from("11111111-2222-3333-4444-555555555555");
+        assert_ne!(*memo.key(&parsed, Some(&other)), *k1);
+        assert_eq!(*memo.key(&parsed, None), Key::for_token(&parsed.token));
+    }
+}
