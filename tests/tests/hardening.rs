@@ -617,6 +617,26 @@ fn a_pod_over_its_connect_budget_is_refused_in_the_kernel_and_the_others_are_not
         "the quiet pod has no refusals: {text}"
     );
     assert_eq!(metric(&text, "pod_identity_ebpf_pod_budgets")?, 2, "{text}");
+    // Fail-open: a process in the QoS cgroup itself is in no pod, so it has no budget: its
+    // connects proceed (the agent then refuses it, 403 NotAPod) and are counted untracked.
+    let qos = sb.cgroups().pods_root().join("besteffort");
+    for _ in 0..15 {
+        let out = sb
+            .pod_netns_command(quiet, &qos, "curl")?
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(["-H", "Authorization: x.y.z", credentials_url(false)])
+            .output()?;
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "403", "{out:?}");
+    }
+    let text = scrape(&sb)?;
+    assert_eq!(
+        metric(
+            &text,
+            "pod_identity_ebpf_events{event=\"budget_untracked\"}"
+        )?,
+        15,
+        "{text}"
+    );
     // The budget refills: two seconds idle buy 10 connects again.
     std::thread::sleep(Duration::from_secs(2));
     let again = load_result(spawn_load(
