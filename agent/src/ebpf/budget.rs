@@ -79,6 +79,11 @@ mod tests {
 
     const SEC: u64 = 1_000_000_000;
 
+    /// The kernel's settings for `rate` and `burst`.
+    fn kernel(rate: f64, burst: f64) -> BudgetConfig {
+        ConnectBudget { rate, burst }.to_kernel(1, [0; 2])
+    }
+
     /// Runs `attempts` connects at `at` (ns) and returns how many were admitted.
     fn burst(cfg: &BudgetConfig, tat: &mut u64, at: u64, attempts: u32) -> u32 {
         let mut admitted = 0;
@@ -93,11 +98,7 @@ mod tests {
 
     #[test]
     fn a_fresh_pod_gets_its_burst_then_its_rate() {
-        let cfg = ConnectBudget {
-            rate: 10.0,
-            burst: 5.0,
-        }
-        .to_kernel(1, [0; 2]);
+        let cfg = kernel(10.0, 5.0);
         assert_eq!(
             (cfg.interval_ns, cfg.tolerance_ns),
             (SEC / 10, 4 * SEC / 10)
@@ -117,11 +118,7 @@ mod tests {
 
     #[test]
     fn sustained_admissions_follow_the_rate() {
-        let cfg = ConnectBudget {
-            rate: 100.0,
-            burst: 200.0,
-        }
-        .to_kernel(1, [0; 2]);
+        let cfg = kernel(100.0, 200.0);
         let mut tat = 0;
         let t0 = 5 * SEC;
         // 1,000 attempts per second for 10 s, 1 ms apart.
@@ -134,11 +131,7 @@ mod tests {
 
     #[test]
     fn a_cold_start_of_ten_concurrent_connects_fits_the_default_budget() {
-        let cfg = ConnectBudget {
-            rate: 100.0,
-            burst: 200.0,
-        }
-        .to_kernel(1, [0; 2]);
+        let cfg = kernel(100.0, 200.0);
         let mut tat = 0;
         // Ten concurrent requests, each retried three times at once (the worst SDK retry).
         assert_eq!(burst(&cfg, &mut tat, SEC, 40), 40);
@@ -146,11 +139,7 @@ mod tests {
 
     #[test]
     fn fractional_rates_and_a_burst_of_one() {
-        let cfg = ConnectBudget {
-            rate: 0.5,
-            burst: 1.0,
-        }
-        .to_kernel(1, [0; 2]);
+        let cfg = kernel(0.5, 1.0);
         assert_eq!((cfg.interval_ns, cfg.tolerance_ns), (2 * SEC, 0));
         let mut tat = 0;
         assert_eq!(burst(&cfg, &mut tat, 10 * SEC, 3), 1);
@@ -160,11 +149,7 @@ mod tests {
 
     #[test]
     fn no_overflow_at_the_ends_of_the_clock() {
-        let cfg = ConnectBudget {
-            rate: 1.0,
-            burst: 3.0,
-        }
-        .to_kernel(1, [0; 2]);
+        let cfg = kernel(1.0, 3.0);
         let mut tat = u64::MAX - 10;
         assert_eq!(burst(&cfg, &mut tat, u64::MAX - 5, 3), 3);
         assert_eq!(tat, u64::MAX, "saturates, never wraps to admit forever");
