@@ -20,6 +20,20 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
     mounts.into_iter().next().context("no cgroup2 mount")
 }
 
+/// Every cgroup v1 hierarchy's mount point (a real runtime makes each container's cgroup in
+/// all of them, beside the unified one).
+pub fn v1_mounts() -> Vec<PathBuf> {
+    procfs::process::Process::myself()
+        .and_then(|p| p.mountinfo())
+        .map(|m| {
+            m.0.into_iter()
+                .filter(|m| m.fs_type == "cgroup")
+                .map(|m| m.mount_point)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// `<cgroup2>/<name>/kubepods[.slice]`, owned by the test.
 #[derive(Debug)]
 pub struct CgroupTree {

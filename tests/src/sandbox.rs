@@ -302,7 +302,7 @@ impl Sandbox {
 }
 
 /// A deterministic, UID-shaped pod id unique to this sandbox.
-fn uuid_like(seed: &str, n: usize) -> String {
+pub(crate) fn uuid_like(seed: &str, n: usize) -> String {
     let h = seed.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
     });
@@ -321,6 +321,10 @@ impl Drop for Sandbox {
         // Processes first (they hold cgroups busy), then pins (they keep programs attached),
         // then namespaces, then files.
         crate::cgroups::remove_tree(self.cgroups.pods_root());
+        // A real runtime also made the pods' cgroups in every v1 hierarchy.
+        for v1 in crate::cgroups::v1_mounts() {
+            crate::cgroups::remove_tree(&v1.join(&self.name));
+        }
         let _ = std::fs::remove_dir_all(self.bpf_dir());
         self.pods.clear();
         let _ = std::fs::remove_dir_all(&self.dir);

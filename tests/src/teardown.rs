@@ -21,8 +21,13 @@ fn places() -> Vec<(&'static str, PathBuf)> {
     if let Ok(cg) = cgroup2_mount() {
         places.push(("cgroup", cg));
     }
+    for v1 in crate::cgroups::v1_mounts() {
+        places.push(("cgroup", v1));
+    }
     places.push(("scratch directory", std::env::temp_dir()));
     places.push(("bpffs pin directory", PathBuf::from("/sys/fs/bpf")));
+    // What CNI caches per pod, under the network's name (the run's).
+    places.push(("CNI result", PathBuf::from("/var/lib/cni/results")));
     places
 }
 
@@ -162,6 +167,21 @@ pub fn remove_run(prefix: &str) -> Vec<String> {
                     .status();
             }
             "cgroup" => remove_tree(&path),
+            "scratch directory" => {
+                // A real node's containerd mounts container root file systems and pod
+                // network namespaces under it.
+                unmount_under(&path);
+                let _ = std::fs::remove_dir_all(&path);
+            }
+            "CNI result" => {
+                // `<network>-<container id>-eth0`; the loopback's entry has the same id.
+                let name = path.file_name().unwrap_or_default().to_string_lossy();
+                if let Some(id) = name.rsplit('-').nth(1) {
+                    let _ =
+                        std::fs::remove_file(path.with_file_name(format!("cni-loopback-{id}-lo")));
+                }
+                let _ = std::fs::remove_file(&path);
+            }
             // Unlinking the pins detaches links no process holds any more.
             _ => {
                 let _ = std::fs::remove_dir_all(&path);
@@ -170,6 +190,61 @@ pub fn remove_run(prefix: &str) -> Vec<String> {
         removed.push(format!("{what} {}", path.display()));
     }
     removed
+}
+
+/// Unmounts (lazily, deepest first) everything mounted at or below `dir`.
+pub fn unmount_under(dir: &Path) {
+    let Ok(info) = procfs::process::Process::myself().and_then(|p| p.mountinfo()) else {
+        return;
+    };
+    let mut points: Vec<PathBuf> = info
+        .0
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        if let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) {
+            // SAFETY: umount2 with a valid C string; MNT_DETACH never blocks.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// What a real node's runtime leaves once containerd is stopped: its shims (their command
+/// line names the run's socket) and the mounts under its directory.
+pub fn remove_runtime_leftovers(dir: &Path) {
+    let marker = dir.display().to_string();
+    for _ in 0..50 {
+        let shims = procs_with(&marker);
+        if shims.is_empty() {
+            break;
+        }
+        for pid in shims {
+            // SAFETY: kill(2) of a process started for this run (its command line names it).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    unmount_under(dir);
+}
+
+/// Live processes whose command line contains `text`.
+fn procs_with(text: &str) -> Vec<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+                .filter(|&pid| pid != me)
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| String::from_utf8_lossy(&c).contains(text))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Removes the leftovers of every run whose owner is gone; returns (prefix, what) pairs.

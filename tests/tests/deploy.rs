@@ -241,3 +241,129 @@ fn the_repository_cites_only_its_own_files() -> Result<()> {
     }
     Ok(())
 }
+
+/// The `agent` stage of the Dockerfile: (base image, COPY destination of the agent,
+/// ENTRYPOINT, CMD).
+fn dockerfile_agent_stage() -> Result<(String, String, Vec<String>, Vec<String>)> {
+    let text = std::fs::read_to_string(repo("Dockerfile"))?;
+    let stage: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !(l.starts_with("FROM ") && l.ends_with(" AS agent")))
+        .take_while(|l| !l.starts_with("FROM ") || l.ends_with(" AS agent"))
+        .collect();
+    let base = stage
+        .first()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .context("no `FROM … AS agent` stage")?
+        .to_owned();
+    let copy = stage
+        .iter()
+        .find(|l| l.starts_with("COPY ") && l.contains("eks-pod-identity-agent"))
+        .and_then(|l| l.split_whitespace().last())
+        .context("no COPY of the agent")?
+        .to_owned();
+    let json = |key: &str| -> Result<Vec<String>> {
+        let line = stage
+            .iter()
+            .find_map(|l| l.strip_prefix(key))
+            .with_context(|| format!("no {key}"))?;
+        Ok(serde_json::from_str(line.trim())?)
+    };
+    Ok((base, copy, json("ENTRYPOINT ")?, json("CMD ")?))
+}
+
+#[test]
+fn the_image_xtask_builds_ships_what_the_dockerfile_ships() -> Result<()> {
+    use tests::image::{agent_files, agent_image, AGENT_CMD, AGENT_ENTRYPOINT, AGENT_PATH};
+    let (base, copy, entrypoint, cmd) = dockerfile_agent_stage()?;
+    assert_eq!(copy, AGENT_PATH);
+    assert_eq!(entrypoint, AGENT_ENTRYPOINT);
+    assert_eq!(cmd, AGENT_CMD);
+    // The Dockerfile's base ships glibc and libgcc and nothing else the agent may load: the
+    // image built here ships exactly the libraries the binary loads, each one of those.
+    assert!(base.starts_with("gcr.io/distroless/cc-debian12"), "{base}");
+    const DISTROLESS_CC: [&str; 6] = [
+        "libc.so.6",
+        "libm.so.6",
+        "libgcc_s.so.1",
+        "libstdc++.so.6",
+        "ld-linux-x86-64.so.2",
+        "ld-linux-aarch64.so.1",
+    ];
+    let agent = agent_bin()?;
+    let files = agent_files(&agent)?;
+    for (_, at) in &files[1..] {
+        let name = at.file_name().unwrap_or_default().to_string_lossy();
+        assert!(
+            DISTROLESS_CC.contains(&&*name),
+            "{name} is not in the Dockerfile's base"
+        );
+    }
+    // Build it, unpack it as a runtime would, and compare what is inside.
+    let work = std::env::temp_dir().join(format!("{}-image", names::unique()));
+    let result = (|| -> Result<()> {
+        let tar = agent_image(&agent, &work.join("build"), "test")?;
+        let layout = work.join("layout");
+        std::fs::create_dir_all(&layout)?;
+        let ok = Command::new("tar")
+            .arg("-C")
+            .arg(&layout)
+            .arg("-xf")
+            .arg(&tar)
+            .status()?;
+        anyhow::ensure!(ok.success());
+        let bundle = work.join("bundle");
+        let ok = Command::new("umoci")
+            .args(["unpack", "--image"])
+            .arg(format!("{}:test", layout.display()))
+            .arg(&bundle)
+            .status()?;
+        anyhow::ensure!(ok.success(), "umoci unpack");
+        let rootfs = bundle.join("rootfs");
+        let mut shipped: Vec<String> = walk(&rootfs)
+            .into_iter()
+            .map(|p| format!("/{}", p.strip_prefix(&rootfs).unwrap().display()))
+            .collect();
+        shipped.sort();
+        let mut expected: Vec<String> = files
+            .iter()
+            .map(|(_, at)| at.display().to_string())
+            .collect();
+        expected.sort();
+        assert_eq!(shipped, expected, "exactly the binary and its libraries");
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(bundle.join("config.json"))?)?;
+        let args: Vec<&str> = config["process"]["args"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str())
+            .collect();
+        assert_eq!(
+            args,
+            [AGENT_ENTRYPOINT.as_slice(), AGENT_CMD.as_slice()].concat()
+        );
+        // The binary in the image is the one built, byte for byte.
+        assert_eq!(
+            std::fs::read(rootfs.join(&AGENT_PATH[1..]))?,
+            std::fs::read(&agent)?
+        );
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+/// Regular files under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() && !p.is_symlink() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

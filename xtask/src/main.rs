@@ -37,6 +37,9 @@ enum Cmd {
     /// Benchmarks in the node sandbox: ratios against baselines measured in the same run,
     /// written to target/bench/.
     Bench,
+    /// Build the agent's OCI image without a Docker engine: target/image/image.tar
+    /// (`ctr images import`, `skopeo copy oci-archive:…`).
+    Image,
     /// Build the images and run the kind recipe (deploy/kind) where docker and kind exist.
     KindE2e,
 }
@@ -49,6 +52,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Build => steps::build().map(|_| ()),
         Cmd::Test => steps::test(),
         Cmd::Demo => steps::demo(),
+        Cmd::Image => steps::image().map(|_| ()),
         Cmd::KindE2e => steps::kind_e2e(),
         Cmd::Bench => steps::bench(),
     };

@@ -8,7 +8,7 @@ use crate::steps::run as run_cmd;
 use crate::steps::{cargo_bin_dir, step};
 
 /// Debian packages: the BPF compiler and its prebuilt core (docs/toolchain.md), LLVM for
-/// bpf-linker, the tools the sandbox uses, and perf (the bench's `BENCH_PROFILE=1`).
+/// bpf-linker, the tools the sandbox and the real node use, and perf (`BENCH_PROFILE=1`).
 pub const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
@@ -23,6 +23,14 @@ pub const APT_PACKAGES: &[&str] = &[
     "procps",
     "iptables",
     "linux-perf",
+    // The real node: a private containerd with runc and the CNI bridge, images built with
+    // umoci from busybox, and protoc for the CRI client's generated code.
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "busybox-static",
+    "umoci",
+    "protobuf-compiler",
 ];
 
 /// Python test tools, pinned: botocore (the client matrix), kubernetes-validate and yamllint

@@ -163,7 +163,7 @@ fn cargo_test(name: &str, args: &[&str], env: &[(&str, &str)], tally: &mut Tally
 
 /// The harness's own unit tests and the end-to-end test binaries of the `tests` crate (the
 /// leak check runs after them).
-const E2E_SUITES: [&str; 23] = [
+const E2E_SUITES: [&str; 25] = [
     "-p",
     "tests",
     "--lib",
@@ -187,6 +187,8 @@ const E2E_SUITES: [&str; 23] = [
     "teardown",
     "--test",
     "prewarm",
+    "--test",
+    "realnode",
 ];
 
 /// The full suite, as CI runs it.
@@ -481,6 +483,21 @@ fn build_and_run(name: &str, profile: Profile) -> Result<()> {
     let agent = build()?;
     let bins = harness_bins(profile)?;
     run_harness(&bins, name, &run_prefix(name), &agent)
+}
+
+/// Builds the release agent and its OCI image (umoci, no Docker engine); returns the archive.
+pub fn image() -> Result<PathBuf> {
+    setup::all()?;
+    let agent = build()?;
+    let bins = harness_bins(Profile::Release)?;
+    let out = root().join("target/image");
+    step("agent image (OCI archive)", || {
+        run(Command::new(bins.join("image"))
+            .arg(&agent)
+            .arg(&out)
+            .arg(env!("CARGO_PKG_VERSION")))
+    })?;
+    Ok(out.join("image.tar"))
 }
 
 /// Builds everything and runs the demo binary (a sandbox, two pods, the real agent).

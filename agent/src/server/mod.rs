@@ -30,6 +30,9 @@ use limits::{ConnGuard, ConnLimits, Peer};
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request head buffered (the token is at most 16 KiB).
 const MAX_HEAD_BYTES: usize = 32 * 1024;
+/// How long the last accepted connections get to read their request before the graceful
+/// shutdown starts (a request arrives with its connection; reading it takes microseconds).
+const SETTLE: Duration = Duration::from_millis(50);
 /// How long in-flight requests may take to finish at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -193,6 +196,10 @@ pub async fn serve(
     tracing::info!("shutting down: no longer accepting, draining in-flight requests");
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
+    // Connections taken from the accept queue at the end are fresh: until hyper has read
+    // their request, a graceful shutdown sees them idle and closes them unanswered. Let
+    // them read it first.
+    tokio::time::sleep(SETTLE).await;
     let graceful = Arc::into_inner(graceful).expect("accept loops have ended");
     if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
         .await
