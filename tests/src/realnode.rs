@@ -383,7 +383,12 @@ impl RealNode {
                 namespace: namespace.into(),
                 attempt: 0,
             }),
-            hostname: name.clone(),
+            // A hostNetwork pod has the node's name (and no UTS namespace of its own).
+            hostname: if host_network {
+                String::new()
+            } else {
+                name.clone()
+            },
             log_directory: self.dir.join("logs").join(&uid).display().to_string(),
             linux: Some(cri::LinuxPodSandboxConfig {
                 cgroup_parent: format!("{}/besteffort/pod{uid}", self.pods_parent),

@@ -120,3 +120,109 @@ fn sdks_and_curl_in_containerd_pods_get_credentials_through_the_kernel_path() ->
     );
     Ok(())
 }
+
+/// `curl` in container `c` of pod `i` with `token` (the pod's own when `None`): (status, body).
+fn curl_in(node: &RealNode, i: usize, c: usize, token: Option<&str>) -> Result<(u16, String)> {
+    let header = match token {
+        Some(t) => format!("Authorization: {t}"),
+        None => format!(
+            "Authorization: {}",
+            std::fs::read_to_string(&node.pods()[i].token_file)?
+        ),
+    };
+    let out = node.exec(
+        i,
+        c,
+        &[
+            "curl",
+            "-s",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            &header,
+            tests::clients::credentials_url(false),
+        ],
+        TIMEOUT,
+    )?;
+    let (body, status) = out
+        .stdout
+        .rsplit_once('\n')
+        .with_context(|| format!("curl: {out:?}"))?;
+    Ok((status.parse()?, body.to_owned()))
+}
+
+#[test]
+fn a_replayed_token_is_refused_and_a_host_network_pod_is_attributed() -> Result<()> {
+    let (mut node, fake) = real_node()?;
+    let a = node.run_pod("app", "reader", 1, false)?;
+    let b = node.run_pod("app", "reader", 1, false)?;
+    let host = node.run_pod("app", "reader", 1, true)?;
+    let _agent = Agent::start(&node, &fake, &[])?;
+    // Pod b presents pod a's token: the kernel says b, the token says a.
+    let stolen = std::fs::read_to_string(&node.pods()[a].token_file)?;
+    let (status, body) = curl_in(&node, b, 0, Some(&stolen))?;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("TokenPodMismatch"), "{body}");
+    assert_eq!(fake.calls(), 0, "nothing was sent to EKS Auth");
+    // Each pod with its own token is served; the hostNetwork pod shares the node's network
+    // namespace, and the kernel still names its pod.
+    for pod in [a, b, host] {
+        let (status, body) = curl_in(&node, pod, 0, None)?;
+        assert_eq!(status, 200, "pod {pod}: {body}");
+    }
+    let text = scrape(&node)?;
+    assert_eq!(attribution(&text, "attributed", "attributed")?, 3, "{text}");
+    assert_eq!(attribution(&text, "attributed", "mismatch")?, 1, "{text}");
+    assert_eq!(attribution(&text, "plain", "unattributed")?, 0, "{text}");
+    Ok(())
+}
+
+#[test]
+fn a_restarted_container_is_served_from_the_cache_and_a_removed_pod_is_evicted() -> Result<()> {
+    let (mut node, fake) = real_node()?;
+    let kept = node.run_pod("app", "reader", 1, false)?;
+    let removed = node.run_pod("app", "reader", 1, false)?;
+    let _agent = Agent::start(&node, &fake, &["--cache-sweep-interval", "1s"])?;
+    for pod in [kept, removed] {
+        assert_eq!(curl_in(&node, pod, 0, None)?.0, 200);
+    }
+    assert_eq!(fake.calls(), 2);
+    // The kubelet restarts the container after a crash: a new container, a new cgroup, the
+    // same pod.
+    let before = node.container_cgroup(kept, 0);
+    node.restart_container(kept, 0)?;
+    let after = node.container_cgroup(kept, 0);
+    assert_ne!(before, after);
+    assert!(
+        !before.exists() && after.exists(),
+        "{} -> {}",
+        before.display(),
+        after.display()
+    );
+    let (status, body) = curl_in(&node, kept, 0, None)?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(fake.calls(), 2, "the same pod, served from the cache");
+    // The pod is deleted: containerd removes its cgroups; the agent's sweep evicts its entry.
+    node.remove_pod(removed)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = scrape(&node)?;
+        // Absent until the first eviction.
+        let evicted = metric(
+            &text,
+            "pod_identity_cache_evictions_total{reason=\"pod_gone\"}",
+        )
+        .unwrap_or(0);
+        if evicted == 1 {
+            assert_eq!(metric(&text, "pod_identity_cache_entries")?, 1, "{text}");
+            break;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "not evicted: {text}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(node
+        .sandboxes()?
+        .iter()
+        .all(|s| s.id != node.pods()[removed].sandbox_id));
+    Ok(())
+}
