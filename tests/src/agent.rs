@@ -15,6 +15,18 @@ pub const CLUSTER: &str = "sandbox-cluster";
 /// The probe port used in the sandbox.
 pub const PROBE_PORT: u16 = 2703;
 
+/// The sandbox's AWS environment for the agent: region, the node's credentials, and the fake
+/// EKS Auth's endpoint.
+pub fn aws_env(fake: &FakeEksAuth) -> [(&'static str, String); 5] {
+    [
+        ("AWS_REGION", REGION.to_owned()),
+        ("AWS_ACCESS_KEY_ID", "AKIDSANDBOXNODE".to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", "sandbox-node-secret".to_owned()),
+        ("AWS_EC2_METADATA_DISABLED", "true".to_owned()),
+        ("AWS_ENDPOINT_URL_EKS_AUTH", fake.endpoint()),
+    ]
+}
+
 /// The agent binary: `$AGENT_BIN`, else the workspace's release build.
 pub fn agent_bin() -> Result<PathBuf> {
     let path = match std::env::var_os("AGENT_BIN") {
@@ -94,11 +106,7 @@ impl Agent {
         cmd.args(args)
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("AWS_REGION", REGION)
-            .env("AWS_ACCESS_KEY_ID", "AKIDSANDBOXNODE")
-            .env("AWS_SECRET_ACCESS_KEY", "sandbox-node-secret")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("AWS_ENDPOINT_URL_EKS_AUTH", fake.endpoint())
+            .envs(aws_env(fake))
             .env("POD_IDENTITY_BPFFS_DIR", sandbox.bpf_dir())
             .envs(env.iter().copied())
             .stdin(Stdio::null())

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod budget;
 pub mod cgroups;
 pub mod clients;
+pub mod daemonset;
 pub mod fake_eks;
 pub mod fixtures;
 pub mod image;

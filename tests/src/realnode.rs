@@ -391,7 +391,7 @@ impl RealNode {
             },
             log_directory: self.dir.join("logs").join(&uid).display().to_string(),
             linux: Some(cri::LinuxPodSandboxConfig {
-                cgroup_parent: format!("{}/besteffort/pod{uid}", self.pods_parent),
+                cgroup_parent: self.pod_cgroup_parent("besteffort", &uid),
                 security_context: Some(cri::LinuxSandboxSecurityContext {
                     namespace_options: Some(cri::NamespaceOption {
                         network,
@@ -419,16 +419,7 @@ impl RealNode {
             sb.issuer()
                 .mint(&pod.subject(), Duration::from_secs(24 * 3600)),
         )?;
-        let mut cri = self.cri.clone();
-        pod.sandbox_id = self
-            .rt
-            .block_on(cri.run_pod_sandbox(cri::RunPodSandboxRequest {
-                config: Some(config),
-                runtime_handler: String::new(),
-            }))
-            .with_context(|| format!("RunPodSandbox (containerd: {})", self.log_tail()))?
-            .into_inner()
-            .pod_sandbox_id;
+        pod.sandbox_id = self.run_sandbox(config)?;
         self.pods.push(pod);
         let i = self.pods.len() - 1;
         for c in 0..containers.max(1) {
@@ -579,21 +570,86 @@ impl RealNode {
 
     /// StopContainer (no grace) + RemoveContainer.
     pub fn remove_container(&self, id: &str) -> Result<()> {
+        self.stop_container(id, 0)?;
+        self.remove_container_only(id)
+    }
+
+    /// StopContainer: SIGTERM, then SIGKILL after `grace_secs` (0: SIGKILL at once).
+    pub fn stop_container(&self, id: &str, grace_secs: i64) -> Result<()> {
         let mut cri = self.cri.clone();
-        self.rt.block_on(async {
-            cri.stop_container(cri::StopContainerRequest {
+        self.rt
+            .block_on(cri.stop_container(cri::StopContainerRequest {
                 container_id: id.into(),
-                timeout: 0,
-            })
-            .await
+                timeout: grace_secs,
+            }))
             .context("StopContainer")?;
-            cri.remove_container(cri::RemoveContainerRequest {
+        Ok(())
+    }
+
+    /// RemoveContainer of a stopped container.
+    pub fn remove_container_only(&self, id: &str) -> Result<()> {
+        let mut cri = self.cri.clone();
+        self.rt
+            .block_on(cri.remove_container(cri::RemoveContainerRequest {
                 container_id: id.into(),
-            })
-            .await
+            }))
             .context("RemoveContainer")?;
-            Ok(())
-        })
+        Ok(())
+    }
+
+    /// ContainerStatus of container `id`.
+    pub fn container_status(&self, id: &str) -> Result<cri::ContainerStatus> {
+        let mut cri = self.cri.clone();
+        self.rt
+            .block_on(cri.container_status(cri::ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: false,
+            }))
+            .context("ContainerStatus")?
+            .into_inner()
+            .status
+            .context("no status")
+    }
+
+    /// RunPodSandbox; returns the sandbox id.
+    pub fn run_sandbox(&self, config: cri::PodSandboxConfig) -> Result<String> {
+        let mut cri = self.cri.clone();
+        Ok(self
+            .rt
+            .block_on(cri.run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(config),
+                runtime_handler: String::new(),
+            }))
+            .with_context(|| format!("RunPodSandbox (containerd: {})", self.log_tail()))?
+            .into_inner()
+            .pod_sandbox_id)
+    }
+
+    /// The kubelet's cgroup parent (cgroupfs driver) for a pod of QoS class `qos`.
+    pub fn pod_cgroup_parent(&self, qos: &str, uid: &str) -> String {
+        format!("{}/{qos}/pod{uid}", self.pods_parent)
+    }
+
+    /// A directory of this run's runtime scratch space.
+    pub fn scratch(&self, sub: &str) -> PathBuf {
+        let dir = self.dir.join(sub);
+        let _ = std::fs::create_dir_all(&dir);
+        dir
+    }
+
+    /// Makes `dir` a shared mount (a bind onto itself), as the kubelet's directory is on a
+    /// node, so containers can mount it with HostToContainer propagation. Unmounted with the
+    /// run's scratch directory.
+    pub fn make_shared(&self, dir: &Path) -> Result<()> {
+        let is_mount = procfs::process::Process::myself()?
+            .mountinfo()?
+            .0
+            .iter()
+            .any(|m| m.mount_point == dir);
+        if !is_mount {
+            run(Command::new("mount").arg("--bind").arg(dir).arg(dir))?;
+        }
+        run(Command::new("mount").arg("--make-rshared").arg(dir))
     }
 
     /// Deletes pod `i` as the kubelet does: its sandbox and containers, then its volumes.
@@ -681,7 +737,10 @@ impl RealNode {
         }
         // Shims and anything they left: the run's sweep (processes by path, mounts under the
         // scratch directory, cgroups in every hierarchy).
-        crate::teardown::remove_runtime_leftovers(&self.dir);
+        // (The whole scratch directory: the kubelet directory's shared bind mount too.)
+        if let Some(sb) = &self.sb {
+            crate::teardown::remove_runtime_leftovers(sb.dir());
+        }
     }
 }
 
@@ -714,6 +773,16 @@ fn pause_rootfs(root: &Path) -> Result<()> {
     std::fs::copy("/bin/busybox", root.join("bin/busybox"))?;
     std::os::unix::fs::symlink("busybox", root.join("bin/sleep"))?;
     std::os::unix::fs::symlink("busybox", root.join("bin/sh"))?;
+    Ok(())
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 

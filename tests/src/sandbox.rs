@@ -18,6 +18,9 @@ use crate::netns::{command_in, NetNs};
 pub const CRED_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 170, 23);
 /// The IPv6 credential address.
 pub const CRED_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23);
+/// The node's link holding the credential addresses (the agent's init container makes its
+/// own, `pod-id-link0`, on a real node).
+pub const CREDENTIAL_LINK: &str = "cred0";
 /// The token file's name (in the pod, and in the kubelet's projected volume on the node).
 pub const TOKEN_FILE_NAME: &str = "eks-pod-identity-token";
 /// The projected volume the EKS webhook adds to pods.
@@ -108,7 +111,14 @@ impl Sandbox {
         let cgroups = CgroupTree::create(&name, driver)?;
         let node = NetNs::create(&format!("{name}-node"))?;
         node.ip(&[
-            "link", "add", "cred0", "type", "veth", "peer", "name", "cred0p",
+            "link",
+            "add",
+            CREDENTIAL_LINK,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "cred0p",
         ])?;
         node.ip(&["addr", "add", &format!("{CRED_V4}/32"), "dev", "cred0"])?;
         node.ip(&[

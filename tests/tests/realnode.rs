@@ -226,3 +226,110 @@ fn a_restarted_container_is_served_from_the_cache_and_a_removed_pod_is_evicted()
         .all(|s| s.id != node.pods()[removed].sandbox_id));
     Ok(())
 }
+
+/// Waits (like the kubelet's readiness probe) until the agent answers `/readyz` with 200.
+fn wait_ready(node: &RealNode, agent: &tests::daemonset::AgentPod) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if tests::agent::probe(node, "/readyz").is_ok_and(|(s, _)| s == 200) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            let status = node.container_status(&agent.container_id)?;
+            anyhow::bail!(
+                "the agent container never became ready (state {}, exit {}): {}",
+                status.state,
+                status.exit_code,
+                node.container_log("", &agent.container_id)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A capability set as /proc shows it (hex), from capability numbers.
+fn cap_mask(caps: &[u32]) -> String {
+    format!("{:016x}", caps.iter().fold(0u64, |m, c| m | 1 << c))
+}
+
+#[test]
+fn the_agent_runs_from_its_image_as_the_daemonset_says_and_survives_a_restart() -> Result<()> {
+    use tests::daemonset::manifest;
+    let (mut node, fake) = real_node()?;
+    let pod = node.run_pod("app", "reader", 1, false)?;
+    // A pod whose containers run as a non-root user: the kubelet gives it the token (0600).
+    let private = node.run_pod("app", "reader", 1, false)?;
+    let token = &node.pods()[private].token_file;
+    std::os::unix::fs::chown(token, Some(1000), Some(1000))?;
+    std::fs::set_permissions(token, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    node.import_agent_image(&tests::agent::agent_bin()?)?;
+    let env: Vec<(&str, String)> = tests::agent::aws_env(&fake)
+        .into_iter()
+        .chain([("CLUSTER_NAME", tests::agent::CLUSTER.to_owned())])
+        .collect();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut agent = node.run_agent(&manifest()?, &env)?;
+    assert_eq!(agent.init_exit_code, 0);
+    wait_ready(&node, &agent)?;
+    // The init container made the credential link in the node's namespace.
+    node.node().ip(&["addr", "show", "dev", "pod-id-link0"])?;
+    let text = scrape(&node)?;
+    assert_eq!(
+        metric(&text, "pod_identity_agent_mode{mode=\"ebpf\"}")?,
+        1,
+        "{text}"
+    );
+    // The runtime applied the manifest's security context: exactly BPF, NET_ADMIN and
+    // NET_BIND_SERVICE, no privilege escalation, the runtime's seccomp filter.
+    let pid = node.container_pid(&agent.container_id)?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let granted = cap_mask(&[39, 12, 10]); // CAP_BPF, CAP_NET_ADMIN, CAP_NET_BIND_SERVICE
+    assert_eq!(field("CapEff:"), granted, "{status}");
+    assert_eq!(field("CapBnd:"), granted, "{status}");
+    assert_eq!(field("NoNewPrivs:"), "1");
+    assert_eq!(field("Seccomp:"), "2", "RuntimeDefault is a seccomp filter");
+    // What it was not granted fails inside it: without CAP_DAC_READ_SEARCH it cannot read the
+    // non-root pod's token (pre-warm skips it), only the other one's.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metric(&scrape(&node)?, "pod_identity_prewarm_entries_total")? < 1 {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "nothing pre-warmed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        metric(&scrape(&node)?, "pod_identity_prewarm_entries_total")?,
+        1
+    );
+    assert_eq!(fake.calls(), 1, "only the readable token was exchanged");
+    // Both pods are served through the kernel path (the private one on its request).
+    for p in [pod, private] {
+        let (status, body) = curl_in(&node, p, 0, None)?;
+        assert_eq!(status, 200, "pod {p}: {body}");
+    }
+    let text = scrape(&node)?;
+    assert_eq!(attribution(&text, "attributed", "attributed")?, 2, "{text}");
+    // Killed (SIGKILL) and started again by the runtime: the pinned programs kept the pods
+    // steered, the new container serves them again.
+    let pods_root = node.cgroups().pods_root().to_path_buf();
+    let (_, links_before) = tests::fixtures::attachment(&pods_root)?;
+    node.restart_agent(&mut agent, true)?;
+    wait_ready(&node, &agent)?;
+    let (_, links_after) = tests::fixtures::attachment(&pods_root)?;
+    assert_eq!(
+        links_after, links_before,
+        "the same links, updated in place"
+    );
+    let (status, body) = curl_in(&node, pod, 0, None)?;
+    assert_eq!(status, 200, "{body}");
+    let text = scrape(&node)?;
+    assert_eq!(attribution(&text, "attributed", "attributed")?, 1, "{text}");
+    Ok(())
+}

@@ -1,0 +1,379 @@
+//! The agent as the DaemonSet runs it: `deploy/daemonset.yaml` read as it is (so the manifest
+//! is what is tested), its pod made over CRI on a [`RealNode`] with the manifest's host
+//! network, init container, arguments, environment, security context, resources and host
+//! paths, from the image `cargo xtask image` builds.
+//!
+//! The manifest's host paths are the node's; on this shared machine each maps to the run's own
+//! equivalent ([`host_path`]): the cgroup tree to the run's cgroup subtree, bpffs to the run's
+//! pin directory, the kubelet's pods directory to the run's.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use k8s_cri::v1 as cri;
+use serde_json::Value;
+
+use crate::realnode::RealNode;
+
+/// The image name the manifest uses, and the reference the run imports it as.
+pub const AGENT_IMAGE: &str = "localhost/eks-pod-identity-agent";
+const AGENT_TAG: &str = "test";
+
+/// `deploy/daemonset.yaml` as JSON (PyYAML from the test virtualenv reads the YAML).
+pub fn manifest() -> Result<Value> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new(repo.join("target/pyenv/bin/python"))
+        .args([
+            "-c",
+            "import json,sys,yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
+        ])
+        .arg(repo.join("deploy/daemonset.yaml"))
+        .output()
+        .context("running the virtualenv python (cargo xtask setup)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// The agent's pod on the real node.
+#[derive(Debug, Clone)]
+pub struct AgentPod {
+    /// CRI sandbox id.
+    pub sandbox_id: String,
+    /// The running agent container.
+    pub container_id: String,
+    /// How the init container ended.
+    pub init_exit_code: i32,
+    /// Restarts so far.
+    pub restarts: u32,
+    config: cri::PodSandboxConfig,
+    container: cri::ContainerConfig,
+}
+
+/// Where a manifest host path lives for this run.
+pub fn host_path(node: &RealNode, path: &str) -> Result<PathBuf> {
+    Ok(match path {
+        "/sys/fs/cgroup" => node
+            .cgroups()
+            .pods_root()
+            .parent()
+            .context("pods cgroup has a parent")?
+            .to_path_buf(),
+        "/sys/fs/bpf" => {
+            let dir = node.bpf_dir();
+            std::fs::create_dir_all(&dir)?;
+            dir
+        }
+        "/var/lib/kubelet/pods" => node.kubelet_root().join("pods"),
+        other => bail!("the manifest mounts host path {other}, which this harness does not map"),
+    })
+}
+
+/// `64Mi`, `1Gi`, `500M` → bytes.
+fn quantity_bytes(q: &str) -> Result<i64> {
+    let (digits, unit) = q.split_at(q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len()));
+    let n: i64 = digits.parse().with_context(|| format!("quantity {q}"))?;
+    let mult = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "K" | "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        _ => bail!("quantity {q}: unknown unit {unit}"),
+    };
+    Ok(n * mult)
+}
+
+/// `25m`, `1` → CPU shares as the kubelet computes them (1 CPU = 1024, at least 2).
+fn cpu_shares(q: &str) -> Result<i64> {
+    let millis: i64 = match q.strip_suffix('m') {
+        Some(m) => m.parse()?,
+        None => q.parse::<i64>()? * 1000,
+    };
+    Ok((millis * 1024 / 1000).max(2))
+}
+
+/// A manifest container's securityContext as CRI's, with the pod's network mode.
+fn security(c: &Value, network: i32) -> Result<cri::LinuxContainerSecurityContext> {
+    let sc = &c["securityContext"];
+    let list = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_owned))
+            .collect()
+    };
+    let seccomp = match sc["seccompProfile"]["type"].as_str() {
+        Some("RuntimeDefault") => Some(cri::SecurityProfile {
+            profile_type: cri::security_profile::ProfileType::RuntimeDefault as i32,
+            localhost_ref: String::new(),
+        }),
+        None | Some("Unconfined") => None,
+        Some(other) => bail!("seccompProfile {other} is not mapped"),
+    };
+    Ok(cri::LinuxContainerSecurityContext {
+        capabilities: Some(cri::Capability {
+            add_capabilities: list(&sc["capabilities"]["add"]),
+            drop_capabilities: list(&sc["capabilities"]["drop"]),
+            add_ambient_capabilities: Vec::new(),
+        }),
+        privileged: sc["privileged"].as_bool().unwrap_or(false),
+        readonly_rootfs: sc["readOnlyRootFilesystem"].as_bool().unwrap_or(false),
+        // The kubelet sets no_new_privs for allowPrivilegeEscalation: false.
+        no_new_privs: sc["allowPrivilegeEscalation"].as_bool() == Some(false),
+        seccomp,
+        namespace_options: Some(cri::NamespaceOption {
+            network,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// A manifest container as CRI's: image, arguments with `$(VAR)` expanded, environment (the
+/// manifest's, then `env` overriding by name), resources, mounts and security context.
+fn container_config(
+    node: &RealNode,
+    spec: &Value,
+    c: &Value,
+    env: &[(&str, &str)],
+    attempt: u32,
+) -> Result<cri::ContainerConfig> {
+    let mut vars: Vec<(String, String)> = c["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap_or_default().to_owned(),
+                e["value"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    for (k, v) in env {
+        vars.retain(|(name, _)| name != k);
+        vars.push(((*k).to_owned(), (*v).to_owned()));
+    }
+    let args = c["args"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| {
+            let mut a = a.as_str().unwrap_or_default().to_owned();
+            for (k, v) in &vars {
+                a = a.replace(&format!("$({k})"), v);
+            }
+            a
+        })
+        .collect();
+    let volumes = spec["volumes"].as_array().cloned().unwrap_or_default();
+    let mut mounts = Vec::new();
+    for m in c["volumeMounts"].as_array().into_iter().flatten() {
+        let name = m["name"].as_str().unwrap_or_default();
+        let volume = volumes
+            .iter()
+            .find(|v| v["name"] == name)
+            .with_context(|| format!("volume {name} is not in the manifest"))?;
+        let path = volume["hostPath"]["path"]
+            .as_str()
+            .with_context(|| format!("volume {name} is not a hostPath"))?;
+        let propagation = match m["mountPropagation"].as_str() {
+            Some("HostToContainer") => cri::MountPropagation::PropagationHostToContainer,
+            Some("Bidirectional") => cri::MountPropagation::PropagationBidirectional,
+            _ => cri::MountPropagation::PropagationPrivate,
+        } as i32;
+        mounts.push(cri::Mount {
+            container_path: m["mountPath"].as_str().unwrap_or_default().to_owned(),
+            host_path: host_path(node, path)?.display().to_string(),
+            readonly: m["readOnly"].as_bool().unwrap_or(false),
+            propagation,
+            ..Default::default()
+        });
+    }
+    let resources = &c["resources"];
+    let linux_resources = cri::LinuxContainerResources {
+        memory_limit_in_bytes: resources["limits"]["memory"]
+            .as_str()
+            .map(quantity_bytes)
+            .transpose()?
+            .unwrap_or(0),
+        cpu_shares: resources["requests"]["cpu"]
+            .as_str()
+            .map(cpu_shares)
+            .transpose()?
+            .unwrap_or(2),
+        ..Default::default()
+    };
+    let network = if spec["hostNetwork"].as_bool() == Some(true) {
+        cri::NamespaceMode::Node
+    } else {
+        cri::NamespaceMode::Pod
+    } as i32;
+    let name = c["name"].as_str().unwrap_or("container").to_owned();
+    Ok(cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.clone(),
+            attempt,
+        }),
+        image: Some(cri::ImageSpec {
+            image: format!("{AGENT_IMAGE}:{AGENT_TAG}"),
+            ..Default::default()
+        }),
+        args,
+        envs: vars
+            .into_iter()
+            .map(|(key, value)| cri::KeyValue { key, value })
+            .collect(),
+        mounts,
+        log_path: format!("{name}-{attempt}.log"),
+        linux: Some(cri::LinuxContainerConfig {
+            resources: Some(linux_resources),
+            security_context: Some(security(c, network)?),
+        }),
+        ..Default::default()
+    })
+}
+
+impl RealNode {
+    /// Builds the agent's image from `agent` and imports it.
+    pub fn import_agent_image(&self, agent: &Path) -> Result<()> {
+        let tar = crate::image::agent_image(agent, &self.scratch("agent-image"), AGENT_TAG)?;
+        self.import_tar(&tar, AGENT_IMAGE)
+    }
+
+    /// Runs the DaemonSet's pod: its sandbox (host network, burstable QoS as its resources
+    /// make it), the init container to completion, then the agent container. `env` overrides
+    /// the manifest's environment (the cluster name, the sandbox's AWS settings).
+    pub fn run_agent(&mut self, ds: &Value, env: &[(&str, &str)]) -> Result<AgentPod> {
+        crate::teardown::check_not_stopping()?;
+        let spec = &ds["spec"]["template"]["spec"];
+        let host_network = spec["hostNetwork"].as_bool() == Some(true);
+        // HostToContainer needs the source on a shared mount, as the kubelet's is on a node.
+        self.make_shared(&self.kubelet_root())?;
+        // A node the agent never ran on has no credential link: the init container makes it
+        // (and refuses to route the addresses through another link).
+        if host_network {
+            self.node()
+                .ip(&["link", "del", crate::sandbox::CREDENTIAL_LINK])?;
+        }
+        let uid = crate::sandbox::uuid_like(&format!("{}-agent", self.name()), 1);
+        let config = cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: "eks-pod-identity-agent-node".into(),
+                uid: uid.clone(),
+                namespace: ds["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("kube-system")
+                    .into(),
+                attempt: 0,
+            }),
+            log_directory: self.scratch("logs").join(&uid).display().to_string(),
+            linux: Some(cri::LinuxPodSandboxConfig {
+                cgroup_parent: self.pod_cgroup_parent("burstable", &uid),
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: if host_network {
+                            cri::NamespaceMode::Node
+                        } else {
+                            cri::NamespaceMode::Pod
+                        } as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let sandbox_id = self.run_sandbox(config.clone())?;
+        let mut init_exit_code = 0;
+        for init in spec["initContainers"].as_array().into_iter().flatten() {
+            let c = container_config(self, spec, init, env, 0)?;
+            let id = self.create_and_start(&sandbox_id, &config, c)?;
+            init_exit_code = self.wait_exited(&id, Duration::from_secs(20))?;
+            anyhow::ensure!(
+                init_exit_code == 0,
+                "init container {} exited {init_exit_code}: {}",
+                init["name"],
+                self.container_log(&uid, &id)
+            );
+        }
+        let main = spec["containers"]
+            .get(0)
+            .context("the manifest has no container")?;
+        let container = container_config(self, spec, main, env, 0)?;
+        let container_id = self.create_and_start(&sandbox_id, &config, container.clone())?;
+        Ok(AgentPod {
+            sandbox_id,
+            container_id,
+            init_exit_code,
+            restarts: 0,
+            config,
+            container,
+        })
+    }
+
+    /// What the kubelet does when the agent container dies: a new container (attempt + 1) in
+    /// the same pod. `kill` stops the old one with SIGKILL first (else SIGTERM, 30 s grace).
+    pub fn restart_agent(&mut self, pod: &mut AgentPod, kill: bool) -> Result<()> {
+        self.stop_container(&pod.container_id, if kill { 0 } else { 30 })?;
+        self.remove_container_only(&pod.container_id)?;
+        pod.restarts += 1;
+        let mut container = pod.container.clone();
+        if let Some(m) = container.metadata.as_mut() {
+            m.attempt = pod.restarts;
+        }
+        container.log_path = format!("agent-{}.log", pod.restarts);
+        pod.container_id = self.create_and_start(&pod.sandbox_id, &pod.config, container)?;
+        Ok(())
+    }
+
+    /// Waits until container `id` has exited; its exit code.
+    pub fn wait_exited(&self, id: &str, limit: Duration) -> Result<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let status = self.container_status(id)?;
+            if status.state == cri::ContainerState::ContainerExited as i32 {
+                return Ok(status.exit_code);
+            }
+            anyhow::ensure!(Instant::now() < deadline, "container {id} still running");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The host pid of container `id`'s first process.
+    pub fn container_pid(&self, id: &str) -> Result<u32> {
+        let (mut cri, rt) = self.client();
+        let info = rt
+            .block_on(cri.container_status(cri::ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: true,
+            }))?
+            .into_inner()
+            .info;
+        let v: Value = serde_json::from_str(info.get("info").context("no verbose info")?)?;
+        v["pid"]
+            .as_u64()
+            .map(|p| p as u32)
+            .context("no pid in the container's info")
+    }
+
+    /// What container `id` of pod `uid` wrote (its CRI log).
+    pub fn container_log(&self, uid: &str, id: &str) -> String {
+        let _ = id;
+        std::fs::read_dir(self.scratch("logs").join(uid))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
