@@ -256,6 +256,7 @@ impl RealNode {
         let spec = &ds["spec"]["template"]["spec"];
         let host_network = spec["hostNetwork"].as_bool() == Some(true);
         // HostToContainer needs the source on a shared mount, as the kubelet's is on a node.
+        std::fs::create_dir_all(self.kubelet_root().join("pods"))?;
         self.make_shared(&self.kubelet_root())?;
         // A node the agent never ran on has no credential link: the init container makes it
         // (and refuses to route the addresses through another link).

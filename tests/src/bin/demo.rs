@@ -1,16 +1,120 @@
-//! `cargo xtask demo`: a node sandbox with two pods, the fake EKS Auth and the real agent;
-//! a pod's Rust SDK gets credentials through the eBPF path. Everything is torn down at exit.
+//! `cargo xtask demo`: on a real node (a private containerd making the pods and running the
+//! agent from its image as the DaemonSet says), an app without a pod identity association is
+//! refused, the association is created, and the same pod gets credentials through the eBPF
+//! path. Without the runtime, the node sandbox with the agent as a process, saying why.
+//! Everything is torn down at exit.
+
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use tests::agent::Agent;
 use tests::cgroups::Driver;
 use tests::clients::{credentials_url, curl, sdk_client};
 use tests::fake_eks::FakeEksAuth;
+use tests::realnode::RealNode;
 use tests::sandbox::{PodSpec, Sandbox};
 
 fn main() -> Result<()> {
-    let mut sb = Sandbox::new(Driver::Systemd)?;
+    let sb = Sandbox::new(Driver::Cgroupfs)?;
     let fake = FakeEksAuth::start(sb.node(), tests::agent::CLUSTER, sb.issuer().decoding_key())?;
+    match RealNode::start(sb) {
+        Ok(node) => real_node_story(node, &fake),
+        Err(not_started) => {
+            let (why, sb) = *not_started;
+            println!("{why:#}: showing the node sandbox instead (agent as a process, pods made by hand)\n");
+            sandbox_story(sb, &fake)
+        }
+    }
+}
+
+/// The seeds' story on a real node: containerd makes the pods and runs the agent from its
+/// image as the DaemonSet says; an app without a pod identity association is refused, the
+/// association is created, and the same pod, unchanged, gets credentials.
+fn real_node_story(mut node: RealNode, fake: &FakeEksAuth) -> Result<()> {
+    println!(
+        "real node {}: a private containerd in the node's network namespace ({})",
+        node.name(),
+        node.socket().display()
+    );
+    node.import_agent_image(&tests::agent::agent_bin()?)?;
+    let env: Vec<(&str, String)> = tests::agent::aws_env(fake)
+        .into_iter()
+        .chain([("CLUSTER_NAME", tests::agent::CLUSTER.to_owned())])
+        .collect();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let agent = node.run_agent(&tests::daemonset::manifest()?, &env)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !tests::agent::probe(&node, "/readyz").is_ok_and(|(s, _)| s == 200) {
+        ensure!(
+            Instant::now() < deadline,
+            "the agent container never became ready"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "agent pod (deploy/daemonset.yaml): init container exited {}, agent container {} ready, eBPF attached to {}",
+        agent.init_exit_code,
+        &agent.container_id[..12],
+        node.cgroups().pods_root().display()
+    );
+    let app = node.run_pod("shop", "checkout", 1, false)?;
+    println!(
+        "app pod shop/checkout: container {} in cgroup {}",
+        &node.pods()[app].containers[0][..12],
+        node.container_cgroup(app, 0).display()
+    );
+    let sdk = tests::clients::helper_bin("sdk-client")?
+        .display()
+        .to_string();
+    let ask = |node: &RealNode| node.exec(app, 0, &[&sdk], Duration::from_secs(20));
+
+    println!("\n1. the app's Rust SDK asks for credentials; shop/checkout has no pod identity association:");
+    let refused = ask(&node)?;
+    ensure!(
+        refused.code != 0,
+        "served without an association: {}",
+        refused.stdout
+    );
+    for line in refused
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(3)
+    {
+        println!("   {line}");
+    }
+    println!("\n2. aws eks create-pod-identity-association --namespace shop --service-account checkout --role-arn …/CheckoutRole");
+    fake.associate("shop", "checkout", "CheckoutRole");
+    // The agent remembers "no association" for --negative-cache-ttl (10 s by default).
+    println!("   (the agent remembers the refusal for --negative-cache-ttl, 10 s)");
+    std::thread::sleep(Duration::from_secs(10));
+    println!("\n3. the same pod, unchanged, asks again:");
+    let got = ask(&node)?;
+    ensure!(got.code == 0, "still refused: {}{}", got.stdout, got.stderr);
+    let creds: serde_json::Value =
+        serde_json::from_str(got.stdout.trim()).context("sdk-client output")?;
+    println!(
+        "   AccessKeyId     {}",
+        creds["access_key_id"].as_str().unwrap_or("?")
+    );
+    println!("   SecretAccessKey ** redacted **");
+    println!(
+        "   AccountId       {}",
+        creds["account_id"].as_str().unwrap_or("?")
+    );
+    let text = tests::agent::scrape(&node)?;
+    println!(
+        "\nthe kernel attributed {} requests to their pod; fake EKS Auth calls: {}",
+        tests::fixtures::attribution(&text, "attributed", "attributed")?,
+        fake.calls()
+    );
+    drop(node);
+    println!("containers, sandboxes, containerd and the node removed");
+    Ok(())
+}
+
+/// The same agent as a plain process on the hand-made node sandbox.
+fn sandbox_story(mut sb: Sandbox, fake: &FakeEksAuth) -> Result<()> {
     fake.associate("shop", "checkout", "CheckoutRole");
     fake.associate("shop", "billing", "BillingRole");
     let checkout = sb.add_pod(PodSpec::new("shop", "checkout"))?;
@@ -21,7 +125,7 @@ fn main() -> Result<()> {
         sb.cgroups().pods_root().display()
     );
 
-    let agent = Agent::start(&sb, &fake, &[])?;
+    let agent = Agent::start(&sb, fake, &[])?;
     println!(
         "agent running (pid {}), eBPF attached to {}",
         agent.pid(),
