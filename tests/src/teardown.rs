@@ -169,7 +169,10 @@ pub fn remove_run(prefix: &str) -> Vec<String> {
             "cgroup" => remove_tree(&path),
             "scratch directory" => {
                 // A real node's containerd mounts container root file systems and pod
-                // network namespaces under it.
+                // network namespaces under it; its shims' sockets live outside it.
+                for socket in shim_sockets(&path) {
+                    let _ = std::fs::remove_file(socket);
+                }
                 unmount_under(&path);
                 let _ = std::fs::remove_dir_all(&path);
             }
@@ -212,8 +215,31 @@ pub fn unmount_under(dir: &Path) {
     }
 }
 
+/// The sockets containerd 1.6's shims made for the tasks of the runtime whose directory is
+/// under `dir`: `/run/containerd/s/<sha256(socket/namespace/task)>` (a path containerd fixes;
+/// a shim removes its socket when it exits, not when it is killed).
+fn shim_sockets(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for runtime in [dir.to_path_buf(), dir.join("containerd")] {
+        let socket = runtime.join("containerd.sock");
+        let tasks = runtime.join("state/io.containerd.runtime.v2.task");
+        for ns in std::fs::read_dir(&tasks).into_iter().flatten().flatten() {
+            for task in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
+                let key = socket.join(ns.file_name()).join(task.file_name());
+                let digest = aws_lc_rs::digest::digest(
+                    &aws_lc_rs::digest::SHA256,
+                    key.as_os_str().as_encoded_bytes(),
+                );
+                let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+                found.push(PathBuf::from("/run/containerd/s").join(hex));
+            }
+        }
+    }
+    found
+}
+
 /// What a real node's runtime leaves once containerd is stopped: its shims (their command
-/// line names the run's socket) and the mounts under its directory.
+/// line names the run's socket), their sockets, and the mounts under its directory.
 pub fn remove_runtime_leftovers(dir: &Path) {
     let marker = dir.display().to_string();
     for _ in 0..50 {
@@ -226,6 +252,9 @@ pub fn remove_runtime_leftovers(dir: &Path) {
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for socket in shim_sockets(dir) {
+        let _ = std::fs::remove_file(socket);
     }
     unmount_under(dir);
 }

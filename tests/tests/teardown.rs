@@ -31,7 +31,13 @@ impl Drop for Hold {
 /// Starts `sandbox-hold` as run `prefix` (its own pid's run when `None`) and waits until its
 /// sandbox, agent and pods are up.
 fn hold(prefix: Option<&str>) -> Result<Hold> {
+    hold_with(prefix, &[])
+}
+
+/// [`hold`] with `sandbox-hold`'s arguments (`--real-node`).
+fn hold_with(prefix: Option<&str>, args: &[&str]) -> Result<Hold> {
     let mut cmd = Command::new(helper_bin("sandbox-hold")?);
+    cmd.args(args);
     match prefix {
         Some(p) => cmd.env(tests::names::RUN_ENV, p),
         None => cmd.env_remove(tests::names::RUN_ENV),
@@ -165,5 +171,81 @@ fn the_leak_check_fails_for_its_own_run_and_names_others() -> Result<()> {
         !named(&found.own, &other),
         "other run counted as own: {found:#?}"
     );
+    Ok(())
+}
+
+/// The shim sockets containerd keeps in its fixed directory.
+fn shim_sockets() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/run/containerd/s")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_real_node_leaves_nothing_on_sigterm_nor_after_sigkill_and_reap() -> Result<()> {
+    let before_all = shim_sockets();
+    // SIGTERM: the harness removes its run (containerd, shims, containers, sandboxes,
+    // snapshots, mounts, CNI state, cgroups in every hierarchy) and exits.
+    let prefix = format!("{}-holdreal", run_prefix());
+    let mut held = hold_with(Some(&prefix), &["--real-node"])?;
+    let running = leaks::leftovers(&prefix)?;
+    for kind in [
+        "scratch directory",
+        "cgroup",
+        "process",
+        "CNI result",
+        "BPF link",
+    ] {
+        ensure!(
+            running.iter().any(|l| l.starts_with(kind)),
+            "the running real node has no {kind}: {running:#?}"
+        );
+    }
+    ensure!(
+        running.iter().any(|l| l.contains("containerd-shim")),
+        "no shim among {running:#?}"
+    );
+    ensure!(
+        running
+            .iter()
+            .any(|l| l.starts_with("cgroup") && !l.contains("/unified/")),
+        "runc made no v1 cgroups: {running:#?}"
+    );
+    ensure!(shim_sockets().len() > before_all.len(), "no shim socket");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    ensure!(
+        mounts.contains(&format!("/{prefix}-")),
+        "containerd mounted nothing"
+    );
+    // SAFETY: kill(2) of our own child.
+    unsafe { libc::kill(held.0.id() as i32, libc::SIGTERM) };
+    let status = wait_exit(&mut held.0, Duration::from_secs(30))?;
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+    assert_eq!(leaks::leftovers(&prefix)?, Vec::<String>::new());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    assert!(!mounts.contains(&format!("/{prefix}-")), "mounts left");
+    assert_eq!(shim_sockets(), before_all, "shim sockets left");
+
+    // SIGKILL: nothing runs the teardown; `reap --dead` removes it all.
+    let mut held = hold_with(None, &["--real-node"])?;
+    let dead = format!("pia{}", held.0.id());
+    held.0.kill()?;
+    held.0.wait()?;
+    let out = Command::new(helper_bin("reap")?).arg("--dead").output()?;
+    ensure!(out.status.success(), "reap --dead failed");
+    let after = leaks::check(&run_prefix())?;
+    let left: Vec<&String> = after.others.iter().filter(|o| o.contains(&dead)).collect();
+    assert!(left.is_empty(), "reap left: {left:#?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    assert!(
+        !mounts.contains(&format!("/{dead}-")),
+        "mounts left after reap"
+    );
+    assert_eq!(shim_sockets(), before_all, "shim sockets left after reap");
     Ok(())
 }
