@@ -152,8 +152,17 @@ impl RealNode {
     /// A missing or failing runtime is an [`Unavailable`] error that says why, never a hang;
     /// the sandbox comes back with it, so a caller can go on without the runtime.
     pub fn start(sb: Sandbox) -> Result<Self, NotStarted> {
-        match Self::prepare(&sb) {
-            Ok(parts) => Self::launch(sb, parts),
+        Self::start_with(sb, Path::new("/usr/bin/containerd"), START_TIMEOUT)
+    }
+
+    /// [`RealNode::start`] with another containerd binary, given `timeout` to answer CRI.
+    pub fn start_with(
+        sb: Sandbox,
+        containerd: &Path,
+        timeout: Duration,
+    ) -> Result<Self, NotStarted> {
+        match Self::prepare(&sb, containerd) {
+            Ok(parts) => Self::launch(sb, parts, timeout),
             Err(e) => {
                 // Whatever was started is the run's: its sweep removes it.
                 crate::teardown::remove_runtime_leftovers(&sb.dir().join("containerd"));
@@ -163,10 +172,13 @@ impl RealNode {
     }
 
     /// Writes the configuration, starts containerd and computes where pods go.
-    fn prepare(sb: &Sandbox) -> Result<Parts> {
+    fn prepare(sb: &Sandbox, containerd: &Path) -> Result<Parts> {
         crate::teardown::check_not_stopping()?;
         if let Some(why) = missing_tools() {
             return Err(Unavailable(why).into());
+        }
+        if !containerd.is_file() {
+            return Err(Unavailable(format!("{} is missing", containerd.display())).into());
         }
         let dir = sb.dir().join("containerd");
         for sub in ["cni", "logs", "ipam", "images"] {
@@ -181,7 +193,7 @@ impl RealNode {
         let log = std::fs::File::create(dir.join("containerd.log"))?;
         let runtime_cgroup = sb.cgroups().outside_pods("runtime")?;
         let child = sb
-            .node_command("/usr/bin/containerd", Some(&runtime_cgroup))?
+            .node_command(containerd, Some(&runtime_cgroup))?
             .arg("--config")
             .arg(dir.join("config.toml"))
             .args(["--log-level", "debug"])
@@ -214,7 +226,7 @@ impl RealNode {
         })
     }
 
-    fn launch(sb: Sandbox, parts: Parts) -> Result<Self, NotStarted> {
+    fn launch(sb: Sandbox, parts: Parts, timeout: Duration) -> Result<Self, NotStarted> {
         let mut node = Self {
             rt: parts.rt,
             cri: parts.cri,
@@ -226,7 +238,7 @@ impl RealNode {
             pods: Vec::new(),
             sb: Some(sb),
         };
-        let ready = node.wait_ready().and_then(|()| {
+        let ready = node.wait_ready(timeout).and_then(|()| {
             node.import(
                 &pause_rootfs,
                 &[
@@ -251,8 +263,8 @@ impl RealNode {
     }
 
     /// Waits until containerd answers CRI `Version`, or says why it did not.
-    fn wait_ready(&mut self) -> Result<()> {
-        let deadline = Instant::now() + START_TIMEOUT;
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self
                 .containerd
@@ -285,7 +297,7 @@ impl RealNode {
             }
             if Instant::now() > deadline {
                 return Err(Unavailable(format!(
-                    "containerd did not answer CRI within {START_TIMEOUT:?}: {}",
+                    "containerd did not answer CRI within {timeout:?}: {}",
                     self.log_tail()
                 ))
                 .into());

@@ -333,3 +333,46 @@ fn the_agent_runs_from_its_image_as_the_daemonset_says_and_survives_a_restart() 
     assert_eq!(attribution(&text, "attributed", "attributed")?, 1, "{text}");
     Ok(())
 }
+
+#[test]
+fn a_missing_failing_or_silent_runtime_is_one_clear_error_and_the_sandbox_goes_on() -> Result<()> {
+    let (sb, fake) = tests::fixtures::node(Driver::Cgroupfs)?;
+    let silent = sb.dir().join("silent-containerd");
+    std::fs::write(&silent, "#!/bin/sh\nexec sleep 600\n")?;
+    std::fs::set_permissions(&silent, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let mut sb = sb;
+    for (binary, says) in [
+        ("/nonexistent/containerd", "is missing"),
+        ("/bin/false", "containerd exited"),
+        (silent.to_str().unwrap(), "did not answer CRI within 2s"),
+    ] {
+        let started = std::time::Instant::now();
+        let Err(not_started) =
+            RealNode::start_with(sb, std::path::Path::new(binary), Duration::from_secs(2))
+        else {
+            anyhow::bail!("{binary} started a real node");
+        };
+        let (why, back) = *not_started;
+        let line = format!("{why:#}");
+        assert!(line.starts_with("real node unavailable: "), "{line}");
+        assert!(line.contains(says), "{binary}: {line}");
+        assert!(!line.contains('\n'), "one line: {line}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{binary}: no hang"
+        );
+        sb = back;
+    }
+    // Nothing of the attempts is left running, and the sandbox still serves a pod.
+    assert!(
+        !tests::teardown::processes(&tests::names::run_prefix())
+            .iter()
+            .any(|(_, cmd)| cmd.contains("silent-containerd") || cmd.contains("sleep 600")),
+        "a runtime process survived"
+    );
+    let pod = sb.add_pod(tests::sandbox::PodSpec::new("app", "reader"))?;
+    let _agent = Agent::start(&sb, &fake, &[])?;
+    let got = tests::clients::curl(&sb, pod, 0, tests::clients::credentials_url(false), &[])?;
+    assert_eq!(got.status, 200, "{}", got.body);
+    Ok(())
+}
