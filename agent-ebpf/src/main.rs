@@ -166,8 +166,9 @@ fn within_budget() -> bool {
             }
         }
     };
-    // Unlocked read-modify-write: two CPUs racing on one pod may both be admitted, never
-    // both refused. The error is at most one connect per racing CPU.
+    // Unlocked read-modify-write (no spin lock or cmpxchg, which older kernels lack): two
+    // CPUs charging one pod at the same instant may both be admitted, never wrongly refused.
+    // Each such race admits one connect more; a few per burst at most.
     // SAFETY: non-null pointer into the map value.
     match budget.admit(unsafe { (*entry).tat }, now) {
         Some(next) => {

@@ -27,6 +27,18 @@ pub struct TokenSubject {
     pub pod_uid: String,
 }
 
+impl TokenSubject {
+    /// The subject naming pod `pod_name` (`pod_uid`) of `namespace`, as `service_account`.
+    pub fn new(namespace: &str, service_account: &str, pod_name: &str, pod_uid: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+            pod_name: pod_name.into(),
+            pod_uid: pod_uid.into(),
+        }
+    }
+}
+
 /// Signs tokens; the fake EKS Auth verifies them with [`Issuer::decoding_key`].
 pub struct Issuer {
     encoding: EncodingKey,

@@ -72,12 +72,12 @@ pub struct CriPod {
 impl CriPod {
     /// Who the pod's token names.
     pub fn subject(&self) -> TokenSubject {
-        TokenSubject {
-            namespace: self.namespace.clone(),
-            service_account: self.service_account.clone(),
-            pod_name: self.name.clone(),
-            pod_uid: self.uid.clone(),
-        }
+        TokenSubject::new(
+            &self.namespace,
+            &self.service_account,
+            &self.name,
+            &self.uid,
+        )
     }
 }
 

@@ -22,23 +22,9 @@ fn repo(path: &str) -> PathBuf {
         .join(path)
 }
 
-/// The DaemonSet as JSON (PyYAML from the test virtualenv reads the YAML).
+/// The DaemonSet as JSON.
 fn daemonset() -> Result<serde_json::Value> {
-    let python = repo("target/pyenv/bin/python");
-    let out = Command::new(python)
-        .args([
-            "-c",
-            "import json,sys,yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
-        ])
-        .arg(repo("deploy/daemonset.yaml"))
-        .output()
-        .context("running the virtualenv python (cargo xtask setup)")?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(serde_json::from_slice(&out.stdout)?)
+    tests::daemonset::manifest()
 }
 
 /// (args with `$(VAR)` expanded from the container's env, capabilities added) of a container.

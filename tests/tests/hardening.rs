@@ -551,15 +551,14 @@ fn a_pod_over_its_connect_budget_is_refused_in_the_kernel_and_the_others_are_not
         curl(&sb, quiet, 0, credentials_url(false), &[])?.status,
         200
     );
-    // 60 connects, IPv4 from one container and IPv6 from the other, at once (a refused
-    // connect backs off 10 ms).
-    let runs = [(0, "169.254.170.23:80"), (1, "[fd00:ec2::23]:80")]
-        .map(|(c, addr)| spawn_load(&sb, flooder, c, addr, "/v1/credentials", 30, 1));
+    // 60 connects, 30 over IPv4 from one container, then 30 over IPv6 from the other (one
+    // at a time: concurrent charges of one pod may each be admitted, see the operator's
+    // guide; this checks the arithmetic). A refused connect backs off 10 ms.
+    let started = Instant::now();
     let mut admitted = 0;
     let mut refused = 0;
-    let mut elapsed_ms: u64 = 0;
-    for run in runs {
-        let r = load_result(run?)?;
+    for (c, addr) in [(0, "169.254.170.23:80"), (1, "[fd00:ec2::23]:80")] {
+        let r = load_result(spawn_load(&sb, flooder, c, addr, "/v1/credentials", 30, 1)?)?;
         // Refused in the kernel, as a closed port refuses: ECONNREFUSED, nothing else.
         assert_eq!(
             r.refused,
@@ -572,14 +571,14 @@ fn a_pod_over_its_connect_budget_is_refused_in_the_kernel_and_the_others_are_not
         assert_eq!(r.broken, 0, "{r:?}");
         admitted += r.count(200);
         refused += r.refused;
-        elapsed_ms = elapsed_ms.max(r.elapsed_ms);
     }
+    let elapsed_ms = started.elapsed().as_millis() as u64;
     // Each of the 60 attempts was answered or refused at connect (load does not retry).
     assert_eq!(admitted + refused, 60);
     // At least the burst, at most the burst plus what 5/s refilled meanwhile.
     let budget = 10.0 + 5.0 * elapsed_ms as f64 / 1000.0;
     assert!(
-        (10..=(budget + 2.0) as u64).contains(&admitted),
+        (10..=(budget + 1.0) as u64).contains(&admitted),
         "{admitted} connects admitted in {elapsed_ms} ms, budget {budget:.0}"
     );
     assert!(refused > 0, "the flooding pod was never refused");

@@ -91,17 +91,7 @@ fn real_node_story(mut node: RealNode, fake: &FakeEksAuth) -> Result<()> {
     println!("\n3. the same pod, unchanged, asks again:");
     let got = ask(&node)?;
     ensure!(got.code == 0, "still refused: {}{}", got.stdout, got.stderr);
-    let creds: serde_json::Value =
-        serde_json::from_str(got.stdout.trim()).context("sdk-client output")?;
-    println!(
-        "   AccessKeyId     {}",
-        creds["access_key_id"].as_str().unwrap_or("?")
-    );
-    println!("   SecretAccessKey ** redacted **");
-    println!(
-        "   AccountId       {}",
-        creds["account_id"].as_str().unwrap_or("?")
-    );
+    show_credentials(got.stdout.as_bytes(), "   ")?;
     let text = tests::agent::scrape(&node)?;
     println!(
         "\nthe kernel attributed {} requests to their pod; fake EKS Auth calls: {}",
@@ -138,20 +128,10 @@ fn sandbox_story(mut sb: Sandbox, fake: &FakeEksAuth) -> Result<()> {
         "the SDK in pod checkout failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let creds: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("sdk-client output")?;
     println!(
         "\npod shop/checkout, Rust SDK container provider, http://169.254.170.23/v1/credentials:"
     );
-    println!(
-        "  AccessKeyId     {}",
-        creds["access_key_id"].as_str().unwrap_or("?")
-    );
-    println!("  SecretAccessKey ** redacted **");
-    println!(
-        "  AccountId       {}",
-        creds["account_id"].as_str().unwrap_or("?")
-    );
+    show_credentials(&out.stdout, "  ")?;
 
     let v6 = curl(&sb, billing, 0, credentials_url(true), &[])?;
     ensure!(
@@ -203,5 +183,16 @@ fn sandbox_story(mut sb: Sandbox, fake: &FakeEksAuth) -> Result<()> {
     let status = agent.stop()?;
     ensure!(status.success(), "agent exited with {status}");
     println!("agent stopped cleanly; sandbox removed");
+    Ok(())
+}
+
+/// Prints what `sdk-client` printed, the secret redacted.
+fn show_credentials(out: &[u8], indent: &str) -> Result<()> {
+    let creds: serde_json::Value =
+        serde_json::from_slice(out.trim_ascii()).context("sdk-client output")?;
+    let field = |k: &str| creds[k].as_str().unwrap_or("?").to_owned();
+    println!("{indent}AccessKeyId     {}", field("access_key_id"));
+    println!("{indent}SecretAccessKey ** redacted **");
+    println!("{indent}AccountId       {}", field("account_id"));
     Ok(())
 }
