@@ -43,6 +43,8 @@ pub fn manifest() -> Result<Value> {
 /// The agent's pod on the real node.
 #[derive(Debug, Clone)]
 pub struct AgentPod {
+    /// Pod UID.
+    pub uid: String,
     /// CRI sandbox id.
     pub sandbox_id: String,
     /// The running agent container.
@@ -303,7 +305,7 @@ impl RealNode {
                 init_exit_code == 0,
                 "init container {} exited {init_exit_code}: {}",
                 init["name"],
-                self.container_log(&uid, &id)
+                self.pod_logs(&uid)
             );
         }
         let main = spec["containers"]
@@ -312,6 +314,7 @@ impl RealNode {
         let container = container_config(self, spec, main, env, 0)?;
         let container_id = self.create_and_start(&sandbox_id, &config, container.clone())?;
         Ok(AgentPod {
+            uid,
             sandbox_id,
             container_id,
             init_exit_code,
@@ -366,9 +369,8 @@ impl RealNode {
             .context("no pid in the container's info")
     }
 
-    /// What container `id` of pod `uid` wrote (its CRI log).
-    pub fn container_log(&self, uid: &str, id: &str) -> String {
-        let _ = id;
+    /// What the containers of pod `uid` wrote (their CRI logs).
+    pub fn pod_logs(&self, uid: &str) -> String {
         std::fs::read_dir(self.scratch("logs").join(uid))
             .into_iter()
             .flatten()

@@ -240,7 +240,7 @@ fn wait_ready(node: &RealNode, agent: &tests::daemonset::AgentPod) -> Result<()>
                 "the agent container never became ready (state {}, exit {}): {}",
                 status.state,
                 status.exit_code,
-                node.container_log("", &agent.container_id)
+                node.pod_logs(&agent.uid)
             );
         }
         std::thread::sleep(Duration::from_millis(100));
