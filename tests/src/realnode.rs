@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
@@ -288,10 +288,10 @@ impl RealNode {
                 });
                 if let Ok(Ok(v)) = version {
                     let v = v.into_inner();
-                    tracing_line(&format!(
-                        "containerd ready: {} {} (CRI {})",
+                    eprintln!(
+                        "realnode: containerd ready: {} {} (CRI {})",
                         v.runtime_name, v.runtime_version, v.runtime_api_version
-                    ));
+                    );
                     return Ok(());
                 }
             }
@@ -703,16 +703,6 @@ impl RealNode {
             .items)
     }
 
-    /// Every container containerd knows.
-    pub fn containers(&self) -> Result<Vec<cri::Container>> {
-        let mut cri = self.cri.clone();
-        Ok(self
-            .rt
-            .block_on(cri.list_containers(cri::ListContainersRequest::default()))?
-            .into_inner()
-            .containers)
-    }
-
     /// The runtime client, for what this module does not wrap.
     pub fn client(&self) -> (RuntimeServiceClient<Channel>, &tokio::runtime::Runtime) {
         (self.cri.clone(), &self.rt)
@@ -814,10 +804,6 @@ async fn connect(socket: &Path) -> Result<RuntimeServiceClient<Channel>> {
     Ok(RuntimeServiceClient::new(channel))
 }
 
-fn tracing_line(line: &str) {
-    eprintln!("realnode: {line}");
-}
-
 /// containerd's configuration: every path under `dir`, the CRI plugin with the cgroupfs
 /// driver, the native snapshotter, CNI from Debian's plugin directory, and the pause image.
 fn config_toml(dir: &Path) -> String {
@@ -879,12 +865,4 @@ fn cni_conflist(run: &str, dir: &Path) -> String {
         }]
     })
     .to_string()
-}
-
-/// Fails the run when containerd is missing only where a real node is required.
-pub fn require() -> Result<()> {
-    if let Some(why) = missing_tools() {
-        bail!(Unavailable(why));
-    }
-    Ok(())
 }
