@@ -8,10 +8,11 @@
 /// Index of the single entry in the `CONFIG` array map.
 pub const CONFIG_INDEX: u32 = 0;
 
-/// What the connect hooks steer, written by user space before the programs are attached.
+/// Which connects the hooks attribute, written by user space before the programs are attached.
 ///
 /// Addresses and ports are in network byte order, as the kernel presents them in
-/// `bpf_sock_addr`. A zero address disables steering for that family.
+/// `bpf_sock_addr`. A zero address turns attribution off for that family. Nothing is
+/// rewritten: the connect goes where the pod sent it (port 80).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SteerConfig {
@@ -21,8 +22,19 @@ pub struct SteerConfig {
     pub addr6: [u32; 4],
     /// The port pods dial (80), network order in the low 16 bits.
     pub port: u32,
-    /// The attributed listener's port the connect is rewritten to, network order in the low 16 bits.
-    pub attributed_port: u32,
+    /// Explicit padding (zero), so the layout has no implicit holes.
+    pub reserved: u32,
+}
+
+/// What the connect hooks store on a socket they attributed (socket-local storage, freed with
+/// the socket).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketMark {
+    /// cgroup id of the connecting *pod* (the pod-level cgroup, found by position).
+    pub pod: u64,
+    /// 1 while the socket counts against its pod's connection cap.
+    pub counted: u64,
 }
 
 /// A TCP connection seen from the client: addresses as IPv6 (IPv4 as `::ffff:a.b.c.d`).
@@ -41,8 +53,9 @@ pub struct TupleKey {
     pub server_port: u16,
 }
 
-/// Maximum number of live attributed connections tracked at once.
-pub const TUPLE_MAP_ENTRIES: u32 = 65_536;
+/// Most connections recorded and not yet looked up at once. The map allocates on insert, so
+/// the bound costs nothing until used; each pod holds at most its connection cap of them.
+pub const TUPLE_MAP_ENTRIES: u32 = 262_144;
 
 /// The per-pod connect budget (the `BUDGET` array's one entry), written by user space.
 ///
@@ -61,6 +74,8 @@ pub struct BudgetConfig {
     pub interval_ns: u64,
     /// How far ahead of now a pod's arrival time may run: (burst - 1) × interval.
     pub tolerance_ns: u64,
+    /// Most connections one pod may hold open to the credential addresses; 0: no cap.
+    pub max_connections: u64,
 }
 
 impl BudgetConfig {
@@ -84,8 +99,10 @@ impl BudgetConfig {
 pub struct PodBudget {
     /// Theoretical arrival time of the pod's next connect (kernel monotonic ns).
     pub tat: u64,
-    /// Connects refused since the entry was made.
+    /// Connects refused since the entry was made (over the budget or the connection cap).
     pub refused: u64,
+    /// Connections the pod holds open to the credential addresses now.
+    pub live: u64,
 }
 
 /// Most pods with a connect budget at once; beyond, connects proceed unbudgeted (counted).
@@ -98,22 +115,22 @@ pub const MAX_CGROUP_LEVEL: i32 = 32;
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// IPv4 connects steered to the attributed listener.
-    Steered4 = 0,
-    /// IPv6 (and IPv4-mapped) connects steered to the attributed listener.
-    Steered6 = 1,
+    /// IPv4 connects to the credential address attributed to a pod.
+    Marked4 = 0,
+    /// IPv6 (and IPv4-mapped) connects to the credential address attributed to a pod.
+    Marked6 = 1,
     /// Established connections whose tuple was recorded.
     TupleRecorded = 2,
-    /// Established connections to the attributed port that carried no cgroup mark: the
-    /// server will refuse them (a direct dial of the port, or a lost mark).
+    /// Established connections from the pods cgroup to a credential address that carried no
+    /// pod mark: the server will refuse them (a caller in no pod, or a lost mark).
     AttributionMiss = 3,
     /// Tuple map inserts that failed (map full).
     TupleInsertFailed = 4,
-    /// Tuples deleted when their socket closed.
+    /// Tuples deleted when their socket closed before the server looked them up.
     TupleDeleted = 5,
-    /// getpeername calls rewritten back to the credential port.
-    PeerNameRewritten = 6,
-    /// Connects that could not store their cgroup mark on the socket.
+    /// Connects over the caller pod's connection cap, refused in the kernel.
+    ConnectionCapped = 6,
+    /// Connects that could not store their pod mark on the socket.
     MarkFailed = 7,
     /// Connects refused in the kernel: their pod was over its connect budget.
     BudgetRefused = 8,
@@ -124,13 +141,13 @@ pub enum Counter {
 impl Counter {
     /// Every counter, in slot order.
     pub const ALL: [Counter; 10] = [
-        Counter::Steered4,
-        Counter::Steered6,
+        Counter::Marked4,
+        Counter::Marked6,
         Counter::TupleRecorded,
         Counter::AttributionMiss,
         Counter::TupleInsertFailed,
         Counter::TupleDeleted,
-        Counter::PeerNameRewritten,
+        Counter::ConnectionCapped,
         Counter::MarkFailed,
         Counter::BudgetRefused,
         Counter::BudgetUntracked,
@@ -139,13 +156,13 @@ impl Counter {
     /// Stable snake_case name for metrics and logs.
     pub const fn name(self) -> &'static str {
         match self {
-            Counter::Steered4 => "steered4",
-            Counter::Steered6 => "steered6",
+            Counter::Marked4 => "marked4",
+            Counter::Marked6 => "marked6",
             Counter::TupleRecorded => "tuple_recorded",
             Counter::AttributionMiss => "attribution_miss",
             Counter::TupleInsertFailed => "tuple_insert_failed",
             Counter::TupleDeleted => "tuple_deleted",
-            Counter::PeerNameRewritten => "peername_rewritten",
+            Counter::ConnectionCapped => "connection_capped",
             Counter::MarkFailed => "mark_failed",
             Counter::BudgetRefused => "budget_refused",
             Counter::BudgetUntracked => "budget_untracked",
@@ -158,11 +175,11 @@ pub const COUNTER_SLOTS: u32 = Counter::ALL.len() as u32;
 
 /// Names of the maps and programs in the BPF object, shared so neither side drifts.
 pub mod names {
-    /// Steering configuration (array, one entry).
+    /// Attribution configuration (array, one entry).
     pub const CONFIG: &str = "CONFIG";
     /// Connection tuple → cgroup id (hash).
     pub const TUPLES: &str = "TUPLES";
-    /// Per-socket cgroup mark (sk_storage).
+    /// Per-socket pod mark (sk_storage).
     pub const SK_CGROUP: &str = "SK_CGROUP";
     /// Per-CPU counters.
     pub const COUNTERS: &str = "COUNTERS";
@@ -174,13 +191,15 @@ pub mod names {
     pub const CONNECT4: &str = "connect4";
     /// `cgroup/connect6` program.
     pub const CONNECT6: &str = "connect6";
-    /// `cgroup/getpeername4` program.
-    pub const GETPEERNAME4: &str = "getpeername4";
-    /// `cgroup/getpeername6` program.
-    pub const GETPEERNAME6: &str = "getpeername6";
     /// `sockops` program.
     pub const SOCK_OPS: &str = "sock_ops";
+    /// Programs of earlier versions whose pinned links a new agent removes.
+    pub const RETIRED_PROGRAMS: [&str; 2] = ["getpeername4", "getpeername6"];
 }
+
+/// Version of the maps' layout, part of their pin names: an agent never re-opens a map pinned
+/// with another layout (it makes its own and removes the old pins).
+pub const MAP_LAYOUT: u32 = 2;
 
 #[cfg(feature = "user")]
 mod user {
@@ -192,4 +211,6 @@ mod user {
     unsafe impl aya::Pod for super::BudgetConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PodBudget {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SocketMark {}
 }

@@ -53,43 +53,68 @@ pub fn default_pods_root() -> Result<PathBuf, CgroupError> {
         })
 }
 
-/// Finds the directory under `root` whose inode is `id` (a cgroup id is its directory's
-/// inode number in cgroup2fs). `None` when it no longer exists.
-pub fn find_by_id(root: &Path, id: u64) -> Option<PathBuf> {
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        if std::fs::metadata(&dir).is_ok_and(|m| m.ino() == id) {
-            return Some(dir);
+/// QoS-class cgroups the kubelet makes under the pods cgroup (cgroupfs and systemd names).
+pub const QOS_CLASSES: [[&str; 2]; 2] = [
+    ["besteffort", "kubepods-besteffort.slice"],
+    ["burstable", "kubepods-burstable.slice"],
+];
+
+/// Whether `name` is a QoS-class cgroup's.
+fn is_qos(name: &std::ffi::OsStr) -> bool {
+    QOS_CLASSES.iter().flatten().any(|q| name == *q)
+}
+
+/// Whether `path` sits where the kubelet puts a pod: directly under `pods_root`, or under
+/// one of its QoS cgroups. What a container nests below its own cgroup never does.
+pub fn at_pod_position(pods_root: &Path, path: &Path) -> bool {
+    let Some(parent) = path.parent() else {
+        return false;
+    };
+    parent == pods_root
+        || (parent.parent() == Some(pods_root) && parent.file_name().is_some_and(is_qos))
+}
+
+/// The directory at a pod's position under `pods_root` whose inode is `id` (a cgroup id is
+/// its directory's inode number in cgroup2fs): a child of `pods_root`, or of a QoS cgroup
+/// there. `None` when there is none (gone, or not a pod-level cgroup). A few hundred stats.
+pub fn find_pod_level(pods_root: &Path, id: u64) -> Option<PathBuf> {
+    let subdirs = |dir: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let ino = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.ino());
+    for child in subdirs(pods_root) {
+        if ino(&child) == id {
+            return Some(child);
         }
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        stack.extend(
-            entries
-                .flatten()
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                .map(|e| e.path()),
-        );
+        if child.file_name().is_some_and(is_qos) {
+            if let Some(pod) = subdirs(&child).into_iter().find(|p| ino(p) == id) {
+                return Some(pod);
+            }
+        }
     }
     None
 }
 
-/// The pod UID named by a kubelet cgroup path, per docs/protocol.md §4: the last component
-/// that names a pod, in cgroupfs (`pod<uid>`) or systemd (`kubepods-<qos>-pod<uid_>.slice`) form.
-pub fn pod_uid_from_path(path: &Path) -> Option<String> {
-    path.components().rev().find_map(|c| {
-        let name = c.as_os_str().to_str()?;
-        let name = name.strip_suffix(".slice").unwrap_or(name);
-        // systemd: kubepods-pod<uid>, kubepods-<qos>-pod<uid>
-        let pod = name.rsplit_once("-pod").map_or(name, |(_, uid)| uid);
-        let uid = if pod.len() < name.len() {
-            pod
-        } else {
-            name.strip_prefix("pod")?
-        };
-        let uid = uid.replace('_', "-");
-        is_uid(&uid).then_some(uid)
-    })
+/// The pod UID a pod-level cgroup's own name carries, per docs/protocol.md §4: cgroupfs
+/// (`pod<uid>`) or systemd (`kubepods-<qos>-pod<uid_>.slice`, `kubepods-pod<uid_>.slice`).
+/// Only that one name counts: a name deeper in a path is a container's to choose.
+pub fn pod_uid_from_name(name: &str) -> Option<String> {
+    let name = name.strip_suffix(".slice").unwrap_or(name);
+    let uid = match name.rsplit_once("-pod") {
+        Some((prefix, uid)) if prefix.starts_with("kubepods") => uid,
+        Some(_) => return None,
+        None => name.strip_prefix("pod")?,
+    };
+    let uid = uid.replace('_', "-");
+    is_uid(&uid).then_some(uid)
 }
 
 /// A Kubernetes UID: 8-4-4-4-12 hex digits.
@@ -109,43 +134,62 @@ mod tests {
     const UID: &str = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
 
     #[test]
-    fn pod_uid_from_kubelet_paths() {
+    fn pod_uid_from_kubelet_names() {
         let u = UID.replace('-', "_");
-        let cases = [
-            format!("/kubepods/besteffort/pod{UID}/abc123"),
-            format!("/kubepods/pod{UID}/abc123"),
-            format!("/kubepods/burstable/pod{UID}/abc123/nested/deeper"),
-            format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-abc.scope"),
-            format!("/kubepods.slice/kubepods-pod{u}.slice/crio-abc.scope"),
-            format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice/docker-abc.scope/sub"),
-            format!("/sys/fs/cgroup/kubepods.slice/kubepods-pod{u}.slice"),
-        ];
-        for c in cases {
-            assert_eq!(
-                pod_uid_from_path(Path::new(&c)).as_deref(),
-                Some(UID),
-                "{c}"
-            );
+        for name in [
+            format!("pod{UID}"),
+            format!("kubepods-burstable-pod{u}.slice"),
+            format!("kubepods-besteffort-pod{u}.slice"),
+            format!("kubepods-pod{u}.slice"),
+        ] {
+            assert_eq!(pod_uid_from_name(&name).as_deref(), Some(UID), "{name}");
         }
         for not_pod in [
-            "/kubepods/besteffort",
-            "/kubepods.slice/kubepods-besteffort.slice",
-            "/system.slice/containerd.service",
-            "/kubepods/podnotauid/abc",
-            "/",
+            "besteffort".to_owned(),
+            "kubepods-besteffort.slice".to_owned(),
+            "containerd.service".to_owned(),
+            "podnotauid".to_owned(),
+            format!("cri-containerd-pod{u}.scope"),
+            format!("x-pod{u}.slice"),
+            String::new(),
         ] {
-            assert_eq!(pod_uid_from_path(Path::new(not_pod)), None, "{not_pod}");
+            assert_eq!(pod_uid_from_name(&not_pod), None, "{not_pod}");
         }
     }
 
     #[test]
-    fn finds_a_directory_by_inode() {
+    fn the_pod_position_is_a_child_of_the_root_or_of_a_qos_cgroup() {
+        let root = Path::new("/sys/fs/cgroup/kubepods.slice");
+        for (path, at) in [
+            ("/sys/fs/cgroup/kubepods.slice/kubepods-podX.slice", true),
+            (
+                "/sys/fs/cgroup/kubepods.slice/kubepods-besteffort.slice/p",
+                true,
+            ),
+            ("/sys/fs/cgroup/kubepods.slice/besteffort/p", true),
+            (
+                "/sys/fs/cgroup/kubepods.slice/kubepods-podX.slice/ctr",
+                false,
+            ),
+            ("/sys/fs/cgroup/kubepods.slice/other/p", false),
+            ("/sys/fs/cgroup/kubepods.slice", false),
+            ("/elsewhere/p", false),
+        ] {
+            assert_eq!(at_pod_position(root, Path::new(path)), at, "{path}");
+        }
+    }
+
+    #[test]
+    fn finds_a_pod_level_directory_by_inode_and_nothing_deeper() {
         let tmp = std::env::temp_dir().join(format!("cg-find-{}", std::process::id()));
-        let deep = tmp.join("a/b/c");
+        let pod = tmp.join("besteffort/podA");
+        let deep = pod.join("ctr/nested");
         std::fs::create_dir_all(&deep).unwrap();
-        let ino = std::fs::metadata(&deep).unwrap().ino();
-        assert_eq!(find_by_id(&tmp, ino), Some(deep));
-        assert_eq!(find_by_id(&tmp, 1), None);
+        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        assert_eq!(find_pod_level(&tmp, ino(&pod)), Some(pod.clone()));
+        assert_eq!(find_pod_level(&tmp, ino(&deep)), None);
+        assert_eq!(find_pod_level(&tmp, ino(&pod.join("ctr"))), None);
+        assert_eq!(find_pod_level(&tmp, 1), None);
         std::fs::remove_dir_all(&tmp).unwrap();
     }
 }

@@ -98,9 +98,10 @@ pub struct ServerArgs {
           value_parser = parse_bind_host)]
     pub bind_hosts: Vec<IpAddr>,
 
-    /// Port of the attributed listeners, reached only through the eBPF connect rewrite.
-    #[arg(long, default_value_t = 2704, env = "POD_IDENTITY_ATTRIBUTED_PORT")]
-    pub attributed_port: u16,
+    /// Ignored: kept so DaemonSets that set it still start (pods' connects are no longer
+    /// rewritten; one listener per address serves them all).
+    #[arg(long, env = "POD_IDENTITY_ATTRIBUTED_PORT")]
+    pub attributed_port: Option<u16>,
 
     /// Accept queue length of every listener (default: the node's net.core.somaxconn).
     #[arg(long, env = "POD_IDENTITY_LISTEN_BACKLOG", value_parser = clap::value_parser!(u32).range(1..))]
@@ -176,6 +177,11 @@ pub struct ServerArgs {
     /// Connections each pod may open at once after being idle.
     #[arg(long, default_value_t = 200.0, env = "POD_IDENTITY_POD_CONNECT_BURST")]
     pub pod_connect_burst: f64,
+
+    /// Most connections one pod may hold open to the credential addresses, enforced in the
+    /// kernel (beyond, its connect fails with ECONNREFUSED); 0 for no cap.
+    #[arg(long, default_value_t = 1024, env = "POD_IDENTITY_POD_MAX_CONNECTIONS")]
+    pub pod_max_connections: u64,
 
     /// How long a request's EKS Auth call keeps retrying throttling and 5xx in the background
     /// (callers get a 503 "retry" at the response deadline and join it); 0 disables.
@@ -292,8 +298,8 @@ pub struct ServerConfig {
     pub cache: crate::cache::CacheConfig,
     /// Requests per second and burst each pod may make; `None`: no limit.
     pub pod_budget: Option<(f64, f64)>,
-    /// Connects per second and burst each pod may make, enforced in the kernel; `None`: no limit.
-    pub connect_budget: Option<crate::ebpf::ConnectBudget>,
+    /// What each pod may connect, enforced in the kernel: rate and burst, open connections.
+    pub pod_limits: crate::ebpf::PodLimits,
     /// Where `/healthz` and `/readyz` listen (localhost).
     pub probe_addr: SocketAddr,
     /// Where `/metrics` listens.
@@ -340,9 +346,12 @@ impl TryFrom<ServerArgs> for ServerConfig {
             ("--pod-connect-burst", flags.pod_connect_burst),
         )?
         .map(|(rate, burst)| crate::ebpf::ConnectBudget { rate, burst });
+        let pod_limits = crate::ebpf::PodLimits {
+            budget: connect_budget,
+            max_connections: flags.pod_max_connections,
+        };
         let ports = [
             ("--port", flags.port),
-            ("--attributed-port", flags.attributed_port),
             ("--probe-port", flags.probe_port),
             ("--metrics-port", flags.metrics_port),
         ];
@@ -357,7 +366,7 @@ impl TryFrom<ServerArgs> for ServerConfig {
         Ok(Self {
             cache: flags.cache_config(),
             pod_budget,
-            connect_budget,
+            pod_limits,
             probe_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), flags.probe_port),
             metrics_addr: SocketAddr::new(flags.metrics_address, flags.metrics_port),
             flags,
@@ -380,6 +389,7 @@ impl ServerArgs {
             sweep_interval: self.cache_sweep_interval,
             retry_backoff: self.refresh_retry_backoff,
             request_retry_window: self.upstream_retry_window,
+            ..Default::default()
         }
     }
 }
@@ -496,7 +506,7 @@ mod tests {
         };
         assert_eq!(args.cluster_name, "X");
         assert_eq!(args.bind_hosts.len(), 2);
-        assert_eq!(args.attributed_port, 2704);
+        assert_eq!(args.attributed_port, None);
         assert_eq!(args.metrics_port, 2705);
         assert_eq!(
             args.max_credential_retention_before_renewal,
@@ -565,10 +575,7 @@ mod tests {
                 &["--pod-connect-burst", "--pod-connect-rate"][..],
             ),
             (&["--pod-connect-rate=-3"][..], &["--pod-connect-rate"][..]),
-            (
-                &["--port", "2704"][..],
-                &["--port", "--attributed-port"][..],
-            ),
+            (&["--port", "2705"][..], &["--port", "--metrics-port"][..]),
             (
                 &["--metrics-port", "2703"][..],
                 &["--probe-port", "--metrics-port"][..],
@@ -593,11 +600,14 @@ mod tests {
         assert_eq!(config.pod_budget, Some((200.0, 400.0)));
         assert_eq!(config.probe_addr.to_string(), "127.0.0.1:2703");
         assert_eq!(
-            config.connect_budget,
-            Some(crate::ebpf::ConnectBudget {
-                rate: 100.0,
-                burst: 200.0
-            })
+            config.pod_limits,
+            crate::ebpf::PodLimits {
+                budget: Some(crate::ebpf::ConnectBudget {
+                    rate: 100.0,
+                    burst: 200.0
+                }),
+                max_connections: 1024,
+            }
         );
         let config = ServerConfig::try_from(server(&[
             "--pod-request-rate",
@@ -607,7 +617,7 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(config.pod_budget, None);
-        assert_eq!(config.connect_budget, None);
+        assert_eq!(config.pod_limits.budget, None);
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub async fn run_server(config: ServerConfig) -> anyhow::Result<()> {
         tracing::warn!("eBPF disabled by --no-ebpf: serving the plain listeners without kernel attribution (fallback mode)");
         None
     } else {
-        match attach(args, config.connect_budget) {
+        match attach(args, config.pod_limits) {
             Ok(s) => Some(s),
             Err(e) => {
                 // Serving without attribution beats leaving every pod of the node without credentials.
@@ -75,9 +75,12 @@ pub async fn run_server(config: ServerConfig) -> anyhow::Result<()> {
             }
         }
     };
+    if args.attributed_port.is_some() {
+        tracing::warn!("--attributed-port is ignored: pods' connects are not rewritten; one listener per credential address serves them");
+    }
     if steering.is_none() {
-        // Programs pinned by an earlier run would keep steering pods to an attributed port
-        // nobody listens on now: remove them so routing reaches the plain listener.
+        // Programs an earlier run pinned would go on charging pods' connects against limits
+        // nobody sweeps now, or (before 0.2) steer them to a port nobody listens on.
         match ebpf::uninstall(&args.bpffs_dir) {
             Ok(0) => {}
             Ok(removed) => {
@@ -91,10 +94,9 @@ pub async fn run_server(config: ServerConfig) -> anyhow::Result<()> {
     let resolver = steering
         .as_ref()
         .map(|s| Arc::new(Resolver::new(s.cgroup())));
-    let attributed_port = steering.as_ref().map(|_| args.attributed_port);
     let backlog = server::listen::backlog(args.listen_backlog);
     let fds = server::limits::raise_fd_limit();
-    let listeners = server::bind_all(&args.bind_hosts, args.port, attributed_port, backlog)?;
+    let listeners = server::bind_all(&args.bind_hosts, args.port, backlog)?;
     let (probe_addr, metrics_addr) = (config.probe_addr, config.metrics_addr);
     let probe = bind_admin(probe_addr, backlog, "probes")?;
     let metrics_listener = bind_admin(metrics_addr, backlog, "metrics")?;
@@ -105,6 +107,7 @@ pub async fn run_server(config: ServerConfig) -> anyhow::Result<()> {
         cache,
         steering,
         resolver,
+        node_addrs: Default::default(),
         unattributed: args.unattributed,
         admission: match config.pod_budget {
             Some((rate, burst)) => admission::Admission::new(rate, burst),
@@ -139,7 +142,7 @@ pub async fn run_server(config: ServerConfig) -> anyhow::Result<()> {
     }
     let addrs: Vec<String> = listeners
         .iter()
-        .filter_map(|b| Some(format!("{}({:?})", b.listener.local_addr().ok()?, b.kind)))
+        .filter_map(|b| Some(b.listener.local_addr().ok()?.to_string()))
         .collect();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -231,10 +234,7 @@ pub async fn run_initialize(args: crate::config::InitializeArgs) -> anyhow::Resu
 }
 
 /// Loads and attaches the programs to the pods cgroup, and checks they are in effect.
-fn attach(
-    args: &ServerArgs,
-    budget: Option<crate::ebpf::ConnectBudget>,
-) -> anyhow::Result<Steering> {
+fn attach(args: &ServerArgs, limits: crate::ebpf::PodLimits) -> anyhow::Result<Steering> {
     let root = match &args.cgroup_root {
         Some(p) => p.clone(),
         None => cgroup::default_pods_root()?,
@@ -253,9 +253,8 @@ fn attach(
             addr4: v4,
             addr6: v6,
             port: args.port,
-            attributed_port: args.attributed_port,
         },
-        budget,
+        limits,
         (!args.no_pin).then_some(args.bpffs_dir.as_path()),
     )
     .with_context(|| format!("attaching eBPF programs to {}", root.display()))?;

@@ -23,8 +23,8 @@ use futures_util::StreamExt;
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 
 use crate::attribution::Resolver;
-use crate::cache::{Cache, Key, Lookup};
-use crate::cgroup::pod_uid_from_path;
+use crate::cache::{Cache, Key, Lookup, Subject};
+use crate::cgroup::pod_uid_from_name;
 use crate::token::{self, MAX_TOKEN_BYTES};
 
 /// The token file's name in its projected volume.
@@ -53,7 +53,7 @@ fn children(dir: &Path) -> (Vec<(String, PathBuf)>, Vec<PathBuf>) {
         if !entry.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
-        match pod_uid_from_path(Path::new(&entry.file_name())) {
+        match entry.file_name().to_str().and_then(pod_uid_from_name) {
             Some(uid) => pods.push((uid, entry.path())),
             None => others.push(entry.path()),
         }
@@ -64,22 +64,23 @@ fn children(dir: &Path) -> (Vec<(String, PathBuf)>, Vec<PathBuf>) {
 /// The inotify watches and what each watched directory is.
 struct Watched {
     watches: inotify::Watches,
-    dirs: HashMap<WatchDescriptor, (PathBuf, Role)>,
+    /// The pods cgroup and its QoS cgroups: new children are pods (or QoS cgroups).
+    dirs: HashMap<WatchDescriptor, PathBuf>,
 }
 
 impl Watched {
-    fn add(&mut self, dir: &Path, role: Role) -> std::io::Result<()> {
+    fn add(&mut self, dir: &Path) -> std::io::Result<()> {
         let wd = self
             .watches
             .add(dir, WatchMask::CREATE | WatchMask::ONLYDIR)?;
-        self.dirs.insert(wd, (dir.to_path_buf(), role));
+        self.dirs.insert(wd, dir.to_path_buf());
         Ok(())
     }
 
     /// Watches `dir` (and, from the pods cgroup, its QoS children) for new pods; returns
     /// the pods already there.
     fn tree(&mut self, dir: &Path, root: bool) -> std::io::Result<Vec<(String, PathBuf)>> {
-        self.add(dir, Role::Tree)?;
+        self.add(dir)?;
         let (mut pods, others) = children(dir);
         if root {
             for qos in others {
@@ -89,22 +90,10 @@ impl Watched {
         Ok(pods)
     }
 
-    /// The watched directories of `role`.
-    fn of(&self, role: Role) -> impl Iterator<Item = PathBuf> + '_ {
-        self.dirs
-            .values()
-            .filter(move |(_, r)| *r == role)
-            .map(|(d, _)| d.clone())
+    /// The watched directories.
+    fn all(&self) -> impl Iterator<Item = PathBuf> + '_ {
+        self.dirs.values().cloned()
     }
-}
-
-/// What a watched cgroup directory is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    /// The pods cgroup or a QoS cgroup: new children are pods (or QoS cgroups).
-    Tree,
-    /// A pod's cgroup: new children are its containers.
-    Pod,
 }
 
 /// Watches for pods and warms the cache for them.
@@ -154,7 +143,7 @@ impl Prewarmer {
         // costs nothing (the second finds the entry fresh or in flight).
         let mut pods = watches.tree(&self.pods_root, true)?;
         for (_, dir) in &pods {
-            self.watch_pod(&mut watches, dir);
+            self.learn_pod(dir);
         }
         // Newest first: a pod that started recently is the likeliest to be initialising
         // its SDK; long-running ones hold credentials in their SDK's own cache.
@@ -173,39 +162,31 @@ impl Prewarmer {
             if event.mask.contains(EventMask::Q_OVERFLOW) {
                 // Events were lost: look at every watched cgroup again (warming is idempotent).
                 tracing::warn!("pre-warm: inotify queue overflowed; rescanning the pods cgroup");
-                let pods: Vec<(String, PathBuf)> = watches
-                    .of(Role::Tree)
-                    .flat_map(|dir| children(&dir).0)
-                    .collect();
+                let pods: Vec<(String, PathBuf)> =
+                    watches.all().flat_map(|dir| children(&dir).0).collect();
                 for (uid, dir) in pods {
-                    self.watch_pod(&mut watches, &dir);
+                    self.learn_pod(&dir);
                     tokio::spawn(self.clone().warm_new(uid, dir));
                 }
                 continue;
             }
-            let (Some((parent, role)), Some(name)) = (watches.dirs.get(&event.wd), event.name)
-            else {
+            let (Some(parent), Some(name)) = (watches.dirs.get(&event.wd), event.name) else {
                 continue;
             };
             if !event.mask.contains(EventMask::CREATE | EventMask::ISDIR) {
                 continue;
             }
             let dir = parent.join(&name);
-            match (role, pod_uid_from_path(Path::new(&name))) {
-                (Role::Pod, _) => {
-                    if let Some(resolver) = &self.resolver {
-                        resolver.learn(&dir);
-                    }
-                }
-                (Role::Tree, Some(uid)) => {
-                    self.watch_pod(&mut watches, &dir);
+            match name.to_str().and_then(pod_uid_from_name) {
+                Some(uid) => {
+                    self.learn_pod(&dir);
                     tokio::spawn(self.clone().warm_new(uid, dir));
                 }
                 // A QoS cgroup (kubepods/burstable) that appeared late: watch it too.
-                (Role::Tree, None) => match watches.tree(&dir, false) {
+                None => match watches.tree(&dir, false) {
                     Ok(found) => {
                         for (uid, dir) in found {
-                            self.watch_pod(&mut watches, &dir);
+                            self.learn_pod(&dir);
                             tokio::spawn(self.clone().warm_new(uid, dir));
                         }
                     }
@@ -218,16 +199,11 @@ impl Prewarmer {
         Ok(())
     }
 
-    /// With attribution, watches pod cgroup `dir` for containers and hands the ones there
-    /// already to the resolver.
-    fn watch_pod(&self, watches: &mut Watched, dir: &Path) {
-        let Some(resolver) = &self.resolver else {
-            return;
-        };
-        if watches.add(dir, Role::Pod).is_ok() {
-            for container in children(dir).1 {
-                resolver.learn(&container);
-            }
+    /// With attribution, hands pod cgroup `dir` to the resolver (the kernel records pods by
+    /// their pod-level cgroup).
+    fn learn_pod(&self, dir: &Path) {
+        if let Some(resolver) = &self.resolver {
+            resolver.learn(dir);
         }
     }
 
@@ -283,16 +259,17 @@ impl Prewarmer {
         if claims.pod_uid() != Some(uid) {
             return None;
         }
-        let key = if self.resolver.is_some() {
-            Key::for_pod(uid, &claims)
+        let (key, subject) = if self.resolver.is_some() {
+            (Key::for_pod(uid), Some(Arc::new(Subject::of(&claims))))
         } else {
-            Key::for_token(&token)
+            (Key::for_token(&token), None)
         };
         let lookup = Lookup {
             key: Arc::new(key),
             token: Arc::from(token),
             token_exp: claims.exp,
             cgroup: Some(Arc::from(dir)),
+            subject,
         };
         Some((lookup, Arc::from(file.as_path())))
     }

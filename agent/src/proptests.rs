@@ -5,7 +5,7 @@ use std::path::Path;
 use base64::Engine as _;
 use proptest::prelude::*;
 
-use crate::cgroup::pod_uid_from_path;
+use crate::cgroup::{at_pod_position, pod_uid_from_name};
 use crate::server::handler::host_without_port;
 use crate::token::{parse, TokenError};
 
@@ -60,30 +60,42 @@ proptest! {
     }
 
     #[test]
-    fn pod_uids_come_out_of_every_kubelet_path_shape(
+    fn only_the_pod_level_cgroup_names_the_pod_whatever_is_nested(
         id in uid(),
+        other in uid(),
         qos in prop::sample::select(vec!["", "besteffort", "burstable"]),
         runtime in prop::sample::select(vec!["cri-containerd", "crio", "docker"]),
         ctr in "[0-9a-f]{12,64}",
         nested in prop::collection::vec("[a-z0-9_.-]{1,12}", 0..3),
     ) {
-        let under = nested.join("/");
+        let u = |id: &str| id.replace('-', "_");
+        let (systemd_root, cgroupfs_root) = (Path::new("/sys/fs/cgroup/kubepods.slice"), Path::new("/sys/fs/cgroup/kubepods"));
         let systemd_pod = if qos.is_empty() {
-            format!("kubepods.slice/kubepods-pod{}.slice", id.replace('-', "_"))
+            systemd_root.join(format!("kubepods-pod{}.slice", u(&id)))
         } else {
-            format!("kubepods.slice/kubepods-{qos}.slice/kubepods-{qos}-pod{}.slice", id.replace('-', "_"))
+            systemd_root.join(format!("kubepods-{qos}.slice/kubepods-{qos}-pod{}.slice", u(&id)))
         };
-        let cgroupfs_pod = if qos.is_empty() { format!("kubepods/pod{id}") } else { format!("kubepods/{qos}/pod{id}") };
-        for path in [
-            format!("/sys/fs/cgroup/{systemd_pod}/{runtime}-{ctr}.scope/{under}"),
-            format!("/sys/fs/cgroup/{cgroupfs_pod}/{ctr}/{under}"),
+        let cgroupfs_pod = if qos.is_empty() { cgroupfs_root.join(format!("pod{id}")) } else { cgroupfs_root.join(format!("{qos}/pod{id}")) };
+        let under = nested.join("/");
+        for (root, pod, ctr) in [
+            (systemd_root, &systemd_pod, format!("{runtime}-{ctr}.scope")),
+            (cgroupfs_root, &cgroupfs_pod, ctr.clone()),
         ] {
-            prop_assert_eq!(pod_uid_from_path(Path::new(&path)), Some(id.clone()), "{}", path);
+            prop_assert!(at_pod_position(root, pod), "{}", pod.display());
+            let name = pod.file_name().unwrap().to_str().unwrap();
+            prop_assert_eq!(pod_uid_from_name(name), Some(id.clone()));
+            // Whatever a container makes below itself, named after any pod, is not at a
+            // pod's position.
+            for evil in [format!("pod{other}"), format!("kubepods-pod{}.slice", u(&other))] {
+                let deep = pod.join(&ctr).join(&under).join(&evil);
+                prop_assert!(!at_pod_position(root, &deep), "{}", deep.display());
+            }
         }
     }
 
     #[test]
-    fn any_path_is_answered_without_panic(p in any::<String>()) {
-        let _ = pod_uid_from_path(Path::new(&p));
+    fn any_name_is_answered_without_panic(p in any::<String>()) {
+        let _ = pod_uid_from_name(&p);
+        let _ = at_pod_position(Path::new("/k"), Path::new(&p));
     }
 }

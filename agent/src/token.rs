@@ -138,10 +138,16 @@ pub fn parse_shape(token: &str) -> Result<Claims, TokenError> {
 /// for unit tests of code that reads claims.
 #[cfg(test)]
 pub(crate) fn test_token(uid: &str, exp: i64) -> String {
+    test_token_for(uid, "sa", exp)
+}
+
+/// A token-shaped JWT for pod `uid` naming service account `sa` (in namespace `ns`).
+#[cfg(test)]
+pub(crate) fn test_token_for(uid: &str, sa: &str, exp: i64) -> String {
     use base64::Engine as _;
     let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
     let payload = format!(
-        r#"{{"exp":{exp},"kubernetes.io":{{"namespace":"ns","pod":{{"name":"p","uid":"{uid}"}},"serviceaccount":{{"name":"sa"}}}}}}"#
+        r#"{{"exp":{exp},"kubernetes.io":{{"namespace":"ns","pod":{{"name":"p","uid":"{uid}"}},"serviceaccount":{{"name":"{sa}"}}}}}}"#
     );
     format!("{}.{}.c2ln", b64(r#"{"alg":"RS256"}"#), b64(&payload))
 }

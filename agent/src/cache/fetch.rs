@@ -102,6 +102,17 @@ impl Cache {
         let mut st = slot.state.lock().expect("not poisoned");
         st.inflight = None;
         let now = Instant::now();
+        if result.is_ok() {
+            // Credentials may push another entry's credentials out; checked after this
+            // entry's lock is given back (eviction looks at other entries' state).
+            let cache_key = key.clone();
+            let over = self.entries.len() > self.config.max_entries;
+            if over {
+                drop(st);
+                self.trim(&cache_key);
+                st = slot.state.lock().expect("not poisoned");
+            }
+        }
         match result {
             Ok(creds) => {
                 let cached = Cached {

@@ -34,29 +34,45 @@ use schedule::Queue;
 /// What identifies a cache entry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Key {
-    /// A pod proven by the kernel, with the service account its token names.
+    /// A pod proven by the kernel: one entry per pod, whatever its tokens claim (a pod's
+    /// service account cannot change in its lifetime).
     Pod {
-        /// Pod UID (from the caller's cgroup, equal to the token's).
+        /// Pod UID (from the caller's pod cgroup, equal to the token's).
         uid: String,
-        /// Namespace from the token.
-        namespace: String,
-        /// Service account from the token.
-        service_account: String,
     },
-    /// Fallback mode: SHA-256 of the token (never unverified claims alone).
+    /// Callers the kernel did not attribute (node daemons, fallback mode): SHA-256 of the
+    /// token (never unverified claims alone).
     Token([u8; 32]),
 }
 
-impl Key {
-    /// The key of pod `uid` (proven by the kernel) with the service account its token names.
-    pub fn for_pod(uid: &str, claims: &crate::token::Claims) -> Self {
+/// The namespace and service account a pod's token names (unverified until EKS Auth
+/// accepts it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Subject {
+    /// Namespace from the token.
+    pub namespace: String,
+    /// Service account from the token.
+    pub service_account: String,
+}
+
+impl Subject {
+    /// The subject `claims` name.
+    pub fn of(claims: &crate::token::Claims) -> Self {
         let k8s = claims.kubernetes.as_ref();
-        Key::Pod {
-            uid: uid.to_owned(),
+        Subject {
             namespace: k8s.and_then(|k| k.namespace.clone()).unwrap_or_default(),
             service_account: k8s
                 .and_then(|k| k.serviceaccount.as_ref()?.name.clone())
                 .unwrap_or_default(),
+        }
+    }
+}
+
+impl Key {
+    /// The key of pod `uid` (proven by the kernel).
+    pub fn for_pod(uid: &str) -> Self {
+        Key::Pod {
+            uid: uid.to_owned(),
         }
     }
 
@@ -92,6 +108,9 @@ pub struct CacheConfig {
     pub retry_backoff: Duration,
     /// How long a request-path call keeps retrying throttling and 5xx (0: not at all).
     pub request_retry_window: Duration,
+    /// EKS Auth calls one entry (one pod) may start from requests, per second and at once;
+    /// beyond, a request that would need a call gets a 503 "retry".
+    pub entry_call_rate: (f64, f64),
 }
 
 impl Default for CacheConfig {
@@ -108,6 +127,7 @@ impl Default for CacheConfig {
             sweep_interval: Duration::from_secs(10),
             retry_backoff: Duration::from_secs(1),
             request_retry_window: Duration::from_secs(10),
+            entry_call_rate: (0.2, 5.0),
         }
     }
 }
@@ -121,6 +141,18 @@ pub enum CacheError {
     /// The upstream call outlived the response deadline; it goes on and fills the cache.
     #[error("credentials are being fetched from EKS Auth; retry")]
     Pending,
+    /// The pod's token names another namespace or service account than the one its cached
+    /// credentials (or the call in flight) are for.
+    #[error("the token names service account {claimed} but this pod's is {held}")]
+    SubjectChanged {
+        /// `namespace/service-account` the token names.
+        claimed: String,
+        /// `namespace/service-account` the entry holds.
+        held: String,
+    },
+    /// The entry has started as many EKS Auth calls as its budget allows; retry later.
+    #[error("this pod has made too many EKS Auth calls; retry in {0:?}")]
+    CallBudget(Duration),
 }
 
 /// What a request brings besides its key.
@@ -132,8 +164,10 @@ pub struct Lookup {
     pub token: Arc<str>,
     /// The token's `exp` (epoch seconds), if it has one.
     pub token_exp: Option<i64>,
-    /// The caller's cgroup directory (attribution mode): the entry dies with it.
+    /// The caller's pod cgroup directory (attribution mode): the entry dies with it.
     pub cgroup: Option<Arc<Path>>,
+    /// What the token names, for a pod's entry (`None` for token-keyed entries).
+    pub subject: Option<Arc<Subject>>,
 }
 
 #[derive(Debug, Clone)]
@@ -163,13 +197,45 @@ struct SlotState {
     token_file: Option<Arc<Path>>,
     /// Filled by pre-warm and not yet asked for.
     prewarmed: bool,
+    /// The subject the credentials (or the call in flight) are for (pods' entries).
+    subject: Option<Arc<Subject>>,
 }
 
-#[derive(Debug, Default)]
+impl SlotState {
+    /// Adopts `lookup`'s subject, or says why not: a pod's entry holding credentials, or with
+    /// a call in flight, keeps its subject; one holding nothing or only an error is replaced
+    /// (its error and tokens belonged to the old subject).
+    fn adopt_subject(&mut self, lookup: &Lookup) -> Result<(), CacheError> {
+        let Some(claimed) = &lookup.subject else {
+            return Ok(());
+        };
+        match &self.subject {
+            Some(held) if **held == **claimed => Ok(()),
+            Some(held) if self.creds.is_some() || self.inflight.is_some() => {
+                Err(CacheError::SubjectChanged {
+                    claimed: format!("{}/{}", claimed.namespace, claimed.service_account),
+                    held: format!("{}/{}", held.namespace, held.service_account),
+                })
+            }
+            _ => {
+                self.subject = Some(claimed.clone());
+                self.negative = None;
+                self.accepted_token = None;
+                self.token = lookup.token.clone();
+                self.token_exp = lookup.token_exp;
+                Ok(())
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
 struct Slot {
     state: Mutex<SlotState>,
     /// Milliseconds since the cache started, for LRU.
     last_used: AtomicU64,
+    /// Calls this entry may start from requests (refreshes have the node's budget).
+    calls: TokenBucket,
 }
 
 /// Why an upstream call is made.
@@ -269,6 +335,10 @@ impl Cache {
         slot.last_used.store(self.millis(), Ordering::Relaxed);
         let mut rx = {
             let mut st = slot.state.lock().expect("not poisoned");
+            if let Err(e) = st.adopt_subject(&lookup) {
+                self.count_result("subject_changed");
+                return Err(e);
+            }
             if (lookup.token_exp >= st.token_exp || st.token.is_empty())
                 && !Arc::ptr_eq(&st.token, &lookup.token)
                 && *st.token != *lookup.token
@@ -310,7 +380,13 @@ impl Cache {
             let joined = st.inflight.is_some();
             let rx = match &st.inflight {
                 Some(rx) => rx.clone(),
-                None => self.start_fetch(&lookup.key, &slot, &mut st, Purpose::Request, None),
+                None => {
+                    if let Err(wait) = slot.calls.try_take() {
+                        self.count_result("call_budget");
+                        return Err(CacheError::CallBudget(wait));
+                    }
+                    self.start_fetch(&lookup.key, &slot, &mut st, Purpose::Request, None)
+                }
             };
             self.count_state("miss");
             self.count_result(if joined { "coalesced" } else { "miss" });
@@ -328,17 +404,45 @@ impl Cache {
         }
     }
 
-    /// The entry for `key`, created if needed (evicting the least recently used beyond the bound).
+    /// The entry for `key`, created if needed. Beyond the bound, entries holding no
+    /// credentials (errors, nothing yet) go first, least recently used first; an entry holding
+    /// credentials is evicted only by another one's credentials ([`Cache::trim`]), never by an
+    /// entry that may turn out to be an error.
     fn slot(&self, key: &Key) -> Arc<Slot> {
         if let Some(s) = self.entries.get(key) {
             return s.clone();
         }
-        let slot = self.entries.entry(key.clone()).or_default().clone();
+        let slot = self
+            .entries
+            .entry(key.clone())
+            .or_insert_with(|| {
+                let (rate, burst) = self.config.entry_call_rate;
+                Arc::new(Slot {
+                    state: Mutex::default(),
+                    last_used: AtomicU64::new(self.millis()),
+                    calls: TokenBucket::new(rate, burst),
+                })
+            })
+            .clone();
+        self.evict_beyond_bound(key, false);
+        slot
+    }
+
+    /// Evicts least recently used entries (never `keep`) while the cache is over its bound:
+    /// only those without credentials, unless `credentials_too`.
+    fn evict_beyond_bound(&self, keep: &Key, credentials_too: bool) {
         while self.entries.len() > self.config.max_entries {
             let victim = self
                 .entries
                 .iter()
-                .filter(|e| e.key() != key)
+                .filter(|e| e.key() != keep)
+                .filter(|e| {
+                    credentials_too
+                        || e.value()
+                            .state
+                            .try_lock()
+                            .is_ok_and(|st| st.creds.is_none() && st.inflight.is_none())
+                })
                 .min_by_key(|e| e.value().last_used.load(Ordering::Relaxed))
                 .map(|e| e.key().clone());
             match victim {
@@ -346,7 +450,13 @@ impl Cache {
                 None => break,
             }
         }
-        slot
+    }
+
+    /// After `key` got credentials: back within the bound, evicting other entries' credentials
+    /// if nothing else is left to evict.
+    fn trim(&self, keep: &Key) {
+        self.evict_beyond_bound(keep, false);
+        self.evict_beyond_bound(keep, true);
     }
 
     fn evict(&self, key: &Key, reason: &'static str) {

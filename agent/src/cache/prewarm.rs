@@ -22,6 +22,9 @@ impl Cache {
         let slot = self.slot(&lookup.key);
         let mut rx = {
             let mut st = slot.state.lock().expect("not poisoned");
+            if st.adopt_subject(&lookup).is_err() {
+                return None;
+            }
             st.token_file = Some(token_file);
             if st.token.is_empty() || lookup.token_exp > st.token_exp {
                 st.token = lookup.token;

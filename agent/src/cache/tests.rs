@@ -104,11 +104,7 @@ fn not_found() -> UpstreamError {
 }
 
 fn pod(uid: &str) -> Key {
-    Key::Pod {
-        uid: uid.into(),
-        namespace: "ns".into(),
-        service_account: "sa".into(),
-    }
+    Key::for_pod(uid)
 }
 
 fn lookup(key: Key, token: &str) -> Lookup {
@@ -117,6 +113,7 @@ fn lookup(key: Key, token: &str) -> Lookup {
         token: Arc::from(token),
         token_exp: Some(i64::MAX / 2),
         cgroup: None,
+        subject: None,
     }
 }
 
@@ -473,4 +470,97 @@ async fn refreshes_of_a_prewarmed_entry_use_the_newest_token_on_disk() {
     tokio::time::sleep(40 * MIN).await;
     assert!(up.tokens.lock().unwrap().iter().all(|t| *t != foreign));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn with_subject(key: Key, token: &str, sa: &str) -> Lookup {
+    Lookup {
+        subject: Some(Arc::new(Subject {
+            namespace: "ns".into(),
+            service_account: sa.into(),
+        })),
+        ..lookup(key, token)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pods_entry_keeps_its_service_account_and_only_an_error_is_replaced() {
+    let up = FakeUpstream::new(Behaviour::Fail(not_found()));
+    let c = cache(&up, CacheConfig::default());
+    // A forged subject first: EKS Auth refuses it; the entry holds only that error.
+    assert_eq!(
+        c.get(with_subject(pod("a"), "forged", "admin")).await,
+        Err(CacheError::Upstream(not_found()))
+    );
+    // The pod's real token replaces the error at once (no negative-cache wait).
+    up.set(Behaviour::Issue(HOUR));
+    let creds = c
+        .get(with_subject(pod("a"), "real", "reader"))
+        .await
+        .unwrap();
+    assert_eq!(up.calls(), 2);
+    // Now the entry is defended: another subject is refused without a call, however often.
+    for sa in ["admin", "x", "y"] {
+        let got = c.get(with_subject(pod("a"), sa, sa)).await;
+        assert!(
+            matches!(got, Err(CacheError::SubjectChanged { .. })),
+            "{sa}: {got:?}"
+        );
+    }
+    assert_eq!(up.calls(), 2);
+    assert_eq!(c.len(), 1, "one entry per pod, whatever the tokens claim");
+    let again = c.get(with_subject(pod("a"), "real", "reader")).await;
+    assert_eq!(again.unwrap(), creds);
+}
+
+#[tokio::test(start_paused = true)]
+async fn errors_never_push_credentials_out() {
+    let up = FakeUpstream::new(Behaviour::Issue(HOUR));
+    let c = cache(
+        &up,
+        CacheConfig {
+            max_entries: 3,
+            ..CacheConfig::default()
+        },
+    );
+    for uid in ["a", "b"] {
+        c.get(lookup(pod(uid), uid)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A stream of entries that only ever hold errors (node callers' bad tokens, say).
+    up.set(Behaviour::Fail(not_found()));
+    for n in 0..50 {
+        let _ = c.get(lookup(Key::for_token(&format!("bad{n}")), "x")).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(c.entries.contains_key(&pod("a")) && c.entries.contains_key(&pod("b")));
+    assert!(c.len() <= 3, "{}", c.len());
+    up.set(Behaviour::Issue(HOUR));
+    let calls = up.calls();
+    c.get(lookup(pod("a"), "a")).await.unwrap();
+    assert_eq!(up.calls(), calls, "a's credentials are still a hit");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pod_can_start_only_its_budget_of_eks_auth_calls() {
+    let up = FakeUpstream::new(Behaviour::Fail(not_found()));
+    let c = cache(&up, CacheConfig::default());
+    let (_, burst) = CacheConfig::default().entry_call_rate;
+    // Alternating subjects replaces the error entry each time: each would be a call.
+    let mut budget_refusals = 0;
+    for n in 0..40 {
+        match c.get(with_subject(pod("a"), "t", &format!("sa{n}"))).await {
+            Err(CacheError::CallBudget(_)) => budget_refusals += 1,
+            Err(CacheError::Upstream(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(up.calls(), burst as usize);
+    assert_eq!(budget_refusals, 40 - burst as usize);
+    // Another pod is not affected.
+    let _ = c.get(with_subject(pod("b"), "t", "sa")).await;
+    assert_eq!(up.calls(), burst as usize + 1);
+    // The budget refills at its rate.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let _ = c.get(with_subject(pod("a"), "t", "again")).await;
+    assert_eq!(up.calls(), burst as usize + 2);
 }

@@ -1,11 +1,14 @@
-//! The per-pod connect budget the connect hooks enforce: its kernel settings, the pods the
-//! kernel tracks, and the removal of pods that are gone.
+//! The per-pod limits the connect hooks enforce (a connect budget and a cap on open
+//! connections): their kernel settings, the pods the kernel tracks, and the removal of pods
+//! that are gone.
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use agent_common::BudgetConfig;
+
+use crate::cgroup::QOS_CLASSES;
 
 /// Connects per second and burst each pod may make to the credential addresses.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -16,11 +19,32 @@ pub struct ConnectBudget {
     pub burst: f64,
 }
 
-/// QoS-class cgroups the kubelet makes under the pods cgroup (cgroupfs and systemd names).
-const QOS_CLASSES: [[&str; 2]; 2] = [
-    ["besteffort", "kubepods-besteffort.slice"],
-    ["burstable", "kubepods-burstable.slice"],
-];
+/// What the connect hooks limit per pod.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PodLimits {
+    /// Connect rate and burst; `None`: no budget.
+    pub budget: Option<ConnectBudget>,
+    /// Most connections a pod may hold open to the credential addresses; 0: no cap.
+    pub max_connections: u64,
+}
+
+impl PodLimits {
+    /// The kernel's form for pods under `pods_root` (its cgroup id) and its QoS cgroups.
+    pub fn to_kernel(self, pods_root: u64, qos: [u64; 2]) -> BudgetConfig {
+        let base = match self.budget {
+            Some(b) => b.to_kernel(pods_root, qos),
+            None => BudgetConfig {
+                pods_root,
+                qos,
+                ..BudgetConfig::default()
+            },
+        };
+        BudgetConfig {
+            max_connections: self.max_connections,
+            ..base
+        }
+    }
+}
 
 impl ConnectBudget {
     /// The kernel's form for pods under `pods_root` (its cgroup id) and its QoS cgroups.
@@ -31,6 +55,7 @@ impl ConnectBudget {
             qos,
             interval_ns,
             tolerance_ns: ((self.burst - 1.0).max(0.0) * interval_ns as f64).round() as u64,
+            max_connections: 0,
         }
     }
 }

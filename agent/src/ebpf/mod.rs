@@ -1,5 +1,5 @@
 //! Loads the embedded BPF object, configures it, attaches it to the pods cgroup and reads
-//! its maps: who opened an accepted connection, and how far the programs got.
+//! its maps: which pod opened an accepted connection, and how far the programs got.
 
 pub mod budget;
 mod sys;
@@ -9,13 +9,15 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use agent_common::{names, BudgetConfig, Counter, PodBudget, SteerConfig, TupleKey, CONFIG_INDEX};
+use agent_common::{
+    names, BudgetConfig, Counter, PodBudget, SteerConfig, TupleKey, CONFIG_INDEX, MAP_LAYOUT,
+};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
 use aya::{Ebpf, EbpfLoader};
 
-pub use budget::ConnectBudget;
+pub use budget::{ConnectBudget, PodLimits};
 pub use sys::AttachType;
 
 /// The BPF object built by `cargo xtask build-ebpf`, embedded at compile time.
@@ -85,8 +87,7 @@ pub enum EbpfError {
     },
 }
 
-/// What the connect hooks steer: the credential addresses, the port pods dial, and the
-/// attributed listener's port.
+/// What the connect hooks attribute: connects to the credential addresses and port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SteerTarget {
     /// IPv4 credential address, if served.
@@ -95,8 +96,6 @@ pub struct SteerTarget {
     pub addr6: Option<Ipv6Addr>,
     /// Port pods dial.
     pub port: u16,
-    /// Port the connects are rewritten to.
-    pub attributed_port: u16,
 }
 
 impl SteerTarget {
@@ -105,7 +104,7 @@ impl SteerTarget {
             addr4: self.addr4.map_or(0, |a| u32::from_ne_bytes(a.octets())),
             addr6: self.addr6.map_or([0; 4], |a| words(a.octets())),
             port: u32::from(self.port.to_be()),
-            attributed_port: u32::from(self.attributed_port.to_be()),
+            reserved: 0,
         }
     }
 }
@@ -130,11 +129,9 @@ pub fn tuple_key(peer: SocketAddr, local: SocketAddr) -> TupleKey {
 }
 
 /// The programs every attachment consists of, with their kernel attach types.
-const SOCK_ADDR_PROGRAMS: [(&str, AttachType); 4] = [
+const SOCK_ADDR_PROGRAMS: [(&str, AttachType); 2] = [
     (names::CONNECT4, AttachType::Connect4),
     (names::CONNECT6, AttachType::Connect6),
-    (names::GETPEERNAME4, AttachType::GetPeerName4),
-    (names::GETPEERNAME6, AttachType::GetPeerName6),
 ];
 
 /// Loaded and attached programs. Dropping it detaches them.
@@ -145,7 +142,7 @@ pub struct Steering {
     counters: PerCpuArray<MapData, u64>,
     budget_config: std::sync::Mutex<Array<MapData, BudgetConfig>>,
     pod_budgets: std::sync::Mutex<HashMap<MapData, u64, PodBudget>>,
-    budget: Option<ConnectBudget>,
+    limits: PodLimits,
     cgroup: PathBuf,
     program_ids: Vec<(AttachType, u32)>,
     /// The last count of live tuples and when it was taken (see [`Steering::live_tuples`]).
@@ -269,6 +266,38 @@ pub fn uninstall(dir: &Path) -> std::io::Result<usize> {
     Ok(removed)
 }
 
+/// Where map `name` is pinned under `dir`: the layout version is part of the name, so an
+/// agent never re-opens a map an agent with another layout pinned.
+fn map_pin(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("map_v{MAP_LAYOUT}_{name}"))
+}
+
+/// Removes what earlier versions pinned and this one does not use: maps of other layouts
+/// (nothing references them once the programs are swapped) and links of retired programs
+/// (unpinning detaches them).
+fn remove_stale_pins(dir: &Path) -> Result<(), EbpfError> {
+    let ours: Vec<PathBuf> = PINNED_MAPS.iter().map(|n| map_pin(dir, n)).collect();
+    let retired: Vec<PathBuf> = names::RETIRED_PROGRAMS
+        .iter()
+        .map(|n| dir.join(format!("link_{n}")))
+        .collect();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for path in entries.flatten().map(|e| e.path()) {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let stale_map = name.starts_with("map_") && !ours.contains(&path);
+        if stale_map || retired.contains(&path) {
+            std::fs::remove_file(&path).map_err(|source| EbpfError::Pin {
+                path: path.clone(),
+                source,
+            })?;
+            tracing::info!(pin = %path.display(), "removed a pin an earlier version left");
+        }
+    }
+    Ok(())
+}
+
 /// Maps one program hands to another: pinned so a restarted agent's programs share them.
 const PINNED_MAPS: [&str; 6] = [
     names::CONFIG,
@@ -286,12 +315,12 @@ impl Steering {
     /// With `pins`, maps and links are pinned there: they outlive this process, and a later
     /// run re-opens the maps and swaps its programs into the links with no unsteered window.
     ///
-    /// With `budget`, each pod's connects to the credential addresses are limited in the
-    /// kernel; without, they are not (a budget an earlier run configured is switched off).
+    /// `limits` bound each pod's connects to the credential addresses in the kernel (rate
+    /// and open connections; what an earlier run configured is replaced).
     pub fn attach(
         cgroup: &Path,
         target: SteerTarget,
-        budget: Option<ConnectBudget>,
+        limits: PodLimits,
         pins: Option<&Path>,
     ) -> Result<Self, EbpfError> {
         if OBJECT.is_empty() {
@@ -301,7 +330,7 @@ impl Steering {
         if let Some(dir) = pins {
             prepare_pin_dir(dir)?;
             for name in PINNED_MAPS {
-                loader.map_pin_path(name, dir.join(format!("map_{name}")));
+                loader.map_pin_path(name, map_pin(dir, name));
             }
         }
         let mut bpf = loader.load(OBJECT)?;
@@ -350,13 +379,16 @@ impl Steering {
             let id = attach_or_update!(prog, name, &cg, pins);
             program_ids.push((kind, id));
         }
+        if let Some(dir) = pins {
+            remove_stale_pins(dir)?;
+        }
 
         let tuples = take_map(&mut bpf, names::TUPLES)?;
         let counters = take_map(&mut bpf, names::COUNTERS)?;
         let steering = Self {
             budget_config: std::sync::Mutex::new(take_map(&mut bpf, names::BUDGET)?),
             pod_budgets: std::sync::Mutex::new(take_map(&mut bpf, names::POD_BUDGETS)?),
-            budget,
+            limits,
             _bpf: bpf,
             tuples,
             counters,
@@ -368,15 +400,13 @@ impl Steering {
         Ok(steering)
     }
 
-    /// Writes the budget settings (with the QoS cgroups as they are now) into the kernel.
+    /// Writes where pods are (the pods cgroup and its QoS cgroups as they are now) and their
+    /// limits into the kernel.
     fn configure_budget(&self) -> Result<(), EbpfError> {
-        let config = match self.budget {
-            Some(b) => b.to_kernel(
-                budget::cgroup_id(&self.cgroup),
-                budget::qos_ids(&self.cgroup),
-            ),
-            None => BudgetConfig::default(),
-        };
+        let config = self.limits.to_kernel(
+            budget::cgroup_id(&self.cgroup),
+            budget::qos_ids(&self.cgroup),
+        );
         let mut map = self.budget_config.lock().expect("not poisoned");
         if map.get(&CONFIG_INDEX, 0).ok() == Some(config) {
             return Ok(());
@@ -412,14 +442,24 @@ impl Steering {
         map.iter().flatten().collect()
     }
 
-    /// The cgroup id that opened the connection the server sees as (peer, local), if the
-    /// connect hook steered it and it is still open.
-    pub fn lookup(&self, peer: SocketAddr, local: SocketAddr) -> Option<u64> {
-        self.tuples.get(&tuple_key(peer, local), 0).ok()
+    /// The pod cgroup id that opened the connection the server sees as (peer, local), if a
+    /// connect hook attributed it. The entry is removed: it is read once, right after accept.
+    pub fn take(&self, peer: SocketAddr, local: SocketAddr) -> Option<u64> {
+        let key = tuple_key(peer, local);
+        let pod = self.tuples.get(&key, 0).ok()?;
+        // Gone already is fine: the client closed it (and the kernel deleted it) meanwhile.
+        let _ = self.tuples_remove(&key);
+        Some(pod)
     }
 
-    /// Number of live entries in the tuple map. Counting walks the map (up to 65,536 keys,
-    /// one syscall each), so a count is reused for 2 s however often `/metrics` is scraped.
+    fn tuples_remove(&self, key: &TupleKey) -> std::io::Result<()> {
+        use aya::maps::IterableMap as _;
+        sys::map_delete(self.tuples.map().fd(), key)
+    }
+
+    /// Number of entries in the tuple map (connections recorded and not yet accepted).
+    /// Counting walks the map, one syscall per key, so a count is reused for 2 s however
+    /// often `/metrics` is scraped.
     pub fn live_tuples(&self) -> usize {
         let mut live = self.live.lock().expect("not poisoned");
         match *live {
@@ -499,14 +539,14 @@ mod tests {
     fn tuple_keys_match_the_kernel_layout() {
         let k = tuple_key(
             "10.0.0.2:40000".parse().unwrap(),
-            "169.254.170.23:2704".parse().unwrap(),
+            "169.254.170.23:80".parse().unwrap(),
         );
         assert_eq!(k.client_ip[..3], [0, 0, u32::from_be(0xffff)]);
         assert_eq!(k.server_ip[3], u32::from_ne_bytes([169, 254, 170, 23]));
-        assert_eq!((k.client_port, k.server_port), (40000, 2704));
+        assert_eq!((k.client_port, k.server_port), (40000, 80));
         let k6 = tuple_key(
             "[fd99::2]:1".parse().unwrap(),
-            "[fd00:ec2::23]:2704".parse().unwrap(),
+            "[fd00:ec2::23]:80".parse().unwrap(),
         );
         assert_eq!(k6.server_ip[0], u32::from_ne_bytes([0xfd, 0, 0x0e, 0xc2]));
         assert_eq!(k6.server_ip[3], u32::from_ne_bytes([0, 0, 0, 0x23]));
@@ -518,15 +558,10 @@ mod tests {
             addr4: Some(Ipv4Addr::new(169, 254, 170, 23)),
             addr6: None,
             port: 80,
-            attributed_port: 2704,
         }
         .to_kernel();
         assert_eq!(c.addr4.to_ne_bytes(), [169, 254, 170, 23]);
         assert_eq!(c.addr6, [0; 4]);
         assert_eq!((c.port as u16).to_ne_bytes(), 80u16.to_be_bytes());
-        assert_eq!(
-            (c.attributed_port as u16).to_ne_bytes(),
-            2704u16.to_be_bytes()
-        );
     }
 }

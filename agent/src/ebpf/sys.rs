@@ -17,10 +17,6 @@ pub enum AttachType {
     Connect4,
     /// `BPF_CGROUP_INET6_CONNECT`.
     Connect6,
-    /// `BPF_CGROUP_INET4_GETPEERNAME`.
-    GetPeerName4,
-    /// `BPF_CGROUP_INET6_GETPEERNAME`.
-    GetPeerName6,
 }
 
 impl AttachType {
@@ -29,8 +25,6 @@ impl AttachType {
             Self::SockOps => bpf_attach_type::BPF_CGROUP_SOCK_OPS,
             Self::Connect4 => bpf_attach_type::BPF_CGROUP_INET4_CONNECT,
             Self::Connect6 => bpf_attach_type::BPF_CGROUP_INET6_CONNECT,
-            Self::GetPeerName4 => bpf_attach_type::BPF_CGROUP_INET4_GETPEERNAME,
-            Self::GetPeerName6 => bpf_attach_type::BPF_CGROUP_INET6_GETPEERNAME,
         }
     }
 }
@@ -97,6 +91,16 @@ pub fn obj_get(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
     let fd = unsafe { bpf(bpf_cmd::BPF_OBJ_GET, &mut attr)? };
     // SAFETY: the kernel just returned this fd to us.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Deletes `key` from the map `map` (aya 0.14's `remove` wants `&mut`, which would put a
+/// lock on the accept path for a syscall that needs none).
+pub fn map_delete<K: aya::Pod>(map: &impl AsFd, key: &K) -> io::Result<()> {
+    let mut attr = zeroed_attr();
+    attr.__bindgen_anon_2.map_fd = map.as_fd().as_raw_fd() as u32;
+    attr.__bindgen_anon_2.key = std::ptr::from_ref(key) as u64;
+    // SAFETY: key points to a K, the map's key type, alive for the call.
+    unsafe { bpf(bpf_cmd::BPF_MAP_DELETE_ELEM, &mut attr) }.map(drop)
 }
 
 /// Atomically replaces the program of `link` (aya 0.14 has no call for it): connects keep

@@ -139,7 +139,8 @@ pub fn metrics(state: &State, path: &str) -> Response<Full<Bytes>> {
             for (id, b) in budgets.iter().filter(|(_, b)| b.refused > 0) {
                 let uid = cgroups
                     .get(id)
-                    .and_then(|p| crate::cgroup::pod_uid_from_path(p));
+                    .and_then(|p| p.file_name()?.to_str())
+                    .and_then(crate::cgroup::pod_uid_from_name);
                 if let Some(pod) = uid {
                     m.pod_connects_refused
                         .get_or_create(&PodLabel { pod })

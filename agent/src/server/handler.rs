@@ -42,18 +42,26 @@ pub enum RequestError {
     /// Missing, malformed or out-of-window token.
     #[error(transparent)]
     Token(#[from] TokenError),
-    /// A connection on the attributed listener the kernel has no record of.
-    #[error("Access Denied. The agent could not attribute this connection to a pod")]
-    Unattributed,
+    /// A connection the kernel has no record of, from an address that is not the node's: it
+    /// reached the agent around the connect hook (a DNAT, a load balancer).
+    #[error("Access Denied. This connection reached the agent around the kernel's attribution (from {0}, not a node address); connect to the credential address directly")]
+    Bypassed(std::net::IpAddr),
     /// The kernel attributed the connection to a cgroup that is not a pod's.
     #[error("Access Denied. The calling process is not in a pod's cgroup")]
     NotAPod,
     /// The token names another pod than the one calling: a replayed token.
     #[error("Access Denied. The service account token does not belong to the calling pod")]
     Mismatch,
-    /// A plain-listener caller while `--unattributed=deny`.
+    /// A caller the kernel did not attribute to a pod while `--unattributed=deny`.
     #[error("Access Denied. This agent serves only callers the kernel attributes to a pod (--unattributed=deny)")]
     PlainDenied,
+    /// The token names the calling pod but another namespace or service account than the
+    /// pod's credentials are for.
+    #[error("Access Denied. {0}")]
+    SubjectChanged(String),
+    /// The pod has started as many EKS Auth calls as its budget allows.
+    #[error("this pod has made too many EKS Auth calls; retry later")]
+    CallBudget,
     /// EKS Auth said no, or could not be reached.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
@@ -76,7 +84,10 @@ impl RequestError {
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
             Self::BadHost { .. } => (StatusCode::FORBIDDEN, "AccessDenied"),
             Self::MissingHost => (StatusCode::BAD_REQUEST, "MissingHost"),
-            Self::Unattributed | Self::PlainDenied => (StatusCode::FORBIDDEN, "Unattributed"),
+            Self::PlainDenied => (StatusCode::FORBIDDEN, "Unattributed"),
+            Self::Bypassed(_) => (StatusCode::FORBIDDEN, "AttributionBypassed"),
+            Self::SubjectChanged(_) => (StatusCode::FORBIDDEN, "TokenSubjectMismatch"),
+            Self::CallBudget => (StatusCode::SERVICE_UNAVAILABLE, "TooManyRequests"),
             Self::NotAPod => (StatusCode::FORBIDDEN, "NotAPod"),
             Self::Mismatch => (StatusCode::FORBIDDEN, "TokenPodMismatch"),
             Self::Token(_) => (StatusCode::BAD_REQUEST, "InvalidToken"),
@@ -102,7 +113,10 @@ impl RequestError {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::BadHost { .. } | Self::MissingHost => "bad_host",
             Self::Token(_) => "bad_token",
-            Self::Unattributed | Self::PlainDenied => "unattributed",
+            Self::PlainDenied => "unattributed",
+            Self::Bypassed(_) => "bypassed",
+            Self::SubjectChanged(_) => "subject_changed",
+            Self::CallBudget => "call_budget",
             Self::NotAPod => "not_a_pod",
             Self::Mismatch => "mismatch",
             // The same labels the upstream call metrics use.
@@ -132,6 +146,8 @@ impl From<CacheError> for RequestError {
         match e {
             CacheError::Upstream(u) => RequestError::Upstream(u),
             CacheError::Pending => RequestError::Pending,
+            e @ CacheError::SubjectChanged { .. } => RequestError::SubjectChanged(e.to_string()),
+            CacheError::CallBudget(_) => RequestError::CallBudget,
         }
     }
 }
@@ -172,7 +188,7 @@ pub async fn handle<B>(
     if tracing::enabled!(tracing::Level::DEBUG) {
         // Resolved again only for the log line (cached), and only when it is written.
         let pod = match caller {
-            Caller::Attributed(id) => state.resolver.as_ref().and_then(|r| r.resolve(*id)),
+            Caller::Pod(id) => state.resolver.as_ref().and_then(|r| r.resolve(*id)),
             _ => None,
         };
         tracing::debug!(
@@ -234,46 +250,54 @@ async fn credentials<B>(
         .transpose()?
         .unwrap_or_default();
     let parsed = memo.token(token, token::epoch_secs() as i64)?;
-    let (key, cgroup) = match identity {
+    let ((key, subject), cgroup) = match identity {
         Identity::Pod { uid, cgroup } => {
             if parsed.claims.pod_uid() != Some(&*uid) {
                 count_attribution(state, caller, Outcome::Mismatch);
                 return Err(RequestError::Mismatch);
             }
-            count_attribution(state, caller, Outcome::Attributed);
-            // The kernel proved the pod; the token names its service account.
+            // The kernel proved the pod; the token names its service account, which the
+            // cache holds the pod to.
             (memo.key(&parsed, Some(&uid)), Some(cgroup))
         }
         Identity::Peer(_) => (memo.key(&parsed, None), None),
     };
-    let creds = state
+    let result = state
         .cache
         .get(Lookup {
             key,
             token_exp: parsed.claims.exp,
             token: parsed.token,
             cgroup,
+            subject,
         })
-        .await?;
-    Ok(memo.body(&creds))
+        .await;
+    if caller.cgroup_id().is_some() {
+        let outcome = match &result {
+            Err(CacheError::SubjectChanged { .. }) => Outcome::IdentityChanged,
+            _ => Outcome::Attributed,
+        };
+        count_attribution(state, caller, outcome);
+    }
+    Ok(memo.body(&result?))
 }
 
-/// Who is calling: the pod the kernel attributed the connection to, or the peer address of a
-/// plain-listener caller the policy allows. Refusals are counted here.
+/// Who is calling: the pod the kernel attributed the connection to, or the address of a
+/// caller the kernel did not attribute when the policy allows it. Refusals are counted here.
 fn identify(state: &State, caller: &Caller) -> Result<Identity, RequestError> {
     match caller {
-        Caller::Plain(ip) => {
+        Caller::Node(ip) | Caller::Plain(ip) => {
             count_attribution(state, caller, Outcome::Unattributed);
             match state.unattributed {
                 UnattributedPolicy::Allow => Ok(Identity::Peer(*ip)),
                 UnattributedPolicy::Deny => Err(RequestError::PlainDenied),
             }
         }
-        Caller::Unattributed => {
-            count_attribution(state, caller, Outcome::Unattributed);
-            Err(RequestError::Unattributed)
+        Caller::Bypassed(ip) => {
+            count_attribution(state, caller, Outcome::Bypassed);
+            Err(RequestError::Bypassed(*ip))
         }
-        Caller::Attributed(id) => {
+        Caller::Pod(id) => {
             let pod = state
                 .resolver
                 .as_ref()

@@ -20,8 +20,8 @@ const ADMIN_PER_PEER: usize = 16;
 /// Who a connection counts against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Peer {
-    /// The cgroup the kernel recorded for it (attributed listener).
-    Cgroup(u64),
+    /// The pod the kernel recorded for it (its pod-level cgroup id).
+    Pod(u64),
     /// Its source address (everything else).
     Ip(IpAddr),
 }
@@ -147,7 +147,7 @@ mod tests {
     #[test]
     fn caps_hold_per_peer_and_in_all_and_places_come_back() {
         let limits = ConnLimits::new(3, 2);
-        let a = Peer::Cgroup(1);
+        let a = Peer::Pod(1);
         let b = Peer::Ip("10.0.0.2".parse().unwrap());
         let a1 = limits.admit(a).unwrap();
         let _a2 = limits.admit(a).unwrap();

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-use crate::cache::Key;
+use crate::cache::{Key, Subject};
 use crate::credentials::Credentials;
 use crate::token::{self, Claims, TokenError};
 
@@ -24,8 +24,12 @@ struct Memo {
     body: Option<(Arc<Credentials>, Bytes)>,
 }
 
-/// A cache key and what it was made from: (token, the pod's uid for a pod's key), key.
-type MadeKey = (Arc<str>, Option<Arc<str>>, Arc<Key>);
+/// A cache key and what it was made from: (token, the pod's uid for a pod's key), the key and
+/// the subject the token names (pods' keys).
+type MadeKey = (Arc<str>, Option<Arc<str>>, CacheKey);
+
+/// The cache key of a request and, for a pod's entry, the subject its token names.
+pub type CacheKey = (Arc<Key>, Option<Arc<Subject>>);
 
 /// A token's bytes and the claims they carry.
 #[derive(Debug, Clone)]
@@ -61,16 +65,19 @@ impl ConnMemo {
     }
 
     /// The cache key for `parsed` from pod `uid` (or, without one, the token's own key).
-    pub fn key(&self, parsed: &Parsed, uid: Option<&Arc<str>>) -> Arc<Key> {
+    pub fn key(&self, parsed: &Parsed, uid: Option<&Arc<str>>) -> CacheKey {
         if let Some((token, for_uid, key)) = &self.lock().key {
             if Arc::ptr_eq(token, &parsed.token) && for_uid.as_ref() == uid {
                 return key.clone();
             }
         }
-        let key = Arc::new(match uid {
-            Some(uid) => Key::for_pod(uid, &parsed.claims),
-            None => Key::for_token(&parsed.token),
-        });
+        let key: CacheKey = match uid {
+            Some(uid) => (
+                Arc::new(Key::for_pod(uid)),
+                Some(Arc::new(Subject::of(&parsed.claims))),
+            ),
+            None => (Arc::new(Key::for_token(&parsed.token)), None),
+        };
         self.lock().key = Some((parsed.token.clone(), uid.cloned(), key.clone()));
         key
     }
@@ -119,11 +126,14 @@ mod tests {
         let memo = ConnMemo::default();
         let parsed = memo.token(&test_token(UID, 1_000), 0).unwrap();
         let uid: Arc<str> = Arc::from(UID);
-        let k1 = memo.key(&parsed, Some(&uid));
-        assert!(Arc::ptr_eq(&k1, &memo.key(&parsed, Some(&uid))));
-        assert_eq!(*k1, Key::for_pod(UID, &parsed.claims));
+        let (k1, subject) = memo.key(&parsed, Some(&uid));
+        assert!(Arc::ptr_eq(&k1, &memo.key(&parsed, Some(&uid)).0));
+        assert_eq!(*k1, Key::for_pod(UID));
+        assert_eq!(subject.as_deref(), Some(&Subject::of(&parsed.claims)));
         let other: Arc<str> = Arc::from("11111111-2222-3333-4444-555555555555");
-        assert_ne!(*memo.key(&parsed, Some(&other)), *k1);
-        assert_eq!(*memo.key(&parsed, None), Key::for_token(&parsed.token));
+        assert_ne!(*memo.key(&parsed, Some(&other)).0, *k1);
+        let (token_key, none) = memo.key(&parsed, None);
+        assert_eq!((*token_key).clone(), Key::for_token(&parsed.token));
+        assert_eq!(none, None);
     }
 }

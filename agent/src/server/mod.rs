@@ -22,7 +22,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::attribution::{Caller, Resolver};
+use crate::attribution::{Caller, NodeAddresses, Resolver};
 use crate::ebpf::Steering;
 use limits::{ConnGuard, ConnLimits, Peer};
 
@@ -45,6 +45,8 @@ pub struct State {
     pub steering: Option<Steering>,
     /// cgroup id resolver, when eBPF is on.
     pub resolver: Option<Arc<Resolver>>,
+    /// The node's own addresses: where a connection the kernel did not record may come from.
+    pub node_addrs: NodeAddresses,
     /// Per-pod (per-peer for unattributed callers) request budgets.
     pub admission: crate::admission::Admission,
     /// What to do with plain-listener callers.
@@ -66,22 +68,11 @@ impl State {
     }
 }
 
-/// Which kind of listener a socket is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ListenerKind {
-    /// The credential port (80): reached by routing, no kernel attribution.
-    Plain,
-    /// The attributed port: reached only through the connect hook.
-    Attributed,
-}
-
-/// A bound listener and its kind.
+/// A bound credential listener.
 #[derive(Debug)]
 pub struct Bound {
     /// The socket.
     pub listener: TcpListener,
-    /// Plain or attributed.
-    pub kind: ListenerKind,
 }
 
 /// Why the server could not start.
@@ -101,31 +92,19 @@ pub enum ServeError {
     NoListener,
 }
 
-/// Binds the plain listeners (`hosts` × `port`) and, when `attributed_port` is set, the
-/// attributed ones, each with an accept queue of `backlog`. IPv6 that the node does not have
-/// is skipped with a warning (the reference agent crash-loops there); IPv4 failures are fatal.
-pub fn bind_all(
-    hosts: &[IpAddr],
-    port: u16,
-    attributed_port: Option<u16>,
-    backlog: u32,
-) -> Result<Vec<Bound>, ServeError> {
+/// Binds one listener per host on `port`, each with an accept queue of `backlog`. IPv6 that
+/// the node does not have is skipped with a warning (the reference agent crash-loops there);
+/// IPv4 failures are fatal.
+pub fn bind_all(hosts: &[IpAddr], port: u16, backlog: u32) -> Result<Vec<Bound>, ServeError> {
     let mut bound = Vec::new();
-    'hosts: for &host in hosts {
-        let ports = std::iter::once((port, ListenerKind::Plain))
-            .chain(attributed_port.map(|p| (p, ListenerKind::Attributed)));
-        for (port, kind) in ports {
-            let addr = SocketAddr::new(host, port);
-            match listen::bind(addr, backlog) {
-                Ok(listener) => bound.push(Bound { listener, kind }),
-                Err(source) if host.is_ipv6() && ipv6_unavailable(&source) => {
-                    // One warning for the host; its other listener would fail the same way.
-                    tracing::warn!(%host, error = %source, "IPv6 credential address unavailable on this node; serving without it");
-                    bound.retain(|b| b.listener.local_addr().map_or(true, |a| a.ip() != host));
-                    continue 'hosts;
-                }
-                Err(source) => return Err(ServeError::Bind { addr, source }),
+    for &host in hosts {
+        let addr = SocketAddr::new(host, port);
+        match listen::bind(addr, backlog) {
+            Ok(listener) => bound.push(Bound { listener }),
+            Err(source) if host.is_ipv6() && ipv6_unavailable(&source) => {
+                tracing::warn!(%host, error = %source, "IPv6 credential address unavailable on this node; serving without it");
             }
+            Err(source) => return Err(ServeError::Bind { addr, source }),
         }
     }
     if bound.is_empty() {
@@ -217,11 +196,11 @@ async fn accept_loop(
     graceful: Arc<GracefulShutdown>,
 ) {
     let local = bound.listener.local_addr().ok();
-    tracing::info!(addr = ?local, kind = ?bound.kind, "listening");
+    tracing::info!(addr = ?local, "listening");
     accept_until(&bound.listener, stop, |stream, peer| {
-        let caller = caller_of(&state, bound.kind, &stream, peer);
+        let caller = caller_of(&state, &stream, peer);
         let key = match caller {
-            Caller::Attributed(id) => Peer::Cgroup(id),
+            Caller::Pod(id) => Peer::Pod(id),
             _ => Peer::Ip(peer.ip()),
         };
         match limits.admit(key) {
@@ -283,14 +262,22 @@ pub(crate) fn http1() -> http1::Builder {
     builder
 }
 
-/// The kernel's word on who opened this connection, read before any byte of the request.
-fn caller_of(state: &State, kind: ListenerKind, stream: &TcpStream, peer: SocketAddr) -> Caller {
-    match (kind, &state.steering, stream.local_addr()) {
-        (ListenerKind::Attributed, Some(steering), Ok(local)) => steering
-            .lookup(peer, local)
-            .map_or(Caller::Unattributed, Caller::Attributed),
-        (ListenerKind::Attributed, _, _) => Caller::Unattributed,
-        (ListenerKind::Plain, _, _) => Caller::Plain(peer.ip()),
+/// The kernel's word on who opened this connection, read (and taken from the kernel's map)
+/// before any byte of the request. Without a record, only the node's own addresses are
+/// callers the kernel could not have seen (node daemons outside the pods cgroup); anything
+/// else came around the hook.
+fn caller_of(state: &State, stream: &TcpStream, peer: SocketAddr) -> Caller {
+    let Some(steering) = &state.steering else {
+        return Caller::Plain(peer.ip());
+    };
+    let recorded = stream
+        .local_addr()
+        .ok()
+        .and_then(|local| steering.take(peer, local));
+    match recorded {
+        Some(pod) => Caller::Pod(pod),
+        None if state.node_addrs.contains(peer.ip()) => Caller::Node(peer.ip()),
+        None => Caller::Bypassed(peer.ip()),
     }
 }
 

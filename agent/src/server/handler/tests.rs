@@ -37,25 +37,29 @@ impl Fetcher for Upstream {
     }
 }
 
-/// A cgroup tree in a temp dir: the pod's container cgroup and a non-pod cgroup, by id.
+/// A cgroup tree in a temp dir: the pod's cgroup, a non-pod cgroup, and a cgroup the pod's
+/// container nested and named after another pod, by id.
 struct Tree {
     root: PathBuf,
     pod: u64,
     not_a_pod: u64,
+    nested: u64,
 }
 
 impl Tree {
     fn new(name: &str) -> Self {
         let root = std::env::temp_dir().join(format!("handler-{name}-{}", std::process::id()));
-        let pod = root.join(format!("kubepods/besteffort/pod{UID}/ctr"));
+        let pod = root.join(format!("kubepods/besteffort/pod{UID}"));
+        let nested = pod.join(format!("ctr/pod{OTHER}"));
         let qos = root.join("kubepods/burstable");
-        for d in [&pod, &qos] {
+        for d in [&nested, &qos] {
             std::fs::create_dir_all(d).unwrap();
         }
         let id = |p: &PathBuf| std::fs::metadata(p).unwrap().ino();
         Self {
             pod: id(&pod),
             not_a_pod: id(&qos),
+            nested: id(&nested),
             root,
         }
     }
@@ -91,7 +95,8 @@ fn state(
             metrics.clone(),
         ),
         steering: None,
-        resolver: Some(Arc::new(Resolver::new(&tree.root))),
+        resolver: Some(Arc::new(Resolver::new(&tree.root.join("kubepods")))),
+        node_addrs: Default::default(),
         admission: Admission::unlimited(),
         unattributed: policy,
         ready: AtomicBool::new(true),
@@ -145,12 +150,16 @@ async fn every_refusal_has_its_status_and_code_and_a_pod_is_served() {
     let own = test_token(UID, now() + 3600);
     let other = test_token(OTHER, now() + 3600);
     let expired = test_token(UID, now() - 60);
-    let pod = Caller::Attributed(tree.pod);
+    let forged = crate::token::test_token_for(UID, "admin", now() + 3600);
+    let other_forged = crate::token::test_token_for(OTHER, "admin", now() + 3600);
+    let pod = Caller::Pod(tree.pod);
     let peer = Caller::Plain("10.0.0.9".parse::<IpAddr>().unwrap());
-    let (unattributed, not_a_pod, unknown) = (
-        Caller::Unattributed,
-        Caller::Attributed(tree.not_a_pod),
-        Caller::Attributed(1),
+    let node = Caller::Node("10.0.0.1".parse::<IpAddr>().unwrap());
+    let (bypassed, not_a_pod, unknown, nested) = (
+        Caller::Bypassed("10.0.0.7".parse::<IpAddr>().unwrap()),
+        Caller::Pod(tree.not_a_pod),
+        Caller::Pod(1),
+        Caller::Pod(tree.nested),
     );
     let cases: Vec<Case> = vec![
         (
@@ -208,10 +217,28 @@ async fn every_refusal_has_its_status_and_code_and_a_pod_is_served() {
             (403, "TokenPodMismatch"),
         ),
         (
-            "no kernel record",
-            &unattributed,
+            "another service account for the same pod",
+            &pod,
+            request("GET", CREDENTIALS_PATH, host, Some(&forged)),
+            (403, "TokenSubjectMismatch"),
+        ),
+        (
+            "around the hook",
+            &bypassed,
             request("GET", CREDENTIALS_PATH, host, Some(&own)),
-            (403, "Unattributed"),
+            (403, "AttributionBypassed"),
+        ),
+        (
+            "a nested cgroup named after another pod",
+            &nested,
+            request("GET", CREDENTIALS_PATH, host, Some(&other_forged)),
+            (403, "NotAPod"),
+        ),
+        (
+            "a node daemon, allowed",
+            &node,
+            request("GET", CREDENTIALS_PATH, host, Some(&other_forged)),
+            (200, "ASIAHANDLER"),
         ),
         (
             "not a pod",
@@ -243,6 +270,11 @@ async fn every_refusal_has_its_status_and_code_and_a_pod_is_served() {
     let req = request("GET", CREDENTIALS_PATH, host, Some(&own));
     assert_eq!(
         ask(&deny, &peer, req).await,
+        (403, "Unattributed".to_owned())
+    );
+    let req = request("GET", CREDENTIALS_PATH, host, Some(&own));
+    assert_eq!(
+        ask(&deny, &node, req).await,
         (403, "Unattributed".to_owned())
     );
 }
@@ -282,9 +314,6 @@ async fn eks_auth_errors_keep_their_code_and_map_to_a_status() {
             Some("[fd00:ec2::23]:80"),
             Some(&own),
         );
-        assert_eq!(
-            ask(&st, &Caller::Attributed(tree.pod), req).await,
-            (status, code)
-        );
+        assert_eq!(ask(&st, &Caller::Pod(tree.pod), req).await, (status, code));
     }
 }
