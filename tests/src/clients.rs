@@ -36,7 +36,18 @@ impl CurlResult {
 /// curl from container `c` of pod `i`, with the pod's token (unless `extra` sets an
 /// `Authorization` header itself) and `extra` arguments.
 pub fn curl(sb: &Sandbox, i: usize, c: usize, url: &str, extra: &[&str]) -> Result<CurlResult> {
-    let mut cmd = sb.pod_command(i, c, "curl")?;
+    let token = std::fs::read_to_string(&sb.pods()[i].token_file)?;
+    curl_in(sb.pod_command(i, c, "curl")?, &token, url, extra)
+}
+
+/// curl as `cmd` (a `curl` command placed in some cgroup and namespace), with `token`
+/// (unless `extra` sets an `Authorization` header itself) and `extra` arguments.
+pub fn curl_in(
+    mut cmd: std::process::Command,
+    token: &str,
+    url: &str,
+    extra: &[&str],
+) -> Result<CurlResult> {
     cmd.args([
         "-sS",
         "--max-time",
@@ -45,7 +56,6 @@ pub fn curl(sb: &Sandbox, i: usize, c: usize, url: &str, extra: &[&str]) -> Resu
         "\n%{http_code} %{remote_port}",
     ]);
     if !extra.iter().any(|a| a.starts_with("Authorization")) {
-        let token = std::fs::read_to_string(&sb.pods()[i].token_file)?;
         cmd.arg("-H").arg(format!("Authorization: {token}"));
     }
     let out = cmd.args(extra).arg(url).output().context("running curl")?;

@@ -13,8 +13,8 @@ use tests::fixtures::node;
 use tests::netns::run;
 use tests::sandbox::{PodSpec, Sandbox};
 
-/// The agent's ports in the sandbox: plain, attributed, probes, metrics.
-const PORTS: [u16; 4] = [80, 2704, 2703, 2705];
+/// The agent's ports in the sandbox: credentials, probes, metrics.
+const PORTS: [u16; 3] = [80, 2703, 2705];
 
 /// Listening sockets in the node namespace: (local address, accept queue length).
 fn backlogs(sb: &Sandbox) -> Result<Vec<(String, u32)>> {
@@ -43,8 +43,8 @@ fn agent_backlogs(sb: &Sandbox) -> Result<Vec<(String, u32)>> {
                 .any(|p| addr.rsplit(':').next() == Some(&p.to_string()))
         })
         .collect();
-    // Plain and attributed on both addresses, probes, metrics.
-    anyhow::ensure!(ours.len() == 6, "agent listeners: {ours:?}");
+    // Credentials on both addresses, probes, metrics.
+    anyhow::ensure!(ours.len() == 4, "agent listeners: {ours:?}");
     Ok(ours)
 }
 

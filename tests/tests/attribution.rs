@@ -68,9 +68,10 @@ fn a_host_network_pod_is_steered_attributed_and_served() -> Result<()> {
     for ipv6 in [false, true] {
         let got = curl(&sb, pod, 0, credentials_url(ipv6), &[])?;
         assert_eq!(got.status, 200, "ipv6={ipv6}: {}", got.body);
-        assert_eq!(got.peer_port, 80, "the rewrite shows through getpeername");
+        assert_eq!(got.peer_port, 80, "nothing on the wire changes");
     }
-    let ino = std::fs::metadata(&sb.pods()[pod].containers[0])?.ino();
+    let pod_dir = sb.pods()[pod].containers[0].parent().unwrap().to_path_buf();
+    let ino = std::fs::metadata(&pod_dir)?.ino();
     let served: Vec<_> = agent
         .log_lines()
         .into_iter()
@@ -86,13 +87,14 @@ fn a_host_network_pod_is_steered_attributed_and_served() -> Result<()> {
 }
 
 #[test]
-fn callers_outside_pods_take_the_plain_listener_under_the_unattributed_policy() -> Result<()> {
+fn callers_in_no_pod_on_a_node_address_are_served_under_the_unattributed_policy() -> Result<()> {
     let (mut sb, fake) = node(Driver::Cgroupfs)?;
     let pod = sb.add_pod(PodSpec::new("app", "reader"))?;
     let token = std::fs::read_to_string(&sb.pods()[pod].token_file)?;
-    // A node daemon: node network namespace, a cgroup outside the pods cgroup (not steered).
+    // A node daemon: node network namespace, a cgroup outside the pods cgroup (no hook).
     let daemon_cgroup = sb.cgroups().outside_pods("system.slice")?;
-    // A process in the pods cgroup but in no pod (the QoS level itself).
+    // A process in the pods cgroup but in no pod (the QoS level itself): the hook runs, finds
+    // no pod and records nothing; from the node's address it is a node caller too.
     let qos_cgroup = sb.cgroups().pods_root().join("besteffort");
     let ask = |cgroup: &std::path::Path| -> Result<(u16, String)> {
         let out = sb
@@ -110,11 +112,10 @@ fn callers_outside_pods_take_the_plain_listener_under_the_unattributed_policy() 
         let (status, body) = ask(&daemon_cgroup)?;
         assert_eq!(status, plain_status, "{policy}: {body}");
         let (status, body) = ask(&qos_cgroup)?;
-        assert_eq!(status, 403, "{policy}: {body}");
-        assert!(body.contains("NotAPod"), "{body}");
+        assert_eq!(status, plain_status, "{policy}: {body}");
         let text = scrape(&sb)?;
-        assert_eq!(attribution(&text, "plain", "unattributed")?, 1, "{text}");
-        assert_eq!(attribution(&text, "attributed", "not_a_pod")?, 1, "{text}");
+        assert_eq!(attribution(&text, "plain", "unattributed")?, 2, "{text}");
+        assert_eq!(attribution(&text, "plain", "bypassed")?, 0, "{text}");
         agent.stop()?;
     }
     Ok(())
@@ -148,7 +149,7 @@ fn thousands_of_connections_are_all_attributed_and_none_to_the_wrong_pod() -> Re
         "{text}"
     );
     assert_eq!(attribution(&text, "attributed", "mismatch")?, 0);
-    assert_eq!(attribution(&text, "attributed", "unattributed")?, 0);
+    assert_eq!(attribution(&text, "plain", "bypassed")?, 0);
     assert_eq!(
         metric(
             &text,
@@ -172,7 +173,7 @@ fn the_attribution_map_does_not_grow_with_closed_connections() -> Result<()> {
     let (mut sb, fake) = node(Driver::Cgroupfs)?;
     let pod = sb.add_pod(PodSpec::new("app", "reader"))?;
     let _agent = Agent::start(&sb, &fake, tests::fixtures::UNLIMITED)?;
-    // 10,000 short connections (answered 404 without an EKS Auth call, still steered).
+    // 10,000 short connections (answered 404 without an EKS Auth call, still recorded).
     let load = load_result(spawn_load(
         &sb,
         pod,
@@ -183,7 +184,7 @@ fn the_attribution_map_does_not_grow_with_closed_connections() -> Result<()> {
         20,
     )?)?;
     assert_eq!((load.count(404), load.errors), (10_000, 0), "{load:?}");
-    // Every connection has closed on both sides; the close callback must have emptied the map.
+    // The server takes each tuple at accept; a socket closing first deletes its own.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = scrape(&sb)?;
@@ -192,7 +193,7 @@ fn the_attribution_map_does_not_grow_with_closed_connections() -> Result<()> {
         let deleted = metric(&text, "pod_identity_ebpf_events{event=\"tuple_deleted\"}")?;
         if live == 0 {
             assert!(recorded >= 10_000, "{text}");
-            assert_eq!(recorded, deleted, "{text}");
+            assert!(deleted < recorded, "the server took none: {text}");
             return Ok(());
         }
         assert!(
@@ -211,7 +212,7 @@ fn a_restart_under_load_swaps_programs_in_place_and_fails_nothing_but_refused_co
     let root = sb.cgroups().pods_root().to_path_buf();
     let first = Agent::start(&sb, &fake, tests::fixtures::UNLIMITED)?;
     let (progs_before, links_before) = attachment(&root)?;
-    assert_eq!((progs_before.len(), links_before.len()), (5, 5));
+    assert_eq!((progs_before.len(), links_before.len()), (3, 3));
 
     let load = spawn_load(&sb, pod, 0, "169.254.170.23:80", "/v1/credentials", 3000, 4)?;
     std::thread::sleep(Duration::from_millis(400));
@@ -236,17 +237,13 @@ fn a_restart_under_load_swaps_programs_in_place_and_fails_nothing_but_refused_co
         links_after, links_before,
         "links were re-created instead of updated"
     );
-    assert_eq!(progs_after.len(), 5);
+    assert_eq!(progs_after.len(), 3);
     assert!(
         progs_after.iter().all(|p| !progs_before.contains(p)),
         "programs were not replaced"
     );
     let text = scrape(&sb)?;
-    assert_eq!(
-        attribution(&text, "attributed", "unattributed")?,
-        0,
-        "{text}"
-    );
+    assert_eq!(attribution(&text, "plain", "bypassed")?, 0, "{text}");
     assert_eq!(attribution(&text, "attributed", "mismatch")?, 0, "{text}");
     eprintln!("restart took {restart:?}; load: {load:?}");
     drop(second);

@@ -197,8 +197,8 @@ fn bad_flag_values_exit_2_naming_the_flag() -> Result<()> {
         (&["server"][..], "--cluster-name"),
         // Contradictions: both flags named.
         (
-            &["server", "-c", "x", "--port", "2704"][..],
-            "--attributed-port",
+            &["server", "-c", "x", "--port", "2705"][..],
+            "--metrics-port",
         ),
         (
             &["server", "-c", "x", "--pod-request-rate=-5"][..],
@@ -482,7 +482,7 @@ fn metrics_keep_the_reference_names_and_count_what_happened() -> Result<()> {
         "pod_identity_cache_state{state=\"hit\"} 2\n",
         "pod_identity_cache_entries 1\n",
         "pod_identity_agent_mode{mode=\"ebpf\"} 1\n",
-        "pod_identity_ebpf_events{event=\"steered4\"} 4\n",
+        "pod_identity_ebpf_events{event=\"marked4\"} 4\n",
         "pod_identity_request_duration_seconds_count{outcome=\"success\"} 3\n",
         "pod_identity_upstream_duration_seconds_count{outcome=\"success\"} 1\n",
     ] {

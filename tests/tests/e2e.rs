@@ -4,11 +4,11 @@
 use std::os::unix::fs::MetadataExt;
 
 use anyhow::Result;
-use tests::agent::{probe, Agent};
+use tests::agent::{probe, scrape, Agent};
 use tests::cgroups::Driver;
-use tests::clients::{credentials_url, curl, sdk_client};
+use tests::clients::{credentials_url, curl, curl_in, sdk_client};
 use tests::fake_eks::ACCOUNT;
-use tests::fixtures::{attached, node, served_lines};
+use tests::fixtures::{attached, attribution, node, served_lines};
 use tests::sandbox::PodSpec;
 
 #[test]
@@ -66,7 +66,7 @@ fn the_rust_sdk_container_provider_resolves_credentials_over_ipv4_and_ipv6() -> 
 }
 
 #[test]
-fn the_kernel_attributes_each_connection_to_the_callers_container_cgroup() -> Result<()> {
+fn the_kernel_attributes_each_connection_to_the_callers_pod_on_port_80() -> Result<()> {
     for driver in [Driver::Cgroupfs, Driver::Systemd] {
         let (mut sb, fake) = node(driver)?;
         let mut spec = PodSpec::new("app", "reader");
@@ -76,18 +76,21 @@ fn the_kernel_attributes_each_connection_to_the_callers_container_cgroup() -> Re
         let agent = Agent::start(&sb, &fake, &[])?;
         let mut expected = Vec::new();
         for (pod, container, ipv6) in [(a, 0, false), (a, 1, true), (b, 1, false), (b, 0, true)] {
-            // %{remote_port} comes from getpeername(): the getpeername hooks must hide the rewrite.
             let got = curl(&sb, pod, container, credentials_url(ipv6), &[])?;
             assert_eq!(
                 got.status, 200,
                 "{driver:?} pod {pod} container {container}: {}",
                 got.body
             );
-            assert_eq!(got.peer_port, 80, "the client saw the rewritten port");
-            let dir = &sb.pods()[pod].containers[container];
+            assert_eq!(got.peer_port, 80, "nothing on the wire changes");
+            // Whichever container calls, the kernel records its pod's cgroup.
+            let dir = sb.pods()[pod].containers[container]
+                .parent()
+                .unwrap()
+                .to_path_buf();
             expected.push((
-                std::fs::metadata(dir)?.ino(),
-                dir.clone(),
+                std::fs::metadata(&dir)?.ino(),
+                dir,
                 sb.pods()[pod].uid.clone(),
             ));
         }
@@ -130,25 +133,28 @@ fn a_pod_without_an_association_gets_a_404_its_sdk_reports_with_the_reason() -> 
 }
 
 #[test]
-fn a_direct_connect_to_the_attributed_port_is_refused_never_guessed() -> Result<()> {
+fn a_pod_address_without_a_kernel_record_is_refused_never_guessed() -> Result<()> {
     let (mut sb, fake) = node(Driver::Cgroupfs)?;
     let pod = sb.add_pod(PodSpec::new("app", "reader"))?;
-    let _agent = Agent::start(&sb, &fake, &[])?;
-    // Port 2704 is not what the hook steers, so the kernel records nothing for it.
-    let got = curl(
-        &sb,
-        pod,
-        0,
-        "http://169.254.170.23:2704/v1/credentials",
-        &[],
-    )?;
-    assert_eq!(got.status, 403, "{}", got.body);
-    assert_eq!(got.json()?["code"], "Unattributed");
+    let agent = Agent::start(&sb, &fake, &[])?;
+    // The pod's network namespace, but a cgroup no hook runs in: its connect reaches port 80
+    // from the pod's address with no record. Not a node address, so it came around the hook.
+    let outside = sb.cgroups().outside_pods("no-hook")?;
+    let token = std::fs::read_to_string(&sb.pods()[pod].token_file)?;
+    for ipv6 in [false, true] {
+        let cmd = sb.pod_netns_command(pod, &outside, "curl")?;
+        let got = curl_in(cmd, &token, credentials_url(ipv6), &[])?;
+        assert_eq!(got.status, 403, "{}", got.body);
+        assert_eq!(got.json()?["code"], "AttributionBypassed");
+    }
     assert_eq!(
         fake.calls(),
         0,
         "EKS Auth must not be called for an unattributed caller"
     );
+    let text = scrape(&sb)?;
+    assert_eq!(attribution(&text, "plain", "bypassed")?, 2, "{text}");
+    drop(agent);
     Ok(())
 }
 
@@ -156,8 +162,7 @@ fn a_direct_connect_to_the_attributed_port_is_refused_never_guessed() -> Result<
 fn without_ebpf_the_plain_listener_serves() -> Result<()> {
     let (mut sb, fake) = node(Driver::Cgroupfs)?;
     let pod = sb.add_pod(PodSpec::new("app", "reader"))?;
-    // An earlier run left its programs pinned; switching eBPF off must not leave pods steered
-    // to an attributed port nobody listens on.
+    // An earlier run left its programs pinned; switching eBPF off removes them.
     assert!(Agent::start(&sb, &fake, &[])?.stop()?.success());
     let agent = Agent::start(&sb, &fake, &["--no-ebpf"])?;
     assert_eq!(
@@ -191,16 +196,12 @@ fn sigterm_exits_zero_and_unpinned_programs_detach() -> Result<()> {
     let (status, body) = probe(&sb, "/readyz")?;
     assert_eq!((status, body.contains("\"ebpf\"")), (200, true), "{body}");
     let root = sb.cgroups().pods_root().to_path_buf();
-    assert_eq!(
-        attached(&root)?,
-        5,
-        "connect4/6, getpeername4/6 and sock_ops attached"
-    );
+    assert_eq!(attached(&root)?, 3, "connect4/6 and sock_ops attached");
     assert_eq!(curl(&sb, pod, 0, credentials_url(false), &[])?.status, 200);
     let status = agent.stop()?;
     assert!(status.success(), "exit status {status}");
     assert_eq!(attached(&root)?, 0, "programs still attached after SIGTERM");
-    // With nothing steering and nothing listening, the pod's connect is refused.
+    // With nothing listening, the pod's connect is refused.
     assert_eq!(curl(&sb, pod, 0, credentials_url(false), &[])?.status, 0);
     Ok(())
 }
@@ -214,10 +215,10 @@ fn pinned_programs_outlive_the_agent_until_uninstall() -> Result<()> {
     assert!(agent.stop()?.success());
     assert_eq!(
         attached(&root)?,
-        5,
+        3,
         "pinned programs must stay attached across a restart"
     );
-    // Still steered: the connect goes to the (now closed) attributed port, not to port 80.
+    // Nothing listens while the agent is down.
     let peer = curl(&sb, pod, 0, credentials_url(false), &[])?;
     assert_eq!(peer.status, 0);
     let out = std::process::Command::new(tests::agent::agent_bin()?)

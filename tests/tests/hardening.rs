@@ -597,7 +597,7 @@ fn a_pod_over_its_connect_budget_is_refused_in_the_kernel_and_the_others_are_not
     assert_eq!(events("budget_refused")?, refused, "{text}");
     assert_eq!(events("budget_untracked")?, 0, "{text}");
     assert_eq!(
-        events("steered4")? + events("steered6")?,
+        events("marked4")? + events("marked6")?,
         admitted + 3,
         "{text}"
     );
