@@ -163,7 +163,7 @@ fn cargo_test(name: &str, args: &[&str], env: &[(&str, &str)], tally: &mut Tally
 
 /// The harness's own unit tests and the end-to-end test binaries of the `tests` crate (the
 /// leak check runs after them).
-const E2E_SUITES: [&str; 25] = [
+const E2E_SUITES: [&str; 27] = [
     "-p",
     "tests",
     "--lib",
@@ -189,6 +189,8 @@ const E2E_SUITES: [&str; 25] = [
     "prewarm",
     "--test",
     "realnode",
+    "--test",
+    "adversary",
 ];
 
 /// The full suite, as CI runs it.

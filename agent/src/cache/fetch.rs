@@ -124,6 +124,7 @@ impl Cache {
                 st.creds = Some(cached);
                 st.accepted_token = Some(token);
                 st.negative = None;
+                st.last_error = None;
                 st.failures = 0;
                 st.next_refresh = Some(due);
                 self.queue.push(key.clone(), due);
@@ -145,8 +146,9 @@ impl Cache {
                     })
                     .inc();
             }
-            Err(_) => {
+            Err(e) => {
                 // Transient: keep serving what we have; retry with backoff while it is usable.
+                st.last_error = Some(e.clone());
                 st.failures += 1;
                 if let Some(c) = st.creds.as_ref().filter(|c| self.usable(c, now)) {
                     let backoff = pacing::backoff(

@@ -199,6 +199,9 @@ struct SlotState {
     prewarmed: bool,
     /// The subject the credentials (or the call in flight) are for (pods' entries).
     subject: Option<Arc<Subject>>,
+    /// The last transient EKS Auth error: what a caller over the entry's call budget is told
+    /// (the answer a new call would most likely get).
+    last_error: Option<UpstreamError>,
 }
 
 impl SlotState {
@@ -220,6 +223,7 @@ impl SlotState {
             _ => {
                 self.subject = Some(claimed.clone());
                 self.negative = None;
+                self.last_error = None;
                 self.accepted_token = None;
                 self.token = lookup.token.clone();
                 self.token_exp = lookup.token_exp;
@@ -383,7 +387,10 @@ impl Cache {
                 None => {
                     if let Err(wait) = slot.calls.try_take() {
                         self.count_result("call_budget");
-                        return Err(CacheError::CallBudget(wait));
+                        return Err(match st.last_error.clone() {
+                            Some(e) => CacheError::Upstream(e),
+                            None => CacheError::CallBudget(wait),
+                        });
                     }
                     self.start_fetch(&lookup.key, &slot, &mut st, Purpose::Request, None)
                 }
