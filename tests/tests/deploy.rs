@@ -100,14 +100,14 @@ fn the_manifests_capabilities_are_enough_and_each_is_needed() -> Result<()> {
     let env = [("POD_IDENTITY_CGROUP_ROOT", root.as_str())];
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
 
-    // Exactly the manifest's set: attached, steering, serving.
+    // Exactly the manifest's set: attached, attributing, serving.
     let wrapper = only(&caps);
     let wrap: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let mut agent = Agent::launch_wrapped(&sb, &fake, &wrap, &argv, &env)?;
     agent.wait_ready(&sb, Duration::from_secs(20))?;
     let (_, body) = probe(&sb, "/readyz")?;
     assert!(body.contains("\"ebpf\""), "{body}\n{}", agent.log_text());
-    assert_eq!(attached(sb.cgroups().pods_root())?, 5);
+    assert_eq!(attached(sb.cgroups().pods_root())?, 3);
     let got = curl(&sb, pod, 0, credentials_url(false), &[])?;
     assert_eq!((got.status, got.peer_port), (200, 80), "{}", got.body);
     assert!(agent.stop()?.success());
