@@ -33,11 +33,8 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
     btf_maps::SkStorage,
-    helpers::{
-        generated::{
-            bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_ns, bpf_set_retval,
-            bpf_sk_storage_get,
-        },
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_ns, bpf_set_retval, bpf_sk_storage_get,
     },
     macros::{btf_map, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, PerCpuArray},

@@ -178,6 +178,15 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = 200.0, env = "POD_IDENTITY_POD_CONNECT_BURST")]
     pub pod_connect_burst: f64,
 
+    /// EKS Auth calls per second each pod's requests may start (refreshes have
+    /// --max-service-qps); beyond, the pod gets EKS Auth's last error or a 503; 0 for no limit.
+    #[arg(long, default_value_t = 0.2, env = "POD_IDENTITY_POD_UPSTREAM_RATE")]
+    pub pod_upstream_rate: f64,
+
+    /// EKS Auth calls each pod's requests may start at once.
+    #[arg(long, default_value_t = 5.0, env = "POD_IDENTITY_POD_UPSTREAM_BURST")]
+    pub pod_upstream_burst: f64,
+
     /// Most connections one pod may hold open to the credential addresses, enforced in the
     /// kernel (beyond, its connect fails with ECONNREFUSED); 0 for no cap.
     #[arg(long, default_value_t = 1024, env = "POD_IDENTITY_POD_MAX_CONNECTIONS")]
@@ -346,6 +355,11 @@ impl TryFrom<ServerArgs> for ServerConfig {
             ("--pod-connect-burst", flags.pod_connect_burst),
         )?
         .map(|(rate, burst)| crate::ebpf::ConnectBudget { rate, burst });
+        let mut cache = flags.cache_config();
+        cache.entry_call_rate = rate_and_burst(
+            ("--pod-upstream-rate", flags.pod_upstream_rate),
+            ("--pod-upstream-burst", flags.pod_upstream_burst),
+        )?;
         let pod_limits = crate::ebpf::PodLimits {
             budget: connect_budget,
             max_connections: flags.pod_max_connections,
@@ -364,7 +378,7 @@ impl TryFrom<ServerArgs> for ServerConfig {
             return Err(ConfigError::NoInflight);
         }
         Ok(Self {
-            cache: flags.cache_config(),
+            cache,
             pod_budget,
             pod_limits,
             probe_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), flags.probe_port),
@@ -389,7 +403,7 @@ impl ServerArgs {
             sweep_interval: self.cache_sweep_interval,
             retry_backoff: self.refresh_retry_backoff,
             request_retry_window: self.upstream_retry_window,
-            ..Default::default()
+            entry_call_rate: None,
         }
     }
 }

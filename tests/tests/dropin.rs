@@ -382,6 +382,8 @@ fn eks_auth_errors_map_to_statuses_every_sdk_handles() -> Result<()> {
             "0s",
             "--upstream-retry-window",
             "0s",
+            "--pod-upstream-rate",
+            "0",
         ],
     )?;
     let url = credentials_url(false);

@@ -108,9 +108,10 @@ pub struct CacheConfig {
     pub retry_backoff: Duration,
     /// How long a request-path call keeps retrying throttling and 5xx (0: not at all).
     pub request_retry_window: Duration,
-    /// EKS Auth calls one entry (one pod) may start from requests, per second and at once;
-    /// beyond, a request that would need a call gets a 503 "retry".
-    pub entry_call_rate: (f64, f64),
+    /// EKS Auth calls one entry (one pod) may start from requests, per second and at once
+    /// (`None`: no limit); beyond, a request that would need a call gets EKS Auth's last
+    /// error or a 503 "retry".
+    pub entry_call_rate: Option<(f64, f64)>,
 }
 
 impl Default for CacheConfig {
@@ -127,7 +128,7 @@ impl Default for CacheConfig {
             sweep_interval: Duration::from_secs(10),
             retry_backoff: Duration::from_secs(1),
             request_retry_window: Duration::from_secs(10),
-            entry_call_rate: (0.2, 5.0),
+            entry_call_rate: Some((0.2, 5.0)),
         }
     }
 }
@@ -239,7 +240,7 @@ struct Slot {
     /// Milliseconds since the cache started, for LRU.
     last_used: AtomicU64,
     /// Calls this entry may start from requests (refreshes have the node's budget).
-    calls: TokenBucket,
+    calls: Option<TokenBucket>,
 }
 
 /// Why an upstream call is made.
@@ -385,7 +386,7 @@ impl Cache {
             let rx = match &st.inflight {
                 Some(rx) => rx.clone(),
                 None => {
-                    if let Err(wait) = slot.calls.try_take() {
+                    if let Some(Err(wait)) = slot.calls.as_ref().map(TokenBucket::try_take) {
                         self.count_result("call_budget");
                         return Err(match st.last_error.clone() {
                             Some(e) => CacheError::Upstream(e),
@@ -423,11 +424,13 @@ impl Cache {
             .entries
             .entry(key.clone())
             .or_insert_with(|| {
-                let (rate, burst) = self.config.entry_call_rate;
                 Arc::new(Slot {
                     state: Mutex::default(),
                     last_used: AtomicU64::new(self.millis()),
-                    calls: TokenBucket::new(rate, burst),
+                    calls: self
+                        .config
+                        .entry_call_rate
+                        .map(|(rate, burst)| TokenBucket::new(rate, burst)),
                 })
             })
             .clone();

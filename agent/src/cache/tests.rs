@@ -544,7 +544,7 @@ async fn errors_never_push_credentials_out() {
 async fn a_pod_can_start_only_its_budget_of_eks_auth_calls() {
     let up = FakeUpstream::new(Behaviour::Fail(not_found()));
     let c = cache(&up, CacheConfig::default());
-    let (_, burst) = CacheConfig::default().entry_call_rate;
+    let (_, burst) = CacheConfig::default().entry_call_rate.unwrap();
     // Alternating subjects replaces the error entry each time: each would be a call.
     let mut budget_refusals = 0;
     for n in 0..40 {
