@@ -710,9 +710,12 @@ fn a_descriptor_flood_on_any_port_cannot_starve_another_pods_credentials() -> Re
             tests::agent::CLUSTER,
             "--cgroup-root",
             &root,
-            // The per-connection caps under test, not the kernel's connect budget (which
-            // would refuse this flood of the credential port after 200 connects).
+            // The agent's own per-connection caps under test, not the kernel's connect budget
+            // and connection cap (which refuse this flood of the credential port after 200
+            // connects, and beyond 1,024 open ones: tests/tests/adversary.rs).
             "--pod-connect-rate",
+            "0",
+            "--pod-max-connections",
             "0",
         ],
         &[],

@@ -376,3 +376,64 @@ fn a_missing_failing_or_silent_runtime_is_one_clear_error_and_the_sandbox_goes_o
     assert_eq!(got.status, 200, "{}", got.body);
     Ok(())
 }
+
+/// The nested-cgroup attack as a root container can run it (seccomp Unconfined, Kubernetes'
+/// default): `unshare -UrmC`, mount cgroup2, make a cgroup named after pod `named_after` below
+/// its own, move itself there, and ask with `token`. Returns (status, body) and what the
+/// process's cgroup was, as the host sees it.
+fn nested_cgroup_request(
+    node: &RealNode,
+    attacker: usize,
+    named_after: usize,
+    token: &str,
+) -> Result<(u16, String, String)> {
+    let name = format!("pod{}", node.pods()[named_after].uid);
+    let script = r#"set -e
+mount -t cgroup2 none /sys/fs/cgroup
+mkdir -p "/sys/fs/cgroup/$0"
+echo $$ > "/sys/fs/cgroup/$0/cgroup.procs"
+grep "^0::" /proc/self/cgroup
+exec curl -s -w "\n%{http_code}" -H "Authorization: $1" http://169.254.170.23/v1/credentials"#;
+    let out = node.exec(
+        attacker,
+        0,
+        &["unshare", "-UrmC", "sh", "-c", script, &name, token],
+        TIMEOUT,
+    )?;
+    anyhow::ensure!(out.code == 0, "the recipe failed: {out:?}");
+    let (head, status) = out
+        .stdout
+        .rsplit_once('\n')
+        .with_context(|| format!("{out:?}"))?;
+    let (cgroup, body) = head.split_once('\n').unwrap_or(("", head));
+    // The cgroup as the host names it: the process's, read from outside its namespace.
+    Ok((status.parse()?, body.to_owned(), cgroup.to_owned()))
+}
+
+#[test]
+fn a_root_container_nesting_a_cgroup_named_after_another_pod_is_still_its_own_pod() -> Result<()>
+{
+    let (mut node, fake) = real_node()?;
+    let victim = node.run_pod("app", "reader", 1, false)?;
+    let attacker = node.run_pod("app", "reader", 1, false)?;
+    let _agent = Agent::start(&node, &fake, &[])?;
+    let stolen = std::fs::read_to_string(&node.pods()[victim].token_file)?;
+    let own = std::fs::read_to_string(&node.pods()[attacker].token_file)?;
+    let (status, body, cgroup) = nested_cgroup_request(&node, attacker, victim, &stolen)?;
+    // Inside its cgroup namespace the process sits in /pod<victim uid>: the recipe worked.
+    assert_eq!(
+        cgroup,
+        format!("0::/pod{}", node.pods()[victim].uid),
+        "{body}"
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("TokenPodMismatch"), "{body}");
+    assert_eq!(fake.calls(), 0, "nothing was sent to EKS Auth");
+    // A legitimate nested cgroup (systemd or a runtime inside a container) is its pod.
+    let (status, body, _) = nested_cgroup_request(&node, attacker, victim, &own)?;
+    assert_eq!(status, 200, "{body}");
+    let text = scrape(&node)?;
+    assert_eq!(attribution(&text, "attributed", "mismatch")?, 1, "{text}");
+    assert_eq!(attribution(&text, "attributed", "attributed")?, 1, "{text}");
+    Ok(())
+}
