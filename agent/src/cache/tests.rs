@@ -121,6 +121,19 @@ fn cache(up: &Arc<FakeUpstream>, config: CacheConfig) -> Arc<Cache> {
     Cache::new(up.clone(), config, Arc::new(Metrics::default()))
 }
 
+/// A cache of at most `max_entries` over an EKS Auth that issues one-hour credentials.
+fn bounded(max_entries: usize) -> (Arc<FakeUpstream>, Arc<Cache>) {
+    let up = FakeUpstream::new(Behaviour::Issue(HOUR));
+    let c = cache(
+        &up,
+        CacheConfig {
+            max_entries,
+            ..CacheConfig::default()
+        },
+    );
+    (up, c)
+}
+
 const HOUR: Duration = Duration::from_secs(3600);
 const MIN: Duration = Duration::from_secs(60);
 
@@ -313,14 +326,7 @@ async fn a_refused_new_token_falls_back_to_the_last_accepted_one() {
 
 #[tokio::test(start_paused = true)]
 async fn the_cache_keeps_its_bound_by_evicting_the_least_recently_used() {
-    let up = FakeUpstream::new(Behaviour::Issue(HOUR));
-    let c = cache(
-        &up,
-        CacheConfig {
-            max_entries: 3,
-            ..CacheConfig::default()
-        },
-    );
+    let (up, c) = bounded(3);
     for uid in ["a", "b", "c"] {
         c.get(lookup(pod(uid), uid)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -514,14 +520,7 @@ async fn a_pods_entry_keeps_its_service_account_and_only_an_error_is_replaced() 
 
 #[tokio::test(start_paused = true)]
 async fn errors_never_push_credentials_out() {
-    let up = FakeUpstream::new(Behaviour::Issue(HOUR));
-    let c = cache(
-        &up,
-        CacheConfig {
-            max_entries: 3,
-            ..CacheConfig::default()
-        },
-    );
+    let (up, c) = bounded(3);
     for uid in ["a", "b"] {
         c.get(lookup(pod(uid), uid)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(10)).await;
