@@ -51,8 +51,14 @@ impl CgroupTree {
             Driver::Cgroupfs => "kubepods",
             Driver::Systemd => "kubepods.slice",
         });
-        std::fs::create_dir_all(&pods_root)
-            .with_context(|| format!("creating {}", pods_root.display()))?;
+        // The kubelet makes its QoS cgroups when it starts, before any pod.
+        let qos = match driver {
+            Driver::Cgroupfs => ["besteffort", "burstable"],
+            Driver::Systemd => ["kubepods-besteffort.slice", "kubepods-burstable.slice"],
+        };
+        for dir in qos.map(|q| pods_root.join(q)) {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
         Ok(Self {
             base,
             pods_root,

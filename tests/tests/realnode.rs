@@ -411,8 +411,7 @@ exec curl -s -w "\n%{http_code}" -H "Authorization: $1" http://169.254.170.23/v1
 }
 
 #[test]
-fn a_root_container_nesting_a_cgroup_named_after_another_pod_is_still_its_own_pod() -> Result<()>
-{
+fn a_root_container_nesting_a_cgroup_named_after_another_pod_is_still_its_own_pod() -> Result<()> {
     let (mut node, fake) = real_node()?;
     let victim = node.run_pod("app", "reader", 1, false)?;
     let attacker = node.run_pod("app", "reader", 1, false)?;

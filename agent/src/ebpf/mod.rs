@@ -401,8 +401,9 @@ impl Steering {
     }
 
     /// Writes where pods are (the pods cgroup and its QoS cgroups as they are now) and their
-    /// limits into the kernel.
-    fn configure_budget(&self) -> Result<(), EbpfError> {
+    /// limits into the kernel. Called at attach, at every sweep, and when a connection was
+    /// recorded for a QoS cgroup (one made after the last call: the kernel took it for a pod).
+    pub fn configure_budget(&self) -> Result<(), EbpfError> {
         let config = self.limits.to_kernel(
             budget::cgroup_id(&self.cgroup),
             budget::qos_ids(&self.cgroup),

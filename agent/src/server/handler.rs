@@ -307,6 +307,11 @@ fn identify(state: &State, caller: &Caller) -> Result<Identity, RequestError> {
                 Some(pod) => Ok(pod),
                 None => {
                     count_attribution(state, caller, Outcome::NotAPod);
+                    // The kernel takes the pod's position from QoS cgroups it was told of; a
+                    // QoS cgroup made since is taken for a pod until the config is rewritten.
+                    if let Some(Err(e)) = state.steering.as_ref().map(|s| s.configure_budget()) {
+                        tracing::warn!(error = %e, "cannot refresh the kernel's pod positions");
+                    }
                     Err(RequestError::NotAPod)
                 }
             }
