@@ -326,7 +326,7 @@ async fn a_refused_new_token_falls_back_to_the_last_accepted_one() {
 
 #[tokio::test(start_paused = true)]
 async fn the_cache_keeps_its_bound_by_evicting_the_least_recently_used() {
-    let (up, c) = bounded(3);
+    let (_up, c) = bounded(3);
     for uid in ["a", "b", "c"] {
         c.get(lookup(pod(uid), uid)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(10)).await;
