@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use hyper_util::rt::TokioIo;
-use k8s_cri::v1 as cri;
+pub use k8s_cri::v1 as cri;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -105,6 +105,9 @@ pub struct RealNode {
     pods_parent: String,
     pods_root: PathBuf,
     pods: Vec<CriPod>,
+    /// The seccomp profile of the app containers made from now on (`None`: the runtime's
+    /// default for CRI, Unconfined, as Kubernetes' default is).
+    pub app_seccomp: Option<cri::SecurityProfile>,
     // Last: dropped after the runtime has been torn down in `drop`.
     sb: Option<Sandbox>,
 }
@@ -236,6 +239,7 @@ impl RealNode {
             pods_parent: parts.pods_parent,
             pods_root: parts.pods_root,
             pods: Vec::new(),
+            app_seccomp: None,
             sb: Some(sb),
         };
         let ready = node.wait_ready(timeout).and_then(|()| {
@@ -498,6 +502,7 @@ impl RealNode {
             linux: Some(cri::LinuxContainerConfig {
                 security_context: Some(cri::LinuxContainerSecurityContext {
                     namespace_options: network,
+                    seccomp: self.app_seccomp.clone(),
                     ..Default::default()
                 }),
                 ..Default::default()

@@ -434,5 +434,15 @@ fn a_root_container_nesting_a_cgroup_named_after_another_pod_is_still_its_own_po
     let text = scrape(&node)?;
     assert_eq!(attribution(&text, "attributed", "mismatch")?, 1, "{text}");
     assert_eq!(attribution(&text, "attributed", "attributed")?, 1, "{text}");
+    // Under the runtime's default seccomp profile (RuntimeDefault, which the pod security
+    // standards' "restricted" level asks for) the recipe stops at its first step.
+    node.app_seccomp = Some(tests::realnode::cri::SecurityProfile {
+        profile_type: tests::realnode::cri::security_profile::ProfileType::RuntimeDefault as i32,
+        ..Default::default()
+    });
+    let confined = node.run_pod("app", "reader", 1, false)?;
+    let out = node.exec(confined, 0, &["unshare", "-UrmC", "true"], TIMEOUT)?;
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("Operation not permitted"), "{out:?}");
     Ok(())
 }
