@@ -348,6 +348,9 @@ impl Steering {
                 name: names::CONFIG,
                 source,
             })?;
+        // Where pods are, before any program runs: a connect seen without it would find no pod.
+        let mut budget_config = take_map(&mut bpf, names::BUDGET)?;
+        write_pods_config(&mut budget_config, limits, cgroup)?;
 
         let cgroup_fd = File::open(cgroup).map_err(|source| EbpfError::Cgroup {
             path: cgroup.to_path_buf(),
@@ -386,7 +389,7 @@ impl Steering {
         let tuples = take_map(&mut bpf, names::TUPLES)?;
         let counters = take_map(&mut bpf, names::COUNTERS)?;
         let steering = Self {
-            budget_config: std::sync::Mutex::new(take_map(&mut bpf, names::BUDGET)?),
+            budget_config: std::sync::Mutex::new(budget_config),
             pod_budgets: std::sync::Mutex::new(take_map(&mut bpf, names::POD_BUDGETS)?),
             limits,
             _bpf: bpf,
@@ -396,7 +399,6 @@ impl Steering {
             program_ids,
             live: std::sync::Mutex::new(None),
         };
-        steering.configure_budget()?;
         Ok(steering)
     }
 
@@ -404,19 +406,8 @@ impl Steering {
     /// limits into the kernel. Called at attach, at every sweep, and when a connection was
     /// recorded for a QoS cgroup (one made after the last call: the kernel took it for a pod).
     pub fn configure_budget(&self) -> Result<(), EbpfError> {
-        let config = self.limits.to_kernel(
-            budget::cgroup_id(&self.cgroup),
-            budget::qos_ids(&self.cgroup),
-        );
         let mut map = self.budget_config.lock().expect("not poisoned");
-        if map.get(&CONFIG_INDEX, 0).ok() == Some(config) {
-            return Ok(());
-        }
-        map.set(CONFIG_INDEX, config, 0)
-            .map_err(|source| EbpfError::Map {
-                name: names::BUDGET,
-                source,
-            })
+        write_pods_config(&mut map, self.limits, &self.cgroup)
     }
 
     /// Forgets the connect budgets of pods whose cgroup is gone and picks up QoS cgroups made
@@ -512,6 +503,24 @@ impl Steering {
         }
         Ok(missing)
     }
+}
+
+/// Writes the pods cgroup under `pods_root`, its QoS cgroups as they are now, and `limits`
+/// into the kernel's one-entry `BUDGET` array (unless it holds that already).
+fn write_pods_config(
+    map: &mut Array<MapData, BudgetConfig>,
+    limits: PodLimits,
+    pods_root: &Path,
+) -> Result<(), EbpfError> {
+    let config = limits.to_kernel(budget::cgroup_id(pods_root), budget::qos_ids(pods_root));
+    if map.get(&CONFIG_INDEX, 0).ok() == Some(config) {
+        return Ok(());
+    }
+    map.set(CONFIG_INDEX, config, 0)
+        .map_err(|source| EbpfError::Map {
+            name: names::BUDGET,
+            source,
+        })
 }
 
 fn program<'a, T>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
