@@ -191,6 +191,10 @@ pub mod names {
     pub const CONNECT4: &str = "connect4";
     /// `cgroup/connect6` program.
     pub const CONNECT6: &str = "connect6";
+    /// `cgroup/connect4` for kernels without `bpf_set_retval` (refusals are `EPERM`).
+    pub const CONNECT4_EPERM: &str = "connect4_eperm";
+    /// `cgroup/connect6` for kernels without `bpf_set_retval` (refusals are `EPERM`).
+    pub const CONNECT6_EPERM: &str = "connect6_eperm";
     /// `sockops` program.
     pub const SOCK_OPS: &str = "sock_ops";
     /// Programs of earlier versions whose pinned links a new agent removes.

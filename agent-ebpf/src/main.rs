@@ -197,9 +197,10 @@ fn xadd(counter: *mut u64, delta: u64) {
 
 /// A connect to a credential address: attributes it to the caller's pod, or refuses it when
 /// the pod is over its budget or cap. A caller in no pod proceeds unmarked (the server then
-/// serves it only from a node address).
+/// serves it only from a node address). With `SET_RETVAL` (kernels with `bpf_set_retval`,
+/// 5.18+) a refused `connect()` fails with `ECONNREFUSED`, else with the kernel's `EPERM`.
 #[inline(always)]
-fn attribute(ctx: &SockAddrContext, counter: Counter) -> i32 {
+fn attribute<const SET_RETVAL: bool>(ctx: &SockAddrContext, counter: Counter) -> i32 {
     let Some(cfg) = BUDGET.get(CONFIG_INDEX) else {
         return PROCEED;
     };
@@ -209,8 +210,10 @@ fn attribute(ctx: &SockAddrContext, counter: Counter) -> i32 {
         return PROCEED;
     }
     if !admit(pod, cfg) {
-        // SAFETY: cgroup sock_addr programs may set the syscall's return value.
-        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        if SET_RETVAL {
+            // SAFETY: cgroup sock_addr programs may set the syscall's return value.
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+        }
         return DENY;
     }
     mark(ctx, pod, counter);
@@ -234,34 +237,59 @@ fn config() -> Option<&'static SteerConfig> {
     CONFIG.get(CONFIG_INDEX)
 }
 
-#[cgroup_sock_addr(connect4)]
-pub fn connect4(ctx: SockAddrContext) -> i32 {
+/// `connect4`'s body: TCP connects to the IPv4 credential address and port.
+#[inline(always)]
+fn on_connect4<const SET_RETVAL: bool>(ctx: &SockAddrContext) -> i32 {
     if let Some(cfg) = config() {
-        let (port, proto) = port_and_proto(&ctx);
+        let (port, proto) = port_and_proto(ctx);
         // SAFETY: fixed-offset context read.
         let ip = unsafe { read_volatile(&raw const (*ctx.sock_addr).user_ip4) };
         if proto == IPPROTO_TCP && port == cfg.port && cfg.addr4 != 0 && ip == cfg.addr4 {
-            return attribute(&ctx, Counter::Marked4);
+            return attribute::<SET_RETVAL>(ctx, Counter::Marked4);
         }
     }
     PROCEED
 }
 
-#[cgroup_sock_addr(connect6)]
-pub fn connect6(ctx: SockAddrContext) -> i32 {
+/// `connect6`'s body: TCP connects to the IPv6 credential address, or to the IPv4 one from a
+/// dual-stack socket.
+#[inline(always)]
+fn on_connect6<const SET_RETVAL: bool>(ctx: &SockAddrContext) -> i32 {
     if let Some(cfg) = config() {
-        let (port, proto) = port_and_proto(&ctx);
+        let (port, proto) = port_and_proto(ctx);
         if proto == IPPROTO_TCP && port == cfg.port {
-            let ip = read_ip6(&ctx);
+            let ip = read_ip6(ctx);
             let native = cfg.addr6 != [0; 4] && ip == cfg.addr6;
             // A dual-stack socket dialling 169.254.170.23 arrives here as ::ffff:169.254.170.23.
             let mapped = cfg.addr4 != 0 && ip == [0, 0, V4_MAPPED, cfg.addr4];
             if native || mapped {
-                return attribute(&ctx, Counter::Marked6);
+                return attribute::<SET_RETVAL>(ctx, Counter::Marked6);
             }
         }
     }
     PROCEED
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    on_connect4::<true>(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    on_connect6::<true>(&ctx)
+}
+
+/// `connect4` for kernels without `bpf_set_retval` (before 5.18): refusals are `EPERM`.
+#[cgroup_sock_addr(connect4)]
+pub fn connect4_eperm(ctx: SockAddrContext) -> i32 {
+    on_connect4::<false>(&ctx)
+}
+
+/// `connect6` for kernels without `bpf_set_retval` (before 5.18): refusals are `EPERM`.
+#[cgroup_sock_addr(connect6)]
+pub fn connect6_eperm(ctx: SockAddrContext) -> i32 {
+    on_connect6::<false>(&ctx)
 }
 
 #[inline(always)]

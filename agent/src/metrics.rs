@@ -145,6 +145,13 @@ pub struct EventLabel {
     pub event: &'static str,
 }
 
+/// `feature` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FeatureLabel {
+    /// Kernel feature name.
+    pub feature: &'static str,
+}
+
 /// `pod` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PodLabel {
@@ -197,6 +204,8 @@ pub struct Metrics {
     pub ebpf_tuples: Gauge<u64, AtomicU64>,
     /// The eBPF programs' counters, read from the kernel at scrape time.
     pub ebpf_events: Family<EventLabel, Gauge<u64, AtomicU64>>,
+    /// 1 for each kernel feature the loaded programs use, 0 for one the kernel lacks.
+    pub ebpf_feature: Family<FeatureLabel, Gauge<u64, AtomicU64>>,
     /// Pods with a connect budget in the kernel (read at scrape time).
     pub ebpf_pod_budgets: Gauge<u64, AtomicU64>,
     /// Connects the kernel refused per pod over its connect budget (read at scrape time).
@@ -246,6 +255,7 @@ impl Default for Metrics {
         );
         let mode = Family::default();
         let ebpf_events = Family::default();
+        let ebpf_feature = Family::default();
         let attribution = Family::default();
         let ebpf_tuples = Gauge::default();
         let ebpf_pod_budgets = Gauge::default();
@@ -386,8 +396,15 @@ impl Default for Metrics {
             &mut registry,
             &mut names,
             "pod_identity_ebpf_events",
-            "Counters of the kernel programs (steered connects, recorded tuples, misses)",
+            "Counters of the kernel programs (attributed connects, recorded tuples, misses)",
             ebpf_events.clone(),
+        );
+        register(
+            &mut registry,
+            &mut names,
+            "pod_identity_ebpf_feature",
+            "Kernel features the loaded programs use (1) or do without (0)",
+            ebpf_feature.clone(),
         );
         register(
             &mut registry,
@@ -443,6 +460,7 @@ impl Default for Metrics {
             upstream_seconds,
             mode,
             ebpf_events,
+            ebpf_feature,
         }
     }
 }

@@ -12,9 +12,11 @@ use anyhow::{Context, Result};
 use crate::teardown::{self, owned_by};
 
 /// Names of the agent's BPF programs (as the kernel truncates them, 15 bytes).
-const PROGRAM_NAMES: [&str; 5] = [
+const PROGRAM_NAMES: [&str; 7] = [
     "connect4",
     "connect6",
+    "connect4_eperm",
+    "connect6_eperm",
     "getpeername4",
     "getpeername6",
     "sock_ops",

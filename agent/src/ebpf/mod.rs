@@ -128,11 +128,49 @@ pub fn tuple_key(peer: SocketAddr, local: SocketAddr) -> TupleKey {
     }
 }
 
-/// The programs every attachment consists of, with their kernel attach types.
-const SOCK_ADDR_PROGRAMS: [(&str, AttachType); 2] = [
-    (names::CONNECT4, AttachType::Connect4),
-    (names::CONNECT6, AttachType::Connect6),
-];
+/// What the running kernel lets the programs do, probed before loading them: the agent loads
+/// the variant of each program the kernel can verify, and says which (logs, `/metrics`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Features {
+    /// `bpf_set_retval` (5.18+): a refused connect fails with `ECONNREFUSED`; without it, with
+    /// the kernel's `EPERM`.
+    pub set_retval: bool,
+}
+
+impl Features {
+    /// Asks the kernel (a probe load of a two-instruction program per helper).
+    pub fn probe() -> Self {
+        use aya::programs::ProgramType;
+        use aya::sys::{is_helper_supported, BpfHelper};
+        let set_retval = is_helper_supported(
+            ProgramType::CgroupSockAddr,
+            BpfHelper::BPF_FUNC_set_retval,
+        )
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "probing bpf_set_retval failed; assuming it is missing");
+            false
+        });
+        Self { set_retval }
+    }
+
+    /// Each feature by name, for logs and metrics.
+    pub fn list(&self) -> [(&'static str, bool); 1] {
+        [("set_retval", self.set_retval)]
+    }
+
+    /// The connect programs to load: (attach point, program name, attach type).
+    fn connect_programs(&self) -> [(&'static str, &'static str, AttachType); 2] {
+        let (v4, v6) = if self.set_retval {
+            (names::CONNECT4, names::CONNECT6)
+        } else {
+            (names::CONNECT4_EPERM, names::CONNECT6_EPERM)
+        };
+        [
+            (names::CONNECT4, v4, AttachType::Connect4),
+            (names::CONNECT6, v6, AttachType::Connect6),
+        ]
+    }
+}
 
 /// Loaded and attached programs. Dropping it detaches them.
 pub struct Steering {
@@ -143,6 +181,7 @@ pub struct Steering {
     budget_config: std::sync::Mutex<Array<MapData, BudgetConfig>>,
     pod_budgets: std::sync::Mutex<HashMap<MapData, u64, PodBudget>>,
     limits: PodLimits,
+    features: Features,
     cgroup: PathBuf,
     program_ids: Vec<(AttachType, u32)>,
     /// The last count of live tuples and when it was taken (see [`Steering::live_tuples`]).
@@ -367,7 +406,12 @@ impl Steering {
                 .ino(),
         };
         let mut program_ids = Vec::new();
-        // sock_ops first: a connect steered before it is attached would never be recorded.
+        let features = Features::probe();
+        tracing::info!(
+            features = ?features.list(),
+            "kernel features for the eBPF programs"
+        );
+        // sock_ops first: a connect marked before it is attached would never be recorded.
         let sock_ops: &mut SockOps = program(&mut bpf, names::SOCK_OPS)?;
         sock_ops.load().map_err(|source| EbpfError::Program {
             name: names::SOCK_OPS,
@@ -375,11 +419,12 @@ impl Steering {
         })?;
         let id = attach_or_update!(sock_ops, names::SOCK_OPS, &cg, pins);
         program_ids.push((AttachType::SockOps, id));
-        for (name, kind) in SOCK_ADDR_PROGRAMS {
+        for (link, name, kind) in features.connect_programs() {
             let prog: &mut CgroupSockAddr = program(&mut bpf, name)?;
             prog.load()
                 .map_err(|source| EbpfError::Program { name, source })?;
-            let id = attach_or_update!(prog, name, &cg, pins);
+            // The link is named for its attach point, whichever variant runs in it.
+            let id = attach_or_update!(prog, link, &cg, pins);
             program_ids.push((kind, id));
         }
         if let Some(dir) = pins {
@@ -392,6 +437,7 @@ impl Steering {
             budget_config: std::sync::Mutex::new(budget_config),
             pod_budgets: std::sync::Mutex::new(take_map(&mut bpf, names::POD_BUDGETS)?),
             limits,
+            features,
             _bpf: bpf,
             tuples,
             counters,
@@ -477,6 +523,11 @@ impl Steering {
                 (c, sum)
             })
             .collect()
+    }
+
+    /// The kernel features the loaded programs use.
+    pub fn features(&self) -> Features {
+        self.features
     }
 
     /// The cgroup the programs are attached to.

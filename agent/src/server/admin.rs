@@ -123,6 +123,11 @@ pub fn metrics(state: &State, path: &str) -> Response<Full<Bytes>> {
     m.cache_entries.set(state.cache.len() as u64);
     if let Some(steering) = &state.steering {
         m.ebpf_tuples.set(steering.live_tuples() as u64);
+        for (feature, on) in steering.features().list() {
+            m.ebpf_feature
+                .get_or_create(&crate::metrics::FeatureLabel { feature })
+                .set(u64::from(on));
+        }
         for (counter, value) in steering.counters() {
             m.ebpf_events
                 .get_or_create(&EventLabel {
