@@ -674,6 +674,16 @@ impl RealNode {
         let pod = self.pods[i].clone();
         self.remove_sandbox(&pod.sandbox_id)?;
         self.pods[i].containers.clear();
+        // The kubelet, not the runtime, removes a deleted pod's cgroup (its pod container
+        // manager): runc removes only the containers' cgroups below it.
+        let pod_cgroup = self
+            .pods_root
+            .join("besteffort")
+            .join(format!("pod{}", pod.uid));
+        if pod_cgroup.exists() {
+            std::fs::remove_dir(&pod_cgroup)
+                .with_context(|| format!("removing {}", pod_cgroup.display()))?;
+        }
         if let Some(pod_dir) = pod.token_file.ancestors().nth(4) {
             let _ = std::fs::remove_dir_all(pod_dir);
         }

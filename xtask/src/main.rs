@@ -1,6 +1,7 @@
 //! `cargo xtask`: the one entry point a person or CI needs. Every step does its own set-up,
 //! idempotently, so a fresh machine with only rustup's stable Rust gets everything it needs.
 
+mod kernels;
 mod setup;
 mod steps;
 mod supervise;
@@ -42,6 +43,9 @@ enum Cmd {
     Image,
     /// Build the images and run the kind recipe (deploy/kind) where docker and kind exist.
     KindE2e,
+    /// Boot Debian's 5.10, 6.1 and 6.12 cloud kernels under qemu with the release agent and
+    /// report whether it attaches its programs there, and with which kernel features.
+    Kernels,
 }
 
 fn main() -> std::process::ExitCode {
@@ -55,6 +59,10 @@ fn main() -> std::process::ExitCode {
         Cmd::Image => steps::image().map(|_| ()),
         Cmd::KindE2e => steps::kind_e2e(),
         Cmd::Bench => steps::bench(),
+        Cmd::Kernels => setup::all()
+            .and_then(|()| steps::build())
+            .and_then(|agent| kernels::run_all(&agent))
+            .map(drop),
     };
     println!("xtask: finished in {:.1?}", started.elapsed());
     match result {
