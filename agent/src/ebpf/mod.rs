@@ -137,6 +137,18 @@ pub struct Features {
     pub set_retval: bool,
 }
 
+impl std::fmt::Display for Features {
+    /// `set_retval=yes`, space-separated: what logs and `cargo xtask kernels` show.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown: Vec<String> = self
+            .list()
+            .iter()
+            .map(|(name, on)| format!("{name}={}", if *on { "yes" } else { "no" }))
+            .collect();
+        f.write_str(&shown.join(" "))
+    }
+}
+
 impl Features {
     /// Asks the kernel (a probe load of a two-instruction program per helper).
     pub fn probe() -> Self {
@@ -407,10 +419,7 @@ impl Steering {
         };
         let mut program_ids = Vec::new();
         let features = Features::probe();
-        tracing::info!(
-            features = ?features.list(),
-            "kernel features for the eBPF programs"
-        );
+        tracing::info!(%features, "kernel features for the eBPF programs");
         // sock_ops first: a connect marked before it is attached would never be recorded.
         let sock_ops: &mut SockOps = program(&mut bpf, names::SOCK_OPS)?;
         sock_ops.load().map_err(|source| EbpfError::Program {
