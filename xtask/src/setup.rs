@@ -31,6 +31,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "busybox-static",
     "umoci",
     "protobuf-compiler",
+    // The kernel matrix (`cargo xtask kernels`): Debian's cloud kernels booted under TCG.
+    "qemu-system-x86",
 ];
 
 /// Python test tools, pinned: botocore (the client matrix), kubernetes-validate and yamllint
