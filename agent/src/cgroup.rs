@@ -1,6 +1,7 @@
 //! cgroup v2 facts: where the hierarchy is mounted, where the kubelet keeps its pods,
 //! which directory a cgroup id names, and which pod a cgroup path belongs to.
 
+use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -74,33 +75,36 @@ pub fn at_pod_position(pods_root: &Path, path: &Path) -> bool {
         || (parent.parent() == Some(pods_root) && parent.file_name().is_some_and(is_qos))
 }
 
-/// The directory at a pod's position under `pods_root` whose inode is `id` (a cgroup id is
-/// its directory's inode number in cgroup2fs): a child of `pods_root`, or of a QoS cgroup
-/// there. `None` when there is none (gone, or not a pod-level cgroup). A few hundred stats.
-pub fn find_pod_level(pods_root: &Path, id: u64) -> Option<PathBuf> {
-    let subdirs = |dir: &Path| -> Vec<PathBuf> {
+/// Every cgroup at a pod's position under `pods_root` (its children, and the children of its
+/// QoS cgroups; the QoS cgroups themselves included), by id (a cgroup id is its directory's
+/// inode number in cgroup2fs). Nothing a container nests below itself. A node has at most a
+/// few hundred pods: the walk is a few hundred stats.
+pub fn pod_level(pods_root: &Path) -> HashMap<u64, PathBuf> {
+    let subdirs = |dir: &Path| -> Vec<(u64, PathBuf)> {
         std::fs::read_dir(dir)
             .map(|entries| {
                 entries
                     .flatten()
                     .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| e.path())
+                    .filter_map(|e| Some((e.metadata().ok()?.ino(), e.path())))
                     .collect()
             })
             .unwrap_or_default()
     };
-    let ino = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.ino());
-    for child in subdirs(pods_root) {
-        if ino(&child) == id {
-            return Some(child);
+    let mut found = HashMap::new();
+    for (id, dir) in subdirs(pods_root) {
+        if dir.file_name().is_some_and(is_qos) {
+            found.extend(subdirs(&dir));
         }
-        if child.file_name().is_some_and(is_qos) {
-            if let Some(pod) = subdirs(&child).into_iter().find(|p| ino(p) == id) {
-                return Some(pod);
-            }
-        }
+        found.insert(id, dir);
     }
-    None
+    found
+}
+
+/// The directory at a pod's position under `pods_root` whose id is `id`; `None` when there
+/// is none (gone, or not a pod-level cgroup).
+pub fn find_pod_level(pods_root: &Path, id: u64) -> Option<PathBuf> {
+    pod_level(pods_root).remove(&id)
 }
 
 /// The pod UID a pod-level cgroup's own name carries, per docs/protocol.md §4: cgroupfs

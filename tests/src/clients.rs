@@ -94,6 +94,33 @@ pub fn helper_bin(name: &str) -> Result<std::path::PathBuf> {
     Ok(path)
 }
 
+/// A helper process (a flood, a relay) killed and reaped on drop; `line` is the first line it
+/// printed (its "ready" or its result).
+#[derive(Debug)]
+pub struct Helper {
+    child: std::process::Child,
+    /// The first line of its standard output.
+    pub line: String,
+}
+
+impl Helper {
+    /// Spawns `cmd` and waits for its first line of output.
+    pub fn spawn(cmd: &mut std::process::Command) -> Result<Self> {
+        use std::io::BufRead as _;
+        let mut child = cmd.stdout(std::process::Stdio::piped()).spawn()?;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+        Ok(Self { child, line })
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// What `raw-http` saw.
 #[derive(Debug, serde::Deserialize)]
 pub struct RawResult {

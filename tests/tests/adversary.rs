@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use tests::agent::{scrape, Agent};
 use tests::cgroups::Driver;
-use tests::clients::{credentials_url, curl, curl_in, helper_bin, load_result, spawn_load_with};
+use tests::clients::{
+    credentials_url, curl, curl_in, helper_bin, load_result, spawn_load_with, Helper,
+};
 use tests::fixtures::{attribution, metric, node};
 use tests::issuer::TokenSubject;
 use tests::netns::run;
@@ -233,7 +235,7 @@ fn an_egress_policy_allowing_port_80_and_an_in_pod_mesh_proxy_keep_working() -> 
         cmd.args(["--reuid", "1337", "--regid", "1337", "--clear-groups", "--"])
             .arg(relay)
             .args([listen, "--original-dst"]);
-        proxies.push(Proxy::start(&mut cmd)?);
+        proxies.push(listening(&mut cmd)?);
     }
     for ipv6 in [false, true] {
         let got = curl(&sb, pod, 0, credentials_url(ipv6), &["--max-time", "3"])?;
@@ -258,7 +260,7 @@ fn a_proxy_in_another_pod_relaying_a_request_is_a_replay() -> Result<()> {
     // An in-cluster HTTP proxy the client uses without NO_PROXY for the credential address.
     let listen = format!("{}:3128", sb.pods()[proxy_pod].ipv4);
     let mut cmd = sb.pod_command(proxy_pod, 0, helper_bin("relay")?)?;
-    let _proxy = Proxy::start(cmd.args([listen.as_str(), "169.254.170.23:80"]))?;
+    let _proxy = listening(cmd.args([listen.as_str(), "169.254.170.23:80"]))?;
     let via = format!("http://{listen}");
     let got = curl(&sb, client, 0, credentials_url(false), &["-x", &via])?;
     assert_eq!(got.status, 403, "{}", got.body);
@@ -290,7 +292,7 @@ fn a_pod_holding_tens_of_thousands_of_connections_does_not_starve_another() -> R
     for addr in ["169.254.170.23:80", "[fd00:ec2::23]:80"] {
         let mut cmd = sb.pod_command(flooder, 0, helper_bin("conn-flood")?)?;
         cmd.args([addr, "35000", "20"]);
-        floods.push(Proxy::start_with_line(&mut cmd)?);
+        floods.push(Helper::spawn(&mut cmd)?);
     }
     let opened: u64 = floods
         .iter()
@@ -324,31 +326,13 @@ fn a_pod_holding_tens_of_thousands_of_connections_does_not_starve_another() -> R
     Ok(())
 }
 
-/// A helper process killed (and reaped) on drop; `line` is the first line it printed.
-struct Proxy {
-    child: std::process::Child,
-    line: String,
-}
-
-impl Proxy {
-    fn start(cmd: &mut std::process::Command) -> Result<Self> {
-        let p = Self::start_with_line(cmd)?;
-        anyhow::ensure!(p.line.contains("listening"), "helper said {:?}", p.line);
-        Ok(p)
-    }
-
-    fn start_with_line(cmd: &mut std::process::Command) -> Result<Self> {
-        use std::io::BufRead as _;
-        let mut child = cmd.stdout(std::process::Stdio::piped()).spawn()?;
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
-        Ok(Self { child, line })
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A relay started with `cmd`, once it says it is listening.
+fn listening(cmd: &mut std::process::Command) -> Result<Helper> {
+    let relay = Helper::spawn(cmd)?;
+    anyhow::ensure!(
+        relay.line.contains("listening"),
+        "relay said {:?}",
+        relay.line
+    );
+    Ok(relay)
 }

@@ -680,17 +680,17 @@ fn flood(
     pod: usize,
     addr: &str,
     count: usize,
-) -> Result<std::process::Child> {
-    use std::io::BufRead as _;
-    let mut child = sb
-        .pod_command(pod, 0, tests::clients::helper_bin("conn-flood")?)?
-        .args([addr, &count.to_string(), "30"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
-    anyhow::ensure!(line.contains("opened"), "conn-flood: {line:?}");
-    Ok(child)
+) -> Result<tests::clients::Helper> {
+    let helper = tests::clients::Helper::spawn(
+        sb.pod_command(pod, 0, tests::clients::helper_bin("conn-flood")?)?
+            .args([addr, &count.to_string(), "30"]),
+    )?;
+    anyhow::ensure!(
+        helper.line.contains("opened"),
+        "conn-flood: {:?}",
+        helper.line
+    );
+    Ok(helper)
 }
 
 #[test]
@@ -745,10 +745,7 @@ fn a_descriptor_flood_on_any_port_cannot_starve_another_pods_credentials() -> Re
             &format!("pod_identity_connections_refused_total{{listener=\"{listener}\",reason=\"peer_full\"}}"),
         )?;
         assert!(refused > 1000, "{target}: {refused} refused\n{text}");
-        for mut f in floods {
-            let _ = f.kill();
-            let _ = f.wait();
-        }
+        drop(floods);
     }
     Ok(())
 }

@@ -2,9 +2,8 @@
 //! connections): their kernel settings, the pods the kernel tracks, and the removal of pods
 //! that are gone.
 
-use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use agent_common::BudgetConfig;
 
@@ -74,28 +73,6 @@ pub fn qos_ids(pods_root: &Path) -> [u64; 2] {
             .find(|&id| id != 0)
             .unwrap_or(0)
     })
-}
-
-/// Every cgroup directly under `pods_root` and one level below (pods and QoS classes), by id.
-/// A node has at most a few hundred pods: the walk is a few hundred stats.
-pub fn pod_level_cgroups(pods_root: &Path) -> HashMap<u64, PathBuf> {
-    let mut found = HashMap::new();
-    let subdirs = |dir: &Path| -> Vec<(u64, PathBuf)> {
-        std::fs::read_dir(dir)
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .filter_map(|e| Some((e.metadata().ok()?.ino(), e.path())))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    for (id, dir) in subdirs(pods_root) {
-        found.extend(subdirs(&dir));
-        found.insert(id, dir);
-    }
-    found
 }
 
 #[cfg(test)]
@@ -187,7 +164,7 @@ mod tests {
         let guaranteed = dir.join("podB");
         std::fs::create_dir_all(pod.join("ctr")).unwrap();
         std::fs::create_dir_all(&guaranteed).unwrap();
-        let found = pod_level_cgroups(&dir);
+        let found = crate::cgroup::pod_level(&dir);
         let qos = qos_ids(&dir);
         std::fs::remove_dir_all(&dir).unwrap();
         let mut paths: Vec<_> = found.values().cloned().collect();

@@ -469,7 +469,7 @@ impl Steering {
     /// since the last call. Returns how many budgets were removed.
     pub fn sweep_budgets(&self) -> Result<usize, EbpfError> {
         self.configure_budget()?;
-        let live = budget::pod_level_cgroups(&self.cgroup);
+        let live = crate::cgroup::pod_level(&self.cgroup);
         let mut map = self.pod_budgets.lock().expect("not poisoned");
         let gone: Vec<u64> = map
             .keys()

@@ -140,7 +140,7 @@ pub fn metrics(state: &State, path: &str) -> Response<Full<Bytes>> {
         // Pods gone since the last scrape drop out of the family.
         m.pod_connects_refused.clear();
         if budgets.iter().any(|(_, b)| b.refused > 0) {
-            let cgroups = crate::ebpf::budget::pod_level_cgroups(steering.cgroup());
+            let cgroups = crate::cgroup::pod_level(steering.cgroup());
             for (id, b) in budgets.iter().filter(|(_, b)| b.refused > 0) {
                 let uid = cgroups
                     .get(id)
