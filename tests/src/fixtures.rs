@@ -1,6 +1,7 @@
 //! Helpers the suites share: a standard node, reading metrics, and the kernel's view of
 //! what is attached to a cgroup.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 
@@ -47,29 +48,13 @@ pub fn served_lines(agent: &Agent) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// (program ids, link ids) of what is attached directly to `cgroup` (bpftool).
+/// (program ids, link ids) of the links attached directly to `cgroup` (bpftool; the agent
+/// attaches only through links). From `bpftool link show`, not `cgroup show`: bookworm's
+/// bpftool 7.1 fails `cgroup show` on 5.10 kernels (docs/kernel-notes.md).
 pub fn attachment(cgroup: &Path) -> Result<(Vec<u64>, Vec<u64>)> {
-    let out = Command::new("bpftool")
-        .args(["-j", "cgroup", "show"])
-        .arg(cgroup)
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "bpftool: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // bpftool prints nothing at all (not `[]`) for a cgroup without programs.
-    let progs: serde_json::Value = if out.stdout.trim_ascii().is_empty() {
-        serde_json::Value::Array(Vec::new())
-    } else {
-        serde_json::from_slice(&out.stdout).context("bpftool cgroup show printed no JSON")?
-    };
-    let prog_ids: Vec<u64> = progs
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p["id"].as_u64())
-        .collect();
+    let cgroup_id = std::fs::metadata(cgroup)
+        .with_context(|| format!("{}", cgroup.display()))?
+        .ino();
     let out = Command::new("bpftool")
         .args(["-j", "link", "show"])
         .output()?;
@@ -80,15 +65,15 @@ pub fn attachment(cgroup: &Path) -> Result<(Vec<u64>, Vec<u64>)> {
     );
     let links: serde_json::Value =
         serde_json::from_slice(&out.stdout).context("bpftool link show printed no JSON")?;
-    let mut link_ids: Vec<u64> = links
+    let mut attached: Vec<(u64, u64)> = links
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|l| l["prog_id"].as_u64().is_some_and(|p| prog_ids.contains(&p)))
-        .filter_map(|l| l["id"].as_u64())
+        .filter(|l| l["cgroup_id"].as_u64() == Some(cgroup_id))
+        .filter_map(|l| Some((l["prog_id"].as_u64()?, l["id"].as_u64()?)))
         .collect();
-    link_ids.sort_unstable();
-    Ok((prog_ids, link_ids))
+    attached.sort_unstable_by_key(|&(_, link)| link);
+    Ok(attached.into_iter().unzip())
 }
 
 /// How many programs are attached directly to `cgroup`.

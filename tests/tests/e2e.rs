@@ -8,7 +8,7 @@ use tests::agent::{probe, scrape, Agent};
 use tests::cgroups::Driver;
 use tests::clients::{credentials_url, curl, curl_in, sdk_client};
 use tests::fake_eks::ACCOUNT;
-use tests::fixtures::{attached, attribution, node, served_lines};
+use tests::fixtures::{attached, attachment, attribution, node, served_lines};
 use tests::sandbox::PodSpec;
 
 #[test]
@@ -212,6 +212,7 @@ fn pinned_programs_outlive_the_agent_until_uninstall() -> Result<()> {
     let pod = sb.add_pod(PodSpec::new("app", "reader"))?;
     let agent = Agent::start(&sb, &fake, &[])?;
     let root = sb.cgroups().pods_root().to_path_buf();
+    let (progs_before, links_before) = attachment(&root)?;
     assert!(agent.stop()?.success());
     assert_eq!(
         attached(&root)?,
@@ -221,6 +222,26 @@ fn pinned_programs_outlive_the_agent_until_uninstall() -> Result<()> {
     // Nothing listens while the agent is down.
     let peer = curl(&sb, pod, 0, credentials_url(false), &[])?;
     assert_eq!(peer.status, 0);
+    // The next agent takes the pinned links over: the same links, its programs inside them,
+    // and the pod attributed through them on both families.
+    let agent = Agent::start(&sb, &fake, &[])?;
+    let (progs_after, links_after) = attachment(&root)?;
+    assert_eq!(links_after, links_before, "links were re-created");
+    assert!(
+        progs_after.iter().all(|p| !progs_before.contains(p)),
+        "programs were not replaced: {progs_before:?} -> {progs_after:?}"
+    );
+    for ipv6 in [false, true] {
+        let got = curl(&sb, pod, 0, credentials_url(ipv6), &[])?;
+        assert_eq!(got.status, 200, "ipv6={ipv6}: {}", got.body);
+    }
+    let lines = served_lines(&agent);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines.iter().all(|l| l["listener"] == "attributed"),
+        "{lines:?}"
+    );
+    assert!(agent.stop()?.success());
     let out = std::process::Command::new(tests::agent::agent_bin()?)
         .arg("uninstall")
         .arg("--bpffs-dir")

@@ -43,8 +43,8 @@ enum Cmd {
     Image,
     /// Build the images and run the kind recipe (deploy/kind) where docker and kind exist.
     KindE2e,
-    /// Boot Debian's 5.10, 6.1 and 6.12 cloud kernels under qemu with the release agent and
-    /// report whether it attaches its programs there, and with which kernel features.
+    /// Boot Debian's 5.10, 6.1 and 6.12 cloud kernels under qemu and run the kernel suite
+    /// (the sandbox's kernel-path tests, the release agent) in each; writes docs/kernels.md.
     Kernels,
 }
 

@@ -48,7 +48,7 @@ pub fn step<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
 
 /// cargo in the workspace; the agent it builds must embed the BPF object (xtask builds it
 /// first), so a missing object fails instead of building a fallback-only agent.
-fn cargo() -> Command {
+pub fn cargo() -> Command {
     let mut cmd = Command::new(env!("CARGO"));
     cmd.current_dir(root()).env("AGENT_EBPF_REQUIRED", "1");
     cmd
