@@ -241,6 +241,16 @@ pub struct ServerArgs {
           action = clap::ArgAction::Set, default_value_t = false)]
     pub no_pin: bool,
 
+    /// Unix socket through which this agent hands its listeners and cache to the agent that
+    /// replaces it, and takes them from the one it replaces (its directory: root only).
+    #[arg(long, default_value = crate::handover::DEFAULT_SOCKET, env = "POD_IDENTITY_HANDOVER_SOCKET")]
+    pub handover_socket: PathBuf,
+
+    /// Neither take over from an agent already serving nor hand over to the next one.
+    #[arg(long, env = "POD_IDENTITY_NO_HANDOVER", num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set, default_value_t = false)]
+    pub no_handover: bool,
+
     /// Do not load eBPF: serve the plain listeners only, without kernel attribution.
     #[arg(long, env = "POD_IDENTITY_NO_EBPF", num_args = 0..=1, default_missing_value = "true",
           action = clap::ArgAction::Set, default_value_t = false)]

@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod config;
 pub mod credentials;
 pub mod ebpf;
+pub mod handover;
 pub mod logging;
 pub mod metrics;
 pub mod netsetup;
@@ -49,8 +50,17 @@ pub fn report(e: &anyhow::Error) -> String {
     out
 }
 
-/// Runs `server` until SIGTERM or SIGINT.
-pub async fn run_server(config: ServerConfig) -> anyhow::Result<()> {
+/// How `server` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// SIGTERM or SIGINT: drained and done.
+    Signal,
+    /// The listeners and the cache went to the agent replacing this one, which serves now.
+    HandedOver,
+}
+
+/// Runs `server` until SIGTERM or SIGINT, or until an agent replacing it has taken over.
+pub async fn run_server(config: ServerConfig) -> anyhow::Result<Stopped> {
     let args = &config.flags;
     let eks = EksAuth::from_env(EksAuthOptions {
         cluster_name: args.cluster_name.clone(),
@@ -96,13 +106,53 @@ pub async fn run_server(config: ServerConfig) -> anyhow::Result<()> {
         .map(|s| Arc::new(Resolver::new(s.cgroup())));
     let backlog = server::listen::backlog(args.listen_backlog);
     let fds = server::limits::raise_fd_limit();
-    let listeners = server::bind_all(&args.bind_hosts, args.port, backlog)?;
+    let handover = (!args.no_handover).then(|| args.handover_socket.clone());
+    let (inherited, taken) = take_over(handover.clone()).await;
+    let (mut sockets, entries, confirm) = match inherited {
+        Some(mut i) => (
+            server::listen::Inherited::new(std::mem::take(&mut i.listeners)),
+            std::mem::take(&mut i.entries),
+            Some(i),
+        ),
+        None => Default::default(),
+    };
+    let listeners = server::bind_all(&args.bind_hosts, args.port, backlog, &mut sockets)?;
     let (probe_addr, metrics_addr) = (config.probe_addr, config.metrics_addr);
-    let probe = bind_admin(probe_addr, backlog, "probes")?;
-    let metrics_listener = bind_admin(metrics_addr, backlog, "metrics")?;
+    let probe = bind_admin(probe_addr, backlog, "probes", &mut sockets)?;
+    let metrics_listener = bind_admin(metrics_addr, backlog, "metrics", &mut sockets)?;
+    if !sockets.unused().is_empty() {
+        tracing::info!(addrs = ?sockets.unused(), "closing listeners the replaced agent had and this one's flags do not name");
+    }
+    drop(sockets);
+    // Copies of every listener, for the agent that will replace this one.
+    let offered: Arc<[(SocketAddr, std::os::fd::OwnedFd)]> = listeners
+        .iter()
+        .map(|b| &b.listener)
+        .chain([&probe, &metrics_listener])
+        .filter_map(|l| {
+            use std::os::fd::AsFd as _;
+            Some((l.local_addr().ok()?, l.as_fd().try_clone_to_owned().ok()?))
+        })
+        .collect();
 
     let metrics = Arc::new(metrics::Metrics::default());
     let cache = cache::Cache::new(Arc::new(eks), config.cache.clone(), metrics.clone());
+    let adopted = cache.import(entries);
+    metrics
+        .handovers
+        .get_or_create(&metrics::HandoverLabels {
+            direction: "taken",
+            outcome: taken,
+        })
+        .inc();
+    metrics.handover_entries.inc_by(adopted as u64);
+    if let Some(from) = &confirm {
+        tracing::info!(
+            from_pid = from.from_pid,
+            adopted,
+            "took over the listeners and the cache of the agent serving this node"
+        );
+    }
     let state = Arc::new(State {
         cache,
         steering,
@@ -156,24 +206,96 @@ pub async fn run_server(config: ServerConfig) -> anyhow::Result<()> {
         cluster = %args.cluster_name,
         "eks-pod-identity-agent started"
     );
-    server::serve(
+    let until = stop_or_hand_over(handover, confirm, offered, &state);
+    let stopped = server::serve(
         state.clone(),
         fds,
         listeners,
         probe,
         metrics_listener,
-        shutdown_signal(),
+        until,
     )
     .await;
     let pinned = state.steering.is_some() && !args.no_pin;
     // Dropping the last reference detaches unpinned programs.
     drop(state);
-    if pinned {
+    if stopped == Stopped::HandedOver {
+        tracing::info!("handed over: idle until stopped");
+    } else if pinned {
         tracing::info!(pins = %args.bpffs_dir.display(), "stopped; eBPF programs stay attached through their pins for the next start (`uninstall` removes them)");
     } else {
         tracing::info!("stopped; eBPF programs detached");
     }
-    Ok(())
+    Ok(stopped)
+}
+
+/// Takes over from the agent serving this node, if one is (`path`: its handover socket).
+/// Whatever goes wrong, this agent starts cold; the outcome's metric label comes with it.
+async fn take_over(
+    path: Option<std::path::PathBuf>,
+) -> (Option<handover::Inherited>, &'static str) {
+    let Some(path) = path else {
+        return (None, "off");
+    };
+    let shown = path.display().to_string();
+    match tokio::task::spawn_blocking(move || handover::take(&path)).await {
+        Ok(Ok(Some(inherited))) => (Some(inherited), "ok"),
+        Ok(Ok(None)) => (None, "none"),
+        Ok(Err(e)) => {
+            tracing::warn!(socket = shown, error = %e, "could not take over from the agent serving this node; starting cold beside it");
+            (None, e.label())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "handover task failed; starting cold");
+            (None, "failed")
+        }
+    }
+}
+
+/// Resolves at SIGTERM or SIGINT, or once an agent replacing this one has taken its
+/// listeners. Before that, tells the agent this one replaced (if any) that it accepts now,
+/// then offers the same to the next.
+async fn stop_or_hand_over(
+    socket: Option<std::path::PathBuf>,
+    confirm: Option<handover::Inherited>,
+    offered: Arc<[(SocketAddr, std::os::fd::OwnedFd)]>,
+    state: &Arc<State>,
+) -> Stopped {
+    if let Some(inherited) = confirm {
+        // The accept loops run: the old agent may stop accepting.
+        match tokio::task::spawn_blocking(move || inherited.confirm()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the replaced agent did not hear it was taken over; it goes on accepting until it is stopped")
+            }
+            Err(e) => tracing::warn!(error = %e, "handover confirmation task failed"),
+        }
+    }
+    let giver = socket.and_then(|path| {
+        handover::Giver::bind(&path)
+            .map_err(|e| tracing::error!(socket = %path.display(), error = %e, "no handover socket: the next upgrade starts cold"))
+            .ok()
+    });
+    let Some(giver) = giver else {
+        shutdown_signal().await;
+        return Stopped::Signal;
+    };
+    let (cache, metrics) = (state.cache.clone(), state.metrics.clone());
+    tokio::select! {
+        _ = shutdown_signal() => Stopped::Signal,
+        _ = giver.serve(offered, cache, metrics) => Stopped::HandedOver,
+    }
+}
+
+/// After a handover: waits for SIGTERM or SIGINT holding nothing (no socket, no
+/// credentials). Exiting by itself would get the container restarted, and the restarted
+/// agent would take everything back.
+pub fn idle_until_stopped() {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime starts")
+        .block_on(shutdown_signal());
 }
 
 /// Every `interval`, removes the kernel connect budgets of pods that are gone.
@@ -198,8 +320,10 @@ fn bind_admin(
     addr: SocketAddr,
     backlog: u32,
     what: &str,
+    inherited: &mut server::listen::Inherited,
 ) -> anyhow::Result<tokio::net::TcpListener> {
-    server::listen::bind(addr, backlog)
+    inherited
+        .open(addr, backlog)
         .with_context(|| format!("cannot listen on {addr} for {what}"))
 }
 

@@ -13,7 +13,17 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::SUCCESS
         }
         Command::Server(args) => match agent::config::ServerConfig::try_from(*args) {
-            Ok(config) => run(agent::run_server(config)),
+            Ok(config) => {
+                let runtime = runtime();
+                let outcome = runtime.block_on(agent::run_server(config));
+                if matches!(outcome, Ok(agent::Stopped::HandedOver)) {
+                    // Everything this agent still ran (refreshes, pre-warm, sweeps) ends with
+                    // its runtime: it calls nobody while it waits to be stopped.
+                    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+                    agent::idle_until_stopped();
+                }
+                exit_code(outcome.map(drop))
+            }
             Err(e) => {
                 // As clap does for a bad value: the message, and exit 2.
                 eprintln!("eks-pod-identity-agent: {e}");
@@ -25,12 +35,19 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(task: impl std::future::Future<Output = anyhow::Result<()>>) -> std::process::ExitCode {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .expect("tokio runtime starts");
-    match runtime.block_on(task) {
+        .expect("tokio runtime starts")
+}
+
+fn run(task: impl std::future::Future<Output = anyhow::Result<()>>) -> std::process::ExitCode {
+    exit_code(runtime().block_on(task))
+}
+
+fn exit_code(outcome: anyhow::Result<()>) -> std::process::ExitCode {
+    match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             let message = agent::report(&e);

@@ -159,6 +159,16 @@ pub struct PodLabel {
     pub pod: String,
 }
 
+/// `direction` and `outcome` labels of a handover.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandoverLabels {
+    /// `taken` (this agent took over) or `given` (it handed over).
+    pub direction: &'static str,
+    /// `ok`, `none` (nobody to take from), `refused` (peer or directory not root's) or
+    /// `failed` (broken or timed out).
+    pub outcome: &'static str,
+}
+
 /// Every metric the agent exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -210,6 +220,10 @@ pub struct Metrics {
     pub ebpf_pod_budgets: Gauge<u64, AtomicU64>,
     /// Connects the kernel refused per pod over its connect budget (read at scrape time).
     pub pod_connects_refused: Family<PodLabel, Gauge<u64, AtomicU64>>,
+    /// Handovers between an agent and the one replacing it, by direction and outcome.
+    pub handovers: Family<HandoverLabels, Counter>,
+    /// Cache entries this agent adopted from the agent it replaced.
+    pub handover_entries: Counter,
     hot: Hot,
 }
 
@@ -290,6 +304,22 @@ impl Default for Metrics {
         let upstream_calls = Family::default();
         let upstream_inflight = Gauge::default();
         let prewarmed = Counter::default();
+        let handovers = Family::default();
+        let handover_entries = Counter::default();
+        register(
+            &mut registry,
+            &mut names,
+            "pod_identity_handovers",
+            "Handovers of the listeners and the cache between an agent and the one replacing it",
+            handovers.clone(),
+        );
+        register(
+            &mut registry,
+            &mut names,
+            "pod_identity_handover_entries",
+            "Cache entries adopted from the agent this one replaced",
+            handover_entries.clone(),
+        );
         let prewarm_first_hits = Counter::default();
         register(
             &mut registry,
@@ -452,6 +482,8 @@ impl Default for Metrics {
             ebpf_tuples,
             ebpf_pod_budgets,
             pod_connects_refused,
+            handovers,
+            handover_entries,
             hot: Hot::default(),
             http_response,
             cache_state,

@@ -108,6 +108,7 @@ impl Agent {
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .envs(aws_env(fake))
             .env("POD_IDENTITY_BPFFS_DIR", sandbox.bpf_dir())
+            .env("POD_IDENTITY_HANDOVER_SOCKET", sandbox.handover_socket())
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)

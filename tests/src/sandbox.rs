@@ -166,6 +166,12 @@ impl Sandbox {
         PathBuf::from("/sys/fs/bpf").join(&self.name)
     }
 
+    /// The handover socket the sandbox's agents pass their listeners and cache through (in
+    /// a directory of the sandbox's own: each sandbox is a node).
+    pub fn handover_socket(&self) -> PathBuf {
+        self.dir.join("run/eks-pod-identity-agent/handover.sock")
+    }
+
     /// The sandbox's kubelet root directory (`--prewarm` reads pods' tokens below it).
     pub fn kubelet_root(&self) -> PathBuf {
         self.dir.join("kubelet")

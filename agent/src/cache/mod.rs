@@ -7,6 +7,7 @@
 //! clock) is turned into an `Instant` once, when credentials arrive.
 
 mod fetch;
+mod handover;
 mod prewarm;
 mod schedule;
 mod sweep;
@@ -29,6 +30,7 @@ use crate::metrics::{
 };
 use crate::upstream::pacing::{self, jittered, Pacer};
 use crate::upstream::{Fetcher, UpstreamError};
+pub use handover::{CredentialsSnapshot, EntrySnapshot};
 use schedule::Queue;
 
 /// What identifies a cache entry.

@@ -563,3 +563,72 @@ async fn a_pod_can_start_only_its_budget_of_eks_auth_calls() {
     let _ = c.get(with_subject(pod("a"), "t", "again")).await;
     assert_eq!(up.calls(), burst as usize + 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_handed_over_cache_serves_holds_and_renews_as_the_old_one_would() {
+    let (old_up, old) = bounded(10);
+    let held = |ns: &str| Lookup {
+        subject: Some(Arc::new(Subject {
+            namespace: ns.into(),
+            service_account: "reader".into(),
+        })),
+        ..lookup(pod("a"), "tok-a")
+    };
+    let a = old.get(held("app")).await.unwrap();
+    let b = old
+        .get(lookup(Key::for_token("node"), "node"))
+        .await
+        .unwrap();
+    old_up.set(Behaviour::Fail(not_found()));
+    assert!(old.get(lookup(pod("c"), "tok-c")).await.is_err());
+    assert_eq!(old_up.calls(), 3);
+    tokio::time::sleep(10 * MIN).await;
+
+    let snapshot = old.export();
+    assert_eq!(
+        snapshot.len(),
+        2,
+        "an error is not handed over: {snapshot:?}"
+    );
+    assert!(
+        !format!("{snapshot:?}").contains("tok-a"),
+        "Debug shows no token"
+    );
+    let (new_up, new) = bounded(10);
+    assert_eq!(new.import(snapshot.clone()), 2);
+    assert_eq!(new.import(snapshot), 0, "entries it has are not replaced");
+    // Served from memory, to the same pod only, by key.
+    assert_eq!(new.get(held("app")).await.unwrap(), a);
+    assert!(matches!(
+        new.get(held("other")).await,
+        Err(CacheError::SubjectChanged { .. })
+    ));
+    assert_eq!(
+        new.get(lookup(Key::for_token("node"), "node"))
+            .await
+            .unwrap(),
+        b
+    );
+    assert_eq!(new_up.calls(), 0);
+    // Renewed ahead of expiry, with the handed token. (The paused clock moves the new
+    // cache's instants, not the wall clock that dates expirations: expiry looks 60 min away.)
+    tokio::time::sleep(26 * MIN).await;
+    assert_eq!(new_up.calls(), 0);
+    tokio::time::sleep(5 * MIN).await;
+    assert_eq!(new_up.calls(), 2);
+    assert!(new_up.tokens.lock().unwrap().contains(&"tok-a".to_owned()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_import_keeps_the_bound_and_skips_what_cannot_be_served() {
+    let (_, old) = bounded(10);
+    for uid in ["a", "b", "c"] {
+        old.get(lookup(pod(uid), uid)).await.unwrap();
+    }
+    let mut snapshot = old.export();
+    // Credentials too close to expiry are not served, so not adopted.
+    snapshot[0].creds.expiration_epoch_secs = crate::token::epoch_secs() as u64 + 60;
+    let (_, small) = bounded(1);
+    assert_eq!(small.import(snapshot), 1);
+    assert_eq!(small.len(), 1);
+}

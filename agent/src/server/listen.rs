@@ -24,13 +24,46 @@ pub fn backlog(flag: Option<u32>) -> u32 {
     })
 }
 
-/// Binds `addr` (address reuse on, as `TcpListener::bind` does) and listens with `backlog`.
+/// Binds `addr` and listens with `backlog`. Address reuse on, as `TcpListener::bind` does,
+/// and port reuse: an agent starting beside one that hangs (its handover timed out) binds
+/// the same ports, as the DaemonSet's surge update needs.
 pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
     socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
     socket.bind(addr)?;
     socket.listen(backlog)
+}
+
+/// Listening sockets handed over by the agent this one replaces, by address.
+#[derive(Debug, Default)]
+pub struct Inherited(Vec<(SocketAddr, std::net::TcpListener)>);
+
+impl Inherited {
+    /// Sockets to use before binding new ones.
+    pub fn new(sockets: Vec<(SocketAddr, std::net::TcpListener)>) -> Self {
+        Self(sockets)
+    }
+
+    /// The inherited socket on `addr` with its queue resized to `backlog`, else a new one.
+    /// The accept queue comes with it: connections waiting there are served, not reset.
+    pub fn open(&mut self, addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+        let Some(at) = self.0.iter().position(|(a, _)| *a == addr) else {
+            return bind(addr, backlog);
+        };
+        let (_, listener) = self.0.swap_remove(at);
+        let backlog = nix::sys::socket::Backlog::new(backlog.min(i32::MAX as u32) as i32)
+            .unwrap_or(nix::sys::socket::Backlog::MAXALLOWABLE);
+        nix::sys::socket::listen(&listener, backlog)?;
+        listener.set_nonblocking(true)?;
+        TcpListener::from_std(listener)
+    }
+
+    /// Addresses handed over that this agent does not listen on (its flags changed).
+    pub fn unused(&self) -> Vec<SocketAddr> {
+        self.0.iter().map(|(a, _)| *a).collect()
+    }
 }

@@ -92,14 +92,19 @@ pub enum ServeError {
     NoListener,
 }
 
-/// Binds one listener per host on `port`, each with an accept queue of `backlog`. IPv6 that
-/// the node does not have is skipped with a warning (the reference agent crash-loops there);
-/// IPv4 failures are fatal.
-pub fn bind_all(hosts: &[IpAddr], port: u16, backlog: u32) -> Result<Vec<Bound>, ServeError> {
+/// One listener per host on `port`, each with an accept queue of `backlog`: the one
+/// `inherited` holds for it, else a new one. IPv6 that the node does not have is skipped
+/// with a warning (the reference agent crash-loops there); IPv4 failures are fatal.
+pub fn bind_all(
+    hosts: &[IpAddr],
+    port: u16,
+    backlog: u32,
+    inherited: &mut listen::Inherited,
+) -> Result<Vec<Bound>, ServeError> {
     let mut bound = Vec::new();
     for &host in hosts {
         let addr = SocketAddr::new(host, port);
-        match listen::bind(addr, backlog) {
+        match inherited.open(addr, backlog) {
             Ok(listener) => bound.push(Bound { listener }),
             Err(source) if host.is_ipv6() && ipv6_unavailable(&source) => {
                 tracing::warn!(%host, error = %source, "IPv6 credential address unavailable on this node; serving without it");
@@ -121,16 +126,16 @@ fn ipv6_unavailable(e: &io::Error) -> bool {
 }
 
 /// Serves `listeners` (and the probe and metrics listeners) until `shutdown` resolves, then
-/// drains in-flight requests. `fds` is the process's descriptor limit: the credential
-/// listeners' connection cap keeps some of it in reserve.
-pub async fn serve(
+/// drains in-flight requests; returns what `shutdown` said. `fds` is the process's
+/// descriptor limit: the credential listeners' connection cap keeps some of it in reserve.
+pub async fn serve<T>(
     state: Arc<State>,
     fds: usize,
     listeners: Vec<Bound>,
     probe_listener: TcpListener,
     metrics_listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) {
+    shutdown: impl Future<Output = T>,
+) -> T {
     // Known label values are exported from the start (at 0): a dashboard or a test can tell
     // "none yet" from "not exported".
     for listener in ["attributed", "plain"] {
@@ -170,7 +175,7 @@ pub async fn serve(
     }
     state.ready.store(true, Ordering::SeqCst);
 
-    shutdown.await;
+    let stopped = shutdown.await;
     state.ready.store(false, Ordering::SeqCst);
     tracing::info!("shutting down: no longer accepting, draining in-flight requests");
     let _ = stop_tx.send(true);
@@ -186,6 +191,7 @@ pub async fn serve(
     {
         tracing::warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}");
     }
+    stopped
 }
 
 async fn accept_loop(
