@@ -238,8 +238,18 @@ async fn take_over(
         return (None, "off");
     };
     let shown = path.display().to_string();
+    tracing::debug!(
+        socket = shown,
+        "asking the agent serving this node to hand over"
+    );
     match tokio::task::spawn_blocking(move || handover::take(&path)).await {
-        Ok(Ok(Some(inherited))) => (Some(inherited), "ok"),
+        Ok(Ok(Some(inherited))) => match &inherited.cache_lost {
+            None => (Some(inherited), "ok"),
+            Some(e) => {
+                tracing::warn!(socket = shown, error = %e, "took the listeners but not the cache of the agent serving this node; starting with an empty cache");
+                (Some(inherited), "listeners_only")
+            }
+        },
         Ok(Ok(None)) => (None, "none"),
         Ok(Err(e)) => {
             tracing::warn!(socket = shown, error = %e, "could not take over from the agent serving this node; starting cold beside it");

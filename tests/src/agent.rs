@@ -12,6 +12,8 @@ use crate::sandbox::Sandbox;
 
 /// The cluster name the sandbox agent serves.
 pub const CLUSTER: &str = "sandbox-cluster";
+/// The line an agent logs once it serves.
+pub const STARTED: &str = "eks-pod-identity-agent started";
 /// The probe port used in the sandbox.
 pub const PROBE_PORT: u16 = 2703;
 
@@ -55,6 +57,23 @@ impl Agent {
     /// `--cgroup-root`, EKS Auth pointed at `fake`, and `extra` arguments; waits until
     /// `/readyz` answers 200.
     pub fn start(sandbox: &Sandbox, fake: &FakeEksAuth, extra: &[&str]) -> Result<Self> {
+        let mut agent = Self::launch_server(sandbox, fake, extra)?;
+        agent.wait_ready(sandbox, Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    /// Starts a second agent as [`Agent::start`] does while another serves (an upgrade):
+    /// `/readyz` would be answered by either, so this waits for the new agent's own start
+    /// line instead.
+    pub fn start_beside(sandbox: &Sandbox, fake: &FakeEksAuth, extra: &[&str]) -> Result<Self> {
+        let mut agent = Self::launch_server(sandbox, fake, extra)?;
+        agent.wait_log(STARTED, Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    /// Spawns `server` with the sandbox's cluster, pods cgroup and debug logs, plus `extra`;
+    /// does not wait.
+    pub fn launch_server(sandbox: &Sandbox, fake: &FakeEksAuth, extra: &[&str]) -> Result<Self> {
         let root = sandbox.cgroups().pods_root().display().to_string();
         let mut args = vec![
             "server",
@@ -66,9 +85,7 @@ impl Agent {
             &root,
         ];
         args.extend_from_slice(extra);
-        let mut agent = Self::launch(sandbox, fake, &args, &[])?;
-        agent.wait_ready(sandbox, Duration::from_secs(20))?;
-        Ok(agent)
+        Self::launch(sandbox, fake, &args, &[])
     }
 
     /// Spawns the agent in the node namespace with exactly `args`, the sandbox's AWS
@@ -153,6 +170,36 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits until the agent's log holds `text`, failing if it exits first or `limit` passes.
+    pub fn wait_log(&mut self, text: &str, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.log_text().contains(text) {
+                return Ok(());
+            }
+            if let Some(status) = self.child.as_mut().expect("running").try_wait()? {
+                bail!(
+                    "agent exited ({status}) before logging {text:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "agent did not log {text:?} within {limit:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            // Fine-grained: an upgrade test times a kill from a log line.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Sends `signal` to the agent (it stays this handle's to stop or drop).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.pid() as i32, signal) };
     }
 
     /// Everything the agent logged so far.

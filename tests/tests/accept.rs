@@ -81,10 +81,7 @@ fn a_connect_burst_during_an_accept_stall_is_queued_without_overflow_or_retransm
     let agent = Agent::start(&sb, &fake, &["-v", "info", "--pod-connect-rate", "0"])?;
     let pod_ns = sb.pods()[pod].netns.as_ref().context("pod netns")?;
     let (node_before, pod_before) = (sb.node().counters()?, pod_ns.counters()?);
-    let signal = |sig| {
-        // SAFETY: kill(2) of the agent this test started.
-        unsafe { libc::kill(agent.pid() as i32, sig) }
-    };
+    let signal = |sig| agent.signal(sig);
     signal(libc::SIGSTOP);
     let burst = sb
         .pod_command(pod, 0, helper_bin("connect-bench")?)?

@@ -407,8 +407,7 @@ fn kill_9_under_load_recovers_fast_and_never_serves_a_wrong_identity() -> Result
         &[("LOAD_EXPECT", marker.as_str())],
     )?;
     std::thread::sleep(Duration::from_millis(300));
-    // SAFETY: killing our own child.
-    unsafe { libc::kill(first.pid() as i32, libc::SIGKILL) };
+    first.signal(libc::SIGKILL);
     drop(first);
     let down = Instant::now();
     let second = Agent::start(&sb, &fake, tests::fixtures::UNLIMITED)?;

@@ -163,7 +163,7 @@ fn cargo_test(name: &str, args: &[&str], env: &[(&str, &str)], tally: &mut Tally
 
 /// The harness's own unit tests and the end-to-end test binaries of the `tests` crate (the
 /// leak check runs after them).
-const E2E_SUITES: [&str; 27] = [
+const E2E_SUITES: [&str; 29] = [
     "-p",
     "tests",
     "--lib",
@@ -191,6 +191,8 @@ const E2E_SUITES: [&str; 27] = [
     "realnode",
     "--test",
     "adversary",
+    "--test",
+    "upgrade",
 ];
 
 /// The full suite, as CI runs it.

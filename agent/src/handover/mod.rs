@@ -292,4 +292,44 @@ mod tests {
         assert!(!path.exists(), "the socket goes with its agent");
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn an_old_agent_dying_after_passing_the_sockets_leaves_them_and_their_queue_to_the_new_one() {
+        let dir = scratch("dying");
+        prepare_dir(&dir).unwrap();
+        let path = dir.join("handover.sock");
+        let unix = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let _waiting = std::net::TcpStream::connect(addr).unwrap();
+        // The old agent: offers, passes the sockets, and dies before the cache.
+        let old = std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let (mut stream, _) = unix.accept().unwrap();
+            let _: Hello = wire::read_frame(&mut stream).unwrap();
+            let offer = Offer {
+                version: VERSION,
+                pid: std::process::id(),
+                listeners: vec![addr],
+            };
+            wire::write_frame(&mut stream, &offer).unwrap();
+            wire::send_fds(&stream, &[tcp.as_raw_fd()]).unwrap();
+        });
+        let inherited = take(&path).unwrap().expect("the sockets came");
+        old.join().unwrap();
+        assert!(
+            matches!(inherited.cache_lost, Some(HandoverError::Io { .. })),
+            "{:?}",
+            inherited.cache_lost
+        );
+        assert!(inherited.entries.is_empty());
+        let (_, taken) = &inherited.listeners[0];
+        let (_, peer) = taken.accept().unwrap();
+        assert_eq!(
+            peer.ip(),
+            addr.ip(),
+            "the queued connection survived its agent"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

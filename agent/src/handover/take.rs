@@ -26,6 +26,9 @@ pub struct Inherited {
     pub listeners: Vec<(SocketAddr, TcpListener)>,
     /// Its cache entries.
     pub entries: Vec<EntrySnapshot>,
+    /// Why the cache did not come (the old agent died after passing the sockets); the
+    /// sockets are kept all the same: closing them would reset their queued connections.
+    pub cache_lost: Option<HandoverError>,
 }
 
 impl Inherited {
@@ -91,14 +94,19 @@ pub fn take(path: &Path) -> Result<Option<Inherited>, HandoverError> {
         .zip(fds)
         .map(|(addr, fd)| listening(addr, fd))
         .collect::<Result<Vec<_>, _>>()?;
-    arm(&stream, deadline).map_err(io_err)?;
-    let entries: Vec<EntrySnapshot> = read_frame(&mut stream).map_err(io_err)?;
+    let entries =
+        arm(&stream, deadline).and_then(|()| read_frame::<Vec<EntrySnapshot>>(&mut stream));
+    let (entries, cache_lost) = match entries {
+        Ok(entries) => (entries, None),
+        Err(e) => (Vec::new(), Some(io_err(e))),
+    };
     Ok(Some(Inherited {
         stream,
         path: path.to_path_buf(),
         from_pid,
         listeners,
         entries,
+        cache_lost,
     }))
 }
 
