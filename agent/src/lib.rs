@@ -297,15 +297,25 @@ async fn stop_or_hand_over(
     }
 }
 
-/// After a handover: waits for SIGTERM or SIGINT holding nothing (no socket, no
-/// credentials). Exiting by itself would get the container restarted, and the restarted
-/// agent would take everything back.
-pub fn idle_until_stopped() {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime starts")
-        .block_on(shutdown_signal());
+/// SIGTERM and SIGINT, recorded from the moment this is made until [`StopSignals::wait`]:
+/// one that comes while an agent that handed over shuts its runtime down is not lost.
+pub struct StopSignals(signal_hook::iterator::Signals);
+
+impl StopSignals {
+    /// Starts recording SIGTERM and SIGINT (alongside the runtime's own handlers).
+    pub fn record() -> std::io::Result<Self> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map(Self)
+    }
+
+    /// After a handover: waits for SIGTERM or SIGINT (or returns at once if one came
+    /// already), holding nothing (no socket, no credentials). Exiting by itself would get
+    /// the container restarted, and the restarted agent would take everything back.
+    pub fn wait(mut self) {
+        if let Some(signal) = self.0.forever().next() {
+            tracing::info!(signal, "stop signal received after the handover");
+        }
+    }
 }
 
 /// Every `interval`, removes the kernel connect budgets of pods that are gone.

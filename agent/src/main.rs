@@ -14,13 +14,22 @@ fn main() -> std::process::ExitCode {
         }
         Command::Server(args) => match agent::config::ServerConfig::try_from(*args) {
             Ok(config) => {
+                // Before the runtime's own handlers: a stop signal that comes while the
+                // runtime shuts down after a handover must still end the process.
+                let signals = match agent::StopSignals::record() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("eks-pod-identity-agent: cannot handle SIGTERM: {e}");
+                        return std::process::ExitCode::FAILURE;
+                    }
+                };
                 let runtime = runtime();
                 let outcome = runtime.block_on(agent::run_server(config));
                 if matches!(outcome, Ok(agent::Stopped::HandedOver)) {
                     // Everything this agent still ran (refreshes, pre-warm, sweeps) ends with
                     // its runtime: it calls nobody while it waits to be stopped.
                     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-                    agent::idle_until_stopped();
+                    signals.wait();
                 }
                 exit_code(outcome.map(drop))
             }

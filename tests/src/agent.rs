@@ -247,7 +247,12 @@ impl Agent {
 
     /// SIGTERM, then wait (at most 10 s) for the exit status.
     pub fn stop(mut self) -> Result<ExitStatus> {
-        let mut child = self.child.take().expect("running");
+        self.terminate()
+    }
+
+    /// As [`Agent::stop`], keeping the handle (and its log) for a look afterwards.
+    pub fn terminate(&mut self) -> Result<ExitStatus> {
+        let mut child = self.child.take().context("the agent was stopped already")?;
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -5,7 +5,8 @@
 //!
 //! The manifest's host paths are the node's; on this shared machine each maps to the run's own
 //! equivalent ([`host_path`]): the cgroup tree to the run's cgroup subtree, bpffs to the run's
-//! pin directory, the kubelet's pods directory to the run's.
+//! pin directory, the kubelet's pods directory and the handover socket's directory to the
+//! run's.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -45,6 +46,8 @@ pub fn manifest() -> Result<Value> {
 pub struct AgentPod {
     /// Pod UID.
     pub uid: String,
+    /// Which of the run's agent pods this is (1: the first; a surge adds one).
+    pub revision: usize,
     /// CRI sandbox id.
     pub sandbox_id: String,
     /// The running agent container.
@@ -72,6 +75,13 @@ pub fn host_path(node: &RealNode, path: &str) -> Result<PathBuf> {
             dir
         }
         "/var/lib/kubelet/pods" => node.kubelet_root().join("pods"),
+        // As the kubelet makes a DirectoryOrCreate path: 0755 (the agent narrows it).
+        "/run/eks-pod-identity-agent" => {
+            let dir = node.handover_socket();
+            let dir = dir.parent().context("handover socket has a directory")?;
+            std::fs::create_dir_all(dir)?;
+            dir.to_path_buf()
+        }
         other => bail!("the manifest mounts host path {other}, which this harness does not map"),
     })
 }
@@ -254,22 +264,54 @@ impl RealNode {
     /// make it), the init container to completion, then the agent container. `env` overrides
     /// the manifest's environment (the cluster name, the sandbox's AWS settings).
     pub fn run_agent(&mut self, ds: &Value, env: &[(&str, &str)]) -> Result<AgentPod> {
+        // A node the agent never ran on has no credential link: the init container makes it
+        // (and refuses to route the addresses through another link).
+        if ds["spec"]["template"]["spec"]["hostNetwork"].as_bool() == Some(true) {
+            self.node()
+                .ip(&["link", "del", crate::sandbox::CREDENTIAL_LINK])?;
+        }
+        self.start_agent_pod(ds, env, 1)
+    }
+
+    /// What a DaemonSet surge does on a node: the new revision's pod (init container, then
+    /// the agent) starts while `old` still runs.
+    pub fn surge_agent(
+        &self,
+        ds: &Value,
+        env: &[(&str, &str)],
+        old: &AgentPod,
+    ) -> Result<AgentPod> {
+        let pod = self.start_agent_pod(ds, env, old.revision + 1)?;
+        anyhow::ensure!(pod.uid != old.uid);
+        Ok(pod)
+    }
+
+    /// What the kubelet does to a deleted pod: SIGTERM its container (grace `grace_secs`),
+    /// then removes it and its sandbox. The container's exit code.
+    pub fn delete_agent(&self, pod: AgentPod, grace_secs: i64) -> Result<i32> {
+        self.stop_container(&pod.container_id, grace_secs)?;
+        let code = self.wait_exited(&pod.container_id, Duration::from_secs(5))?;
+        self.remove_container_only(&pod.container_id)?;
+        self.remove_sandbox(&pod.sandbox_id)?;
+        Ok(code)
+    }
+
+    fn start_agent_pod(
+        &self,
+        ds: &Value,
+        env: &[(&str, &str)],
+        revision: usize,
+    ) -> Result<AgentPod> {
         crate::teardown::check_not_stopping()?;
         let spec = &ds["spec"]["template"]["spec"];
         let host_network = spec["hostNetwork"].as_bool() == Some(true);
         // HostToContainer needs the source on a shared mount, as the kubelet's is on a node.
         std::fs::create_dir_all(self.kubelet_root().join("pods"))?;
         self.make_shared(&self.kubelet_root())?;
-        // A node the agent never ran on has no credential link: the init container makes it
-        // (and refuses to route the addresses through another link).
-        if host_network {
-            self.node()
-                .ip(&["link", "del", crate::sandbox::CREDENTIAL_LINK])?;
-        }
-        let uid = crate::sandbox::uuid_like(&format!("{}-agent", self.name()), 1);
+        let uid = crate::sandbox::uuid_like(&format!("{}-agent", self.name()), revision);
         let config = cri::PodSandboxConfig {
             metadata: Some(cri::PodSandboxMetadata {
-                name: "eks-pod-identity-agent-node".into(),
+                name: format!("eks-pod-identity-agent-{revision}"),
                 uid: uid.clone(),
                 namespace: ds["metadata"]["namespace"]
                     .as_str()
@@ -315,6 +357,7 @@ impl RealNode {
         let container_id = self.create_and_start(&sandbox_id, &config, container.clone())?;
         Ok(AgentPod {
             uid,
+            revision,
             sandbox_id,
             container_id,
             init_exit_code,

@@ -137,6 +137,48 @@ fn the_manifests_capabilities_are_enough_and_each_is_needed() -> Result<()> {
 }
 
 #[test]
+fn the_daemonset_surges_and_declares_nothing_that_would_keep_the_surge_pod_off_the_node(
+) -> Result<()> {
+    let ds = daemonset()?;
+    let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!(rolling["maxSurge"], 1, "{rolling}");
+    assert_eq!(rolling["maxUnavailable"], 0, "{rolling}");
+    let spec = &ds["spec"]["template"]["spec"];
+    assert_eq!(spec["hostNetwork"], true);
+    // On a hostNetwork pod a declared port becomes a host port (API defaulting), and the
+    // scheduler's NodePorts filter refuses a second pod holding it on the node.
+    for list in ["initContainers", "containers"] {
+        for c in spec[list].as_array().into_iter().flatten() {
+            assert!(c.get("ports").is_none(), "{} declares ports", c["name"]);
+            for probe in ["livenessProbe", "readinessProbe"] {
+                if let Some(p) = c.get(probe) {
+                    assert!(p["httpGet"]["port"].is_u64(), "{probe} names a port: {p}");
+                }
+            }
+        }
+    }
+    // Both agents of a node meet at the handover socket's directory, the agent's default.
+    let dir = std::path::Path::new(agent::handover::DEFAULT_SOCKET)
+        .parent()
+        .context("socket dir")?;
+    let agent = &spec["containers"][0];
+    let mount = agent["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["mountPath"] == dir.display().to_string())
+        .context("no mount at the handover socket's directory")?;
+    let volume = spec["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == mount["name"])
+        .context("the handover mount has no volume")?;
+    assert_eq!(volume["hostPath"]["path"], dir.display().to_string());
+    Ok(())
+}
+
+#[test]
 fn the_init_container_needs_only_net_admin() -> Result<()> {
     let ds = daemonset()?;
     let (args, caps) = container(&ds, true, CLUSTER);

@@ -446,3 +446,119 @@ fn a_root_container_nesting_a_cgroup_named_after_another_pod_is_still_its_own_po
     assert!(out.stderr.contains("Operation not permitted"), "{out:?}");
     Ok(())
 }
+
+#[test]
+fn a_surge_rollout_hands_over_under_load_and_the_old_pod_leaves_clean() -> Result<()> {
+    use tests::daemonset::manifest;
+    let (mut node, fake) = real_node()?;
+    let pod = node.run_pod("app", "reader", 1, false)?;
+    node.import_agent_image(&tests::agent::agent_bin()?)?;
+    let env: Vec<(&str, String)> = tests::agent::aws_env(&fake)
+        .into_iter()
+        .chain([("CLUSTER_NAME", tests::agent::CLUSTER.to_owned())])
+        .collect();
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    // The load below opens ~700 connections a second, over the default connect budget: lift
+    // the budgets, so that a refusal can only come from the rollout.
+    env.extend([
+        ("POD_IDENTITY_POD_CONNECT_RATE", "0"),
+        ("POD_IDENTITY_POD_REQUEST_RATE", "0"),
+    ]);
+    let ds = manifest()?;
+    let old = node.run_agent(&ds, &env)?;
+    wait_ready(&node, &old)?;
+    let (status, body) = curl_in(&node, pod, 0, None)?;
+    assert_eq!(status, 200, "{body}");
+    let calls = fake.calls();
+    let pods_root = node.cgroups().pods_root().to_path_buf();
+    let (_, links_before) = tests::fixtures::attachment(&pods_root)?;
+
+    // The app's own load client in its container, a new connection per request, paced to
+    // span the rollout; a 200 without the pod's name in the session token is a wrong answer.
+    let expect = format!("LOAD_EXPECT=.{}.", node.pods()[pod].name);
+    let token = format!("{TOKEN_MOUNT}/{TOKEN_FILE_NAME}");
+    let load_bin = bin("load")?;
+    let load_cmd = [
+        "env",
+        "LOAD_INTERVAL_MS=4",
+        &expect,
+        &load_bin,
+        "169.254.170.23:80",
+        "169.254.170.23",
+        &token,
+        "3000",
+        "4",
+    ];
+    let node_ref = &node;
+    let (load, new, rollout) = std::thread::scope(|s| -> Result<_> {
+        let load = s.spawn(|| node_ref.exec(pod, 0, &load_cmd, Duration::from_secs(120)));
+        std::thread::sleep(Duration::from_millis(300));
+        let began = std::time::Instant::now();
+        // As the DaemonSet controller and the kubelet do with maxSurge 1: the new pod
+        // starts beside the old; once it is ready, the old pod is deleted.
+        let new = node_ref.surge_agent(&ds, &env, &old)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !node_ref
+            .pod_logs(&new.uid)
+            .contains("took over the listeners and the cache")
+        {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the new agent did not take over: {}",
+                node_ref.pod_logs(&new.uid)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        wait_ready(node_ref, &new)?;
+        anyhow::ensure!(!load.is_finished(), "the load ended before the rollout did");
+        let old_uid = old.uid.clone();
+        let stopping = std::time::Instant::now();
+        let code = node_ref.delete_agent(old, 30)?;
+        anyhow::ensure!(
+            code == 0,
+            "the old agent exited {code} after {:?}: {}",
+            stopping.elapsed(),
+            node_ref.pod_logs(&old_uid)
+        );
+        let rollout = began.elapsed();
+        let load = load.join().expect("load thread")?;
+        Ok((load, new, rollout))
+    })?;
+    anyhow::ensure!(load.code == 0, "load: {load:?}");
+    let load: tests::clients::LoadResult = serde_json::from_str(load.stdout.trim())?;
+    eprintln!("surge rollout (new pod started → old pod removed) {rollout:?}; load {load:?}");
+    assert_eq!(
+        load.count(200),
+        3000,
+        "{load:?}\nnew agent: {}",
+        node.pod_logs(&new.uid)
+    );
+    assert_eq!(
+        (load.refused, load.broken, load.errors),
+        (0, 0, 0),
+        "{load:?}"
+    );
+    assert_eq!(
+        fake.calls(),
+        calls,
+        "the cache came along: no EKS Auth call"
+    );
+    let (_, links_after) = tests::fixtures::attachment(&pods_root)?;
+    assert_eq!(
+        links_after, links_before,
+        "the same links, updated in place"
+    );
+    let text = scrape(&node)?;
+    assert_eq!(
+        metric(
+            &text,
+            "pod_identity_handovers_total{direction=\"taken\",outcome=\"ok\"}"
+        )?,
+        1,
+        "{text}"
+    );
+    let (status, body) = curl_in(&node, pod, 0, None)?;
+    assert_eq!(status, 200, "{body}");
+    drop(new);
+    Ok(())
+}

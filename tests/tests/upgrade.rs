@@ -68,7 +68,10 @@ fn an_upgrade_under_load_refuses_nothing_breaks_nothing_and_calls_eks_auth_never
     let a = sb.add_pod(PodSpec::new("app", "reader"))?;
     let b = sb.add_pod(PodSpec::new("app", "reader"))?;
     let root = sb.cgroups().pods_root().to_path_buf();
-    let old = Agent::start(&sb, &fake, UNLIMITED)?;
+    // As the DaemonSet runs it: with pre-warm.
+    let kubelet = sb.kubelet_root().display().to_string();
+    let args = [UNLIMITED, &["--prewarm", &kubelet]].concat();
+    let old = Agent::start(&sb, &fake, &args)?;
     each_pod_gets_its_own(&sb, &[a, b])?;
     let calls = fake.calls();
     let (progs_before, links_before) = attachment(&root)?;
@@ -93,7 +96,7 @@ fn an_upgrade_under_load_refuses_nothing_breaks_nothing_and_calls_eks_auth_never
         .collect::<Result<Vec<_>>>()?;
     std::thread::sleep(Duration::from_millis(300));
     let upgrade = Instant::now();
-    let mut new = Agent::start_beside(&sb, &fake, UNLIMITED)?;
+    let mut new = Agent::start_beside(&sb, &fake, &args)?;
     new.wait_log(
         "took over the listeners and the cache",
         Duration::from_secs(1),
@@ -109,7 +112,16 @@ fn an_upgrade_under_load_refuses_nothing_breaks_nothing_and_calls_eks_auth_never
         );
     }
     // As the kubelet does once the new pod is ready.
-    assert!(old.stop()?.success(), "the old agent exits 0 on SIGTERM");
+    assert!(
+        old.terminate()?.success(),
+        "the old agent exits 0 on SIGTERM"
+    );
+    assert!(
+        old.log_text()
+            .contains("stop signal received after the handover"),
+        "{}",
+        old.log_text()
+    );
     for load in loads {
         let load = load_result(load)?;
         eprintln!("handover after {handed_over:?}; load {load:?}");

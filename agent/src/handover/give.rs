@@ -162,12 +162,8 @@ fn give(
     write_frame(&mut stream, &entries).map_err(io_err)?;
     arm(&stream, Instant::now() + CONFIRM_TIMEOUT).map_err(io_err)?;
     let taken: Taken = read_frame(&mut stream).map_err(io_err)?;
-    if taken.pid as i32 != pid {
-        tracing::debug!(
-            said = taken.pid,
-            peer = pid,
-            "the new agent named another pid than its socket's (a pid namespace apart)"
-        );
-    }
+    // SO_PEERCRED gives 0 for a process in another pid namespace (another container):
+    // then the pid it names itself is the one to log.
+    let pid = if pid == 0 { taken.pid as i32 } else { pid };
     Ok((pid, entries.len()))
 }
