@@ -102,6 +102,13 @@ fn node(driver: Driver, pods: usize) -> Result<(Sandbox, FakeEksAuth)> {
 /// The agent as an operator runs it (info logs), with no per-pod budgets (most cases load one
 /// pod) unless `extra` sets them.
 fn agent(sb: &Sandbox, fake: &FakeEksAuth, extra: &[&str]) -> Result<Agent> {
+    let mut a = launch_agent(sb, fake, extra)?;
+    a.wait_ready(sb, Duration::from_secs(20))?;
+    Ok(a)
+}
+
+/// As [`agent`], without waiting.
+fn launch_agent(sb: &Sandbox, fake: &FakeEksAuth, extra: &[&str]) -> Result<Agent> {
     let root = sb.cgroups().pods_root().display().to_string();
     let mut args = vec![
         "server",
@@ -119,9 +126,7 @@ fn agent(sb: &Sandbox, fake: &FakeEksAuth, extra: &[&str]) -> Result<Agent> {
         }
     }
     args.extend_from_slice(extra);
-    let mut a = Agent::launch(sb, fake, &args, &[])?;
-    a.wait_ready(sb, Duration::from_secs(20))?;
-    Ok(a)
+    Agent::launch(sb, fake, &args, &[])
 }
 
 /// Runs the load client (new connections, or as `env` says) from pod `pod` and waits for it
@@ -769,7 +774,7 @@ type Case = (
 );
 
 /// The cases and their budgets (together well under five minutes).
-const CASES: [Case; 7] = [
+const CASES: [Case; 8] = [
     (
         "1. warm request vs bare hyper",
         Duration::from_secs(50),
@@ -801,7 +806,220 @@ const CASES: [Case; 7] = [
         Duration::from_secs(45),
         fairness,
     ),
+    (
+        "8. upgrade under steady load",
+        Duration::from_secs(75),
+        upgrade,
+    ),
 ];
+
+/// One request of a traced load: (start, µs since the epoch; latency µs; outcome).
+type Traced = (u128, u64, String);
+
+/// What one run of case 8 measured: its trace, and the window (µs since the epoch) of the
+/// upgrade or restart inside it.
+struct Window {
+    trace: Vec<Traced>,
+    /// When the load started.
+    began: u128,
+    from: u128,
+    to: u128,
+}
+
+impl Window {
+    /// Requests that started inside the window (and up to 100 ms after: the last of them
+    /// still wait on the new agent).
+    fn inside(&self) -> impl Iterator<Item = &Traced> {
+        let to = self.to + 100_000;
+        self.trace
+            .iter()
+            .filter(move |(at, _, _)| (self.from..=to).contains(at))
+    }
+
+    fn p99_us(&self) -> f64 {
+        let mut l: Vec<u64> = self
+            .inside()
+            .filter(|(_, _, o)| o == "ok")
+            .map(|(_, us, _)| *us)
+            .collect();
+        l.sort_unstable();
+        l.get((l.len() * 99 / 100).min(l.len().saturating_sub(1)))
+            .map_or(f64::NAN, |v| *v as f64)
+    }
+
+    fn failed(&self, outcome: &str) -> usize {
+        self.trace.iter().filter(|(_, _, o)| o == outcome).count()
+    }
+}
+
+fn now_us() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros())
+}
+
+/// How case 8 changes the agent while the load runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Change {
+    /// Nothing: the baseline, its window at the upgrade's offsets.
+    Steady,
+    /// The new agent starts beside the old and takes over; then the old one is stopped.
+    Upgrade,
+    /// Stop, then start: how upgrades went before the handover.
+    Restart,
+}
+
+/// One run of case 8: a paced load on new connections from one pod, and `change` 1 s into it.
+fn upgrade_run(
+    sb: &Sandbox,
+    fake: &FakeEksAuth,
+    deadline: &Deadline,
+    change: Change,
+    offsets: Option<(u128, u128)>,
+) -> Result<Window> {
+    let old = agent(sb, fake, &[])?;
+    ensure!(curl(sb, 0, 0, credentials_url(false), &[])?.status == 200);
+    let trace_file = sb.dir().join(format!("trace-{}", tests::names::unique()));
+    let trace_env = trace_file.display().to_string();
+    let began = now_us();
+    let child = spawn_load_with(
+        sb,
+        0,
+        0,
+        "169.254.170.23:80",
+        "/v1/credentials",
+        5000,
+        4,
+        &[("LOAD_INTERVAL_MS", "2"), ("LOAD_TRACE", &trace_env)],
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    let from = now_us();
+    let serving = match change {
+        Change::Steady => {
+            let (a, b) = offsets.context("the steady run takes the upgrade's window")?;
+            std::thread::sleep(Duration::from_micros((b - a) as u64));
+            old
+        }
+        Change::Upgrade => {
+            let mut old = old;
+            let mut new = launch_agent(sb, fake, &[])?;
+            new.wait_log(tests::agent::STARTED, Duration::from_secs(20))?;
+            old.wait_log("handed over: idle until stopped", Duration::from_secs(20))?;
+            ensure!(
+                old.terminate()?.success(),
+                "the old agent failed at SIGTERM"
+            );
+            new
+        }
+        Change::Restart => {
+            ensure!(old.stop()?.success(), "the agent failed at SIGTERM");
+            agent(sb, fake, &[])?
+        }
+    };
+    let to = now_us();
+    let out = deadline.wait(child)?;
+    ensure!(out.status.success(), "load failed");
+    let result: LoadResult = serde_json::from_slice(&out.stdout)?;
+    ensure!(
+        result.statuses.keys().all(|s| s == "200"),
+        "answers other than 200: {result:?}"
+    );
+    drop(serving);
+    let trace = std::fs::read_to_string(&trace_file)?
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            Some((
+                f.next()?.parse().ok()?,
+                f.next()?.parse().ok()?,
+                f.next()?.to_owned(),
+            ))
+        })
+        .collect();
+    let _ = std::fs::remove_file(&trace_file);
+    let (from, to) = match (change, offsets) {
+        (Change::Steady, Some((a, b))) => (began + a, began + b),
+        _ => (from, to),
+    };
+    Ok(Window {
+        trace,
+        began,
+        from,
+        to,
+    })
+}
+
+/// Case 8: an upgrade (handover) under a steady load of new connections, against the same
+/// load with no upgrade and with a stop-then-start restart: refused and broken connections,
+/// and the p99 of the requests that started during the change.
+fn upgrade(report: &mut Report, deadline: &Deadline) -> Result<()> {
+    let (sb, fake) = node(Driver::Cgroupfs, 1)?;
+    let (rounds, done) = deadline.rounds(ROUNDS, || {
+        let upgraded = upgrade_run(&sb, &fake, deadline, Change::Upgrade, None)?;
+        let restarted = upgrade_run(&sb, &fake, deadline, Change::Restart, None)?;
+        // The steady run's window: the upgrade's, at the same offset from its load's start.
+        let offsets = (upgraded.from - upgraded.began, upgraded.to - upgraded.began);
+        let steady = upgrade_run(&sb, &fake, deadline, Change::Steady, Some(offsets))?;
+        Ok([upgraded, restarted, steady])
+    })?;
+    if rounds.is_empty() {
+        return finished(false, deadline);
+    }
+    let case = format!("8. upgrade under load{}", partial(rounds.len(), done));
+    let of =
+        |i: usize, f: &dyn Fn(&Window) -> f64| median(rounds.iter().map(|r| f(&r[i])).collect());
+    for (i, name) in [(0, "upgrade (handover)"), (1, "restart (stop, start)")] {
+        let (refused, broken) = (
+            of(i, &|w| w.failed("refused") as f64),
+            of(i, &|w| w.failed("broken") as f64),
+        );
+        let window = of(i, &|w| (w.to - w.from) as f64 / 1000.0);
+        report.note(
+            &case,
+            &format!("{name}: refused / broken connections, change took"),
+            format!("{refused} / {broken}, {window:.0} ms"),
+        );
+    }
+    let (upgrade_refused, upgrade_broken) = (
+        rounds
+            .iter()
+            .map(|r| r[0].failed("refused"))
+            .max()
+            .unwrap_or(0),
+        rounds
+            .iter()
+            .map(|r| r[0].failed("broken"))
+            .max()
+            .unwrap_or(0),
+    );
+    let worst = upgrade_refused + upgrade_broken;
+    report.note(
+        &case,
+        "refused + broken, worst upgrade (target 0)",
+        format!("{worst} ({})", if worst == 0 { "met" } else { "missed" }),
+    );
+    let (u, s) = (of(0, &Window::p99_us), of(2, &Window::p99_us));
+    report.row(
+        &case,
+        "p99 µs during the upgrade vs steady",
+        u,
+        s,
+        u / s,
+        "<= 2.0",
+        u / s <= 2.0,
+    );
+    let r = of(1, &Window::p99_us);
+    report.row(
+        &case,
+        "p99 µs during a restart vs steady",
+        r,
+        s,
+        r / s,
+        "(info)",
+        true,
+    );
+    finished(done, deadline)
+}
 
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")

@@ -13,6 +13,8 @@
 //! - `LOAD_EXPECT=TEXT`: a 200 whose body lacks TEXT is counted as status 299 (wrong answer).
 //! - `LOAD_INTERVAL_MS=N`: each worker waits N ms after each request (a quiet, paced caller).
 //! - `LOAD_SECONDS=N`: stop after N s instead of 120 s.
+//! - `LOAD_TRACE=FILE`: also write one line per request to FILE: its start (µs since the
+//!   Unix epoch), its latency (µs) and how it ended (`ok`, `refused`, `broken`).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -38,6 +40,8 @@ struct Tally {
     broken: u64,
     retries: u64,
     latencies: Vec<u64>,
+    /// (start µs since the epoch, latency µs, outcome), with `LOAD_TRACE`.
+    trace: Vec<(u128, u64, &'static str)>,
 }
 
 struct Options {
@@ -47,6 +51,7 @@ struct Options {
     retries: u32,
     expect: Option<String>,
     interval: Duration,
+    trace: bool,
 }
 
 fn main() {
@@ -81,6 +86,7 @@ fn main() {
         retries: env_number("LOAD_RETRIES").unwrap_or(0) as u32,
         expect: std::env::var("LOAD_EXPECT").ok(),
         interval: Duration::from_millis(env_number("LOAD_INTERVAL_MS").unwrap_or(0)),
+        trace: std::env::var_os("LOAD_TRACE").is_some(),
     });
     let count: usize = count.parse().expect("COUNT");
     let concurrency: usize = concurrency.parse().expect("CONCURRENCY");
@@ -102,6 +108,14 @@ fn main() {
         .expect("workers done")
         .into_inner()
         .unwrap();
+    if let Some(file) = std::env::var_os("LOAD_TRACE") {
+        let lines: String = t
+            .trace
+            .iter()
+            .map(|(at, us, outcome)| format!("{at} {us} {outcome}\n"))
+            .collect();
+        std::fs::write(file, lines).expect("LOAD_TRACE file");
+    }
     t.latencies.sort_unstable();
     let pct = |p: f64| {
         let i = ((t.latencies.len() as f64 * p) as usize).min(t.latencies.len().saturating_sub(1));
@@ -137,6 +151,9 @@ fn worker(o: &Options, next: &AtomicUsize, count: usize, deadline: Instant, tall
         }
         let request = &o.requests[i % o.requests.len()];
         let started = Instant::now();
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros());
         let mut attempt = 0;
         let result = loop {
             let r = if o.keepalive {
@@ -154,6 +171,14 @@ fn worker(o: &Options, next: &AtomicUsize, count: usize, deadline: Instant, tall
         };
         let micros = started.elapsed().as_micros() as u64;
         let mut t = tally.lock().unwrap();
+        if o.trace {
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(Failure::Refused(_)) => "refused",
+                Err(Failure::Broken) => "broken",
+            };
+            t.trace.push((wall, micros, outcome));
+        }
         match result {
             Ok((status, body)) => {
                 let wrong = status == 200 && o.expect.as_deref().is_some_and(|e| !body.contains(e));
