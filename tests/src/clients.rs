@@ -195,6 +195,11 @@ impl LoadResult {
     pub fn count(&self, status: u16) -> u64 {
         self.statuses.get(&status.to_string()).copied().unwrap_or(0)
     }
+
+    /// Whether all `requests` were answered 200, none refused, none broken.
+    pub fn all_answered(&self, requests: u64) -> bool {
+        self.count(200) == requests && (self.refused, self.broken, self.errors) == (0, 0, 0)
+    }
 }
 
 /// Starts `count` requests for `path` (new connection each, `concurrency` at a time) from

@@ -527,16 +527,10 @@ fn a_surge_rollout_hands_over_under_load_and_the_old_pod_leaves_clean() -> Resul
     anyhow::ensure!(load.code == 0, "load: {load:?}");
     let load: tests::clients::LoadResult = serde_json::from_str(load.stdout.trim())?;
     eprintln!("surge rollout (new pod started → old pod removed) {rollout:?}; load {load:?}");
-    assert_eq!(
-        load.count(200),
-        3000,
+    assert!(
+        load.all_answered(3000),
         "{load:?}\nnew agent: {}",
         node.pod_logs(&new.uid)
-    );
-    assert_eq!(
-        (load.refused, load.broken, load.errors),
-        (0, 0, 0),
-        "{load:?}"
     );
     assert_eq!(
         fake.calls(),

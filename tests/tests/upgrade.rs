@@ -102,7 +102,10 @@ fn an_upgrade_under_load_refuses_nothing_breaks_nothing_and_calls_eks_auth_never
         Duration::from_secs(1),
     )?;
     let mut old = old;
-    old.wait_log("handed over: idle until stopped", Duration::from_secs(20))?;
+    old.wait_log(
+        "handed the listeners and the cache over",
+        Duration::from_secs(20),
+    )?;
     let handed_over = upgrade.elapsed();
     let mut loads = loads;
     for load in &mut loads {
@@ -111,7 +114,9 @@ fn an_upgrade_under_load_refuses_nothing_breaks_nothing_and_calls_eks_auth_never
             "the load ended before the upgrade did ({handed_over:?}): it proves nothing"
         );
     }
-    // As the kubelet does once the new pod is ready.
+    // As the kubelet does once the new pod is ready: at once, while the old agent still
+    // drains and switches to idling (a SIGTERM then was lost once; the real-node surge test
+    // found it).
     assert!(
         old.terminate()?.success(),
         "the old agent exits 0 on SIGTERM"
@@ -125,12 +130,7 @@ fn an_upgrade_under_load_refuses_nothing_breaks_nothing_and_calls_eks_auth_never
     for load in loads {
         let load = load_result(load)?;
         eprintln!("handover after {handed_over:?}; load {load:?}");
-        assert_eq!(load.count(200), 3000, "{load:?}");
-        assert_eq!(
-            (load.refused, load.broken, load.errors),
-            (0, 0, 0),
-            "{load:?}"
-        );
+        assert!(load.all_answered(3000), "{load:?}");
     }
     assert_eq!(
         fake.calls(),
