@@ -13,6 +13,10 @@ COPY . .
 RUN cargo xtask setup --toolchain-only \
  && cargo xtask build \
  && cargo build --release -p tests --bin fake-eks-auth
+# Ship the binary without its debug info (symbols kept); the debug file stays in this stage.
+RUN cd target/release \
+ && objcopy --only-keep-debug eks-pod-identity-agent eks-pod-identity-agent.debug \
+ && objcopy --strip-debug --add-gnu-debuglink=eks-pod-identity-agent.debug eks-pod-identity-agent
 
 # Runtime: glibc and nothing else; no shell. Runs as root so the capabilities the DaemonSet
 # grants (BPF, NET_ADMIN, NET_BIND_SERVICE) are effective.

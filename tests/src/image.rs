@@ -95,8 +95,45 @@ pub fn agent_files(agent: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
     Ok(files)
 }
 
+/// The name of the debug-info file kept beside the image (the shipped binary names it in its
+/// `.gnu_debuglink`, so `gdb` and `perf` find it when it is put beside the binary).
+pub const DEBUG_FILE: &str = "eks-pod-identity-agent.debug";
+
+/// Splits the debug info out of `agent` into `dir`: the binary to ship (symbols kept, debug
+/// sections gone, a `.gnu_debuglink` to the other) and [`DEBUG_FILE`]. Returns both paths.
+pub fn split_debug(agent: &Path, dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir)?;
+    let (shipped, debug) = (dir.join("eks-pod-identity-agent"), dir.join(DEBUG_FILE));
+    let objcopy = |args: &[&std::ffi::OsStr]| -> Result<()> {
+        let out = Command::new("objcopy")
+            .args(args)
+            .output()
+            .context("objcopy (binutils)")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "objcopy: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    objcopy(&[
+        "--only-keep-debug".as_ref(),
+        agent.as_os_str(),
+        debug.as_os_str(),
+    ])?;
+    let link = format!("--add-gnu-debuglink={}", debug.display());
+    objcopy(&[
+        "--strip-debug".as_ref(),
+        link.as_ref(),
+        agent.as_os_str(),
+        shipped.as_os_str(),
+    ])?;
+    Ok((shipped, debug))
+}
+
 /// Builds the agent's image (tag `tag`) from the release binary `agent` in `work`; returns
-/// the OCI archive.
+/// the OCI archive. The image ships the binary without its debug info, which stays beside
+/// the archive as [`DEBUG_FILE`].
 pub fn agent_image(agent: &Path, work: &Path, tag: &str) -> Result<PathBuf> {
     let files = agent_files(agent)?;
     let mut config = vec![
@@ -112,7 +149,13 @@ pub fn agent_image(agent: &Path, work: &Path, tag: &str) -> Result<PathBuf> {
         work,
         tag,
         &|root| {
+            let (shipped, _) = split_debug(agent, work)?;
             for (source, at) in &files {
+                let source = if at == Path::new(AGENT_PATH) {
+                    &shipped
+                } else {
+                    source
+                };
                 install(root, source, at)?;
             }
             Ok(())

@@ -304,6 +304,11 @@ fn dockerfile_agent_stage() -> Result<(String, String, Vec<String>, Vec<String>)
 fn the_image_xtask_builds_ships_what_the_dockerfile_ships() -> Result<()> {
     use tests::image::{agent_files, agent_image, AGENT_CMD, AGENT_ENTRYPOINT, AGENT_PATH};
     let (base, copy, entrypoint, cmd) = dockerfile_agent_stage()?;
+    let dockerfile = std::fs::read_to_string(repo("Dockerfile"))?;
+    assert!(
+        dockerfile.contains("objcopy --strip-debug"),
+        "the Dockerfile ships the binary with its debug info"
+    );
     assert_eq!(copy, AGENT_PATH);
     assert_eq!(entrypoint, AGENT_ENTRYPOINT);
     assert_eq!(cmd, AGENT_CMD);
@@ -371,10 +376,28 @@ fn the_image_xtask_builds_ships_what_the_dockerfile_ships() -> Result<()> {
             args,
             [AGENT_ENTRYPOINT.as_slice(), AGENT_CMD.as_slice()].concat()
         );
-        // The binary in the image is the one built, byte for byte.
-        assert_eq!(
-            std::fs::read(rootfs.join(&AGENT_PATH[1..]))?,
-            std::fs::read(&agent)?
+        // The binary in the image is the one built less its debug info, which is kept
+        // beside the archive; it still runs, and names its debug file.
+        let shipped = rootfs.join(&AGENT_PATH[1..]);
+        let debug = tar.with_file_name(tests::image::DEBUG_FILE);
+        let sections = |file: &std::path::Path| -> Result<String> {
+            let out = Command::new("readelf").arg("-S").arg(file).output()?;
+            Ok(String::from_utf8(out.stdout)?)
+        };
+        let (ours, kept) = (sections(&shipped)?, sections(&debug)?);
+        assert!(!ours.contains(".debug_info"), "{ours}");
+        assert!(ours.contains(".gnu_debuglink") && ours.contains(".symtab"));
+        assert!(kept.contains(".debug_info"), "{kept}");
+        let (size, built) = (
+            std::fs::metadata(&shipped)?.len(),
+            std::fs::metadata(&agent)?.len(),
+        );
+        eprintln!("shipped binary {size} bytes, built {built} bytes");
+        assert!(size < built, "{size} >= {built}");
+        let version = Command::new(&shipped).arg("version").output()?;
+        assert!(
+            String::from_utf8_lossy(&version.stdout).starts_with("eks-pod-identity-agent "),
+            "{version:?}"
         );
         Ok(())
     })();

@@ -20,6 +20,12 @@ fn main() -> Result<()> {
     for (source, at) in tests::image::agent_files(&agent)? {
         eprintln!("  {} <- {}", at.display(), source.display());
     }
+    let size = std::fs::metadata(&tar)?.len();
+    eprintln!(
+        "  image archive {:.1} MiB (layers gzip-compressed); debug info kept in {}",
+        size as f64 / (1 << 20) as f64,
+        tar.with_file_name(tests::image::DEBUG_FILE).display()
+    );
     println!("{}", tar.display());
     Ok(())
 }
