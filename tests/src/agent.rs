@@ -45,6 +45,16 @@ pub fn agent_bin() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Settings a slow machine passes to every agent it starts (the kernel matrix's VMs run
+/// under TCG, many times slower: a first request may outlast the default response deadline):
+/// `POD_IDENTITY_RESPONSE_DEADLINE` from the test's own environment. A test's own settings
+/// still win.
+fn slow_machine_env() -> impl Iterator<Item = (&'static str, String)> {
+    ["POD_IDENTITY_RESPONSE_DEADLINE"]
+        .into_iter()
+        .filter_map(|k| Some((k, std::env::var(k).ok()?)))
+}
+
 /// A running agent; killed on drop.
 #[derive(Debug)]
 pub struct Agent {
@@ -126,6 +136,7 @@ impl Agent {
             .envs(aws_env(fake))
             .env("POD_IDENTITY_BPFFS_DIR", sandbox.bpf_dir())
             .env("POD_IDENTITY_HANDOVER_SOCKET", sandbox.handover_socket())
+            .envs(slow_machine_env())
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
