@@ -62,6 +62,12 @@ pub enum Stopped {
 /// Runs `server` until SIGTERM or SIGINT, or until an agent replacing it has taken over.
 pub async fn run_server(config: ServerConfig) -> anyhow::Result<Stopped> {
     let args = &config.flags;
+    // First of all: during a surge the kubelet's readiness probe of this pod may be answered
+    // by the agent serving (both use the probe port), and the old pod is then deleted; once
+    // this agent has asked, a SIGTERM to the old one no longer loses the sockets (it finishes
+    // the exchange it is in). The old agent goes on accepting until this one confirms.
+    let handover = (!args.no_handover).then(|| args.handover_socket.clone());
+    let (inherited, taken) = take_over(handover.clone()).await;
     let eks = EksAuth::from_env(EksAuthOptions {
         cluster_name: args.cluster_name.clone(),
         endpoint: args.endpoint.clone(),
@@ -106,8 +112,6 @@ pub async fn run_server(config: ServerConfig) -> anyhow::Result<Stopped> {
         .map(|s| Arc::new(Resolver::new(s.cgroup())));
     let backlog = server::listen::backlog(args.listen_backlog);
     let fds = server::limits::raise_fd_limit();
-    let handover = (!args.no_handover).then(|| args.handover_socket.clone());
-    let (inherited, taken) = take_over(handover.clone()).await;
     let (mut sockets, entries, confirm) = match inherited {
         Some(mut i) => (
             server::listen::Inherited::new(std::mem::take(&mut i.listeners)),
@@ -292,8 +296,16 @@ async fn stop_or_hand_over(
     };
     let (cache, metrics) = (state.cache.clone(), state.metrics.clone());
     tokio::select! {
-        _ = shutdown_signal() => Stopped::Signal,
-        _ = giver.serve(offered, cache, metrics) => Stopped::HandedOver,
+        _ = shutdown_signal() => {
+            // An agent already knocking is given the sockets first: during a surge, its pod
+            // may be why this one is stopped.
+            if giver.serve_waiting(offered, cache, metrics).await {
+                Stopped::HandedOver
+            } else {
+                Stopped::Signal
+            }
+        }
+        _ = giver.serve(offered.clone(), cache.clone(), metrics.clone()) => Stopped::HandedOver,
     }
 }
 

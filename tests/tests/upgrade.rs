@@ -158,6 +158,54 @@ fn an_upgrade_under_load_refuses_nothing_breaks_nothing_and_calls_eks_auth_never
     Ok(())
 }
 
+/// During a surge the kubelet's readiness probe of the new pod can be answered by the old
+/// agent (they share the probe port), and the old pod is then stopped at once: a SIGTERM that
+/// comes as the new agent knocks must still hand the sockets over.
+#[test]
+fn a_stop_that_comes_as_the_new_agent_knocks_still_hands_over() -> Result<()> {
+    let (mut sb, fake) = node(Driver::Systemd)?;
+    let a = sb.add_pod(PodSpec::new("app", "reader"))?;
+    let mut old = Agent::start(&sb, &fake, UNLIMITED)?;
+    each_pod_gets_its_own(&sb, &[a])?;
+    let calls = fake.calls();
+    let expect = marker(&sb, a);
+    let load = spawn_load_with(
+        &sb,
+        a,
+        0,
+        "169.254.170.23:80",
+        "/v1/credentials",
+        2000,
+        4,
+        &[("LOAD_EXPECT", &expect), ("LOAD_INTERVAL_MS", "4")],
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    let mut new = Agent::launch_server(&sb, &fake, UNLIMITED)?;
+    new.wait_log(
+        "connected to the agent serving this node",
+        Duration::from_secs(15),
+    )?;
+    assert!(old.terminate()?.success(), "{}", old.log_text());
+    new.wait_log(STARTED, Duration::from_secs(15))?;
+    assert!(
+        old.log_text()
+            .contains("handed the listeners and the cache over"),
+        "{}",
+        old.log_text()
+    );
+    let load = load_result(load)?;
+    eprintln!("stopped as the new agent knocked; load {load:?}");
+    assert!(load.all_answered(2000), "{load:?}");
+    assert_eq!(
+        fake.calls(),
+        calls,
+        "the cache came along: no EKS Auth call"
+    );
+    assert_eq!(handovers(&scrape(&sb)?, "taken", "ok"), 1);
+    drop(new);
+    Ok(())
+}
+
 #[test]
 fn an_old_agent_killed_mid_handover_leaves_the_new_one_serving_the_right_pods() -> Result<()> {
     let (mut sb, fake) = node(Driver::Systemd)?;

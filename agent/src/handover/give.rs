@@ -22,7 +22,10 @@ pub struct Giver {
     path: PathBuf,
     inode: u64,
     /// Set once handed over: the socket file is the new agent's to replace.
-    handed_over: std::sync::atomic::AtomicBool,
+    handed_over: Arc<std::sync::atomic::AtomicBool>,
+    /// Held by the exchange in progress (released when its blocking part ends, even if the
+    /// future that awaited it was dropped at a stop).
+    exchange: Arc<tokio::sync::Semaphore>,
 }
 
 impl Giver {
@@ -55,6 +58,7 @@ impl Giver {
             path: path.to_path_buf(),
             inode,
             handed_over: Default::default(),
+            exchange: Arc::new(tokio::sync::Semaphore::new(1)),
         })
     }
 
@@ -76,16 +80,60 @@ impl Giver {
                     continue;
                 }
             };
-            let (offered, cache, path) = (sockets.clone(), cache.clone(), self.path.clone());
-            let given = tokio::task::spawn_blocking(move || {
-                let stream = stream.into_std().map_err(|source| HandoverError::Io {
-                    path: path.clone(),
-                    source,
-                })?;
-                give(stream, &path, &offered, &cache)
-            })
-            .await
-            .unwrap_or_else(|e| Err(HandoverError::Protocol(format!("handover task: {e}"))));
+            let stream = match stream.into_std() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "handover socket: a connection unusable");
+                    continue;
+                }
+            };
+            if let Some(pid) = self.answer(stream, &sockets, &cache, &metrics).await {
+                return pid;
+            }
+        }
+    }
+
+    /// At a stop: lets the exchange in progress end, then answers the agents already waiting
+    /// on the socket (a surge's new agent whose pod the kubelet saw ready, which is why this
+    /// one is stopped). Whether one took over.
+    pub async fn serve_waiting(
+        &self,
+        sockets: Arc<[(SocketAddr, OwnedFd)]>,
+        cache: Arc<Cache>,
+        metrics: Arc<Metrics>,
+    ) -> bool {
+        drop(self.exchange.acquire().await);
+        if self.handed_over.load(std::sync::atomic::Ordering::SeqCst) {
+            return true;
+        }
+        use std::os::fd::AsFd as _;
+        while let Some(fd) = crate::server::listen::waiting(self.listener.as_fd()) {
+            let stream = UnixStream::from(fd);
+            if self
+                .answer(stream, &sockets, &cache, &metrics)
+                .await
+                .is_some()
+            {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// One exchange, counted and logged; the new agent's pid if it took over.
+    async fn answer(
+        &self,
+        stream: UnixStream,
+        sockets: &Arc<[(SocketAddr, OwnedFd)]>,
+        cache: &Arc<Cache>,
+        metrics: &Arc<Metrics>,
+    ) -> Option<i32> {
+        let permit = self.exchange.clone().acquire_owned().await.ok()?;
+        let (offered, cache, path) = (sockets.clone(), cache.clone(), self.path.clone());
+        let (metrics, handed_over) = (metrics.clone(), self.handed_over.clone());
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let given = give(stream, &path, &offered, &cache);
             let outcome = match &given {
                 Ok(_) => "ok",
                 Err(e) => e.label(),
@@ -99,21 +147,24 @@ impl Giver {
                 .inc();
             match given {
                 Ok((pid, entries)) => {
-                    self.handed_over
-                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                    handed_over.store(true, std::sync::atomic::Ordering::SeqCst);
                     tracing::info!(
                         to_pid = pid,
-                        listeners = sockets.len(),
+                        listeners = offered.len(),
                         entries,
                         "handed the listeners and the cache over; no longer accepting"
                     );
-                    return pid;
+                    Some(pid)
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "a handover did not complete; still serving")
+                    tracing::warn!(error = %e, "a handover did not complete; still serving");
+                    None
                 }
             }
-        }
+        })
+        .await
+        .ok()
+        .flatten()
     }
 }
 

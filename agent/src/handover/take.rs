@@ -69,6 +69,7 @@ pub fn take(path: &Path) -> Result<Option<Inherited>, HandoverError> {
         }
         Err(e) => return Err(io_err(e)),
     };
+    tracing::debug!("connected to the agent serving this node");
     let from_pid = peer_pid(&stream)?;
     arm(&stream, deadline).map_err(io_err)?;
     write_frame(

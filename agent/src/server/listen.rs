@@ -67,3 +67,18 @@ impl Inherited {
         self.0.iter().map(|(a, _)| *a).collect()
     }
 }
+
+/// A connection already waiting in the queue of listening socket `fd`, taken without waiting
+/// for the reactor to report it: at a stop, the reactor may not have seen the last arrivals
+/// yet, and whatever is left in a queue is reset when the listener closes.
+pub(crate) fn waiting(fd: std::os::fd::BorrowedFd<'_>) -> Option<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{accept4, SockFlag};
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    let accepted = accept4(
+        fd.as_raw_fd(),
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+    )
+    .ok()?;
+    // SAFETY: accept4 just returned this descriptor; nothing else owns it.
+    Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(accepted) })
+}

@@ -239,9 +239,13 @@ pub(crate) async fn accept_until(
     loop {
         tokio::select! {
             _ = stop.changed() => {
-                while let Ok(Ok((stream, peer))) =
-                    tokio::time::timeout(Duration::ZERO, listener.accept()).await
-                {
+                use std::os::fd::AsFd as _;
+                while let Some(fd) = listen::waiting(listener.as_fd()) {
+                    let stream = std::net::TcpStream::from(fd);
+                    let (Ok(peer), Ok(stream)) = (stream.peer_addr(), TcpStream::from_std(stream))
+                    else {
+                        continue;
+                    };
                     dispatch(stream, peer);
                 }
                 return;
