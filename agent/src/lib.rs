@@ -294,18 +294,22 @@ async fn stop_or_hand_over(
         shutdown_signal().await;
         return Stopped::Signal;
     };
-    let (cache, metrics) = (state.cache.clone(), state.metrics.clone());
+    let offering = handover::Offering {
+        sockets: offered,
+        cache: state.cache.clone(),
+        metrics: state.metrics.clone(),
+    };
     tokio::select! {
         _ = shutdown_signal() => {
             // An agent already knocking is given the sockets first: during a surge, its pod
             // may be why this one is stopped.
-            if giver.serve_waiting(offered, cache, metrics).await {
+            if giver.serve_waiting(&offering).await {
                 Stopped::HandedOver
             } else {
                 Stopped::Signal
             }
         }
-        _ = giver.serve(offered.clone(), cache.clone(), metrics.clone()) => Stopped::HandedOver,
+        _ = giver.serve(&offering) => Stopped::HandedOver,
     }
 }
 

@@ -227,6 +227,14 @@ fn a_restarted_container_is_served_from_the_cache_and_a_removed_pod_is_evicted()
     Ok(())
 }
 
+/// The environment the DaemonSet's pods get here: the sandbox's AWS settings and the cluster.
+fn daemonset_env(fake: &FakeEksAuth) -> Vec<(&'static str, String)> {
+    tests::agent::aws_env(fake)
+        .into_iter()
+        .chain([("CLUSTER_NAME", tests::agent::CLUSTER.to_owned())])
+        .collect()
+}
+
 /// Waits (like the kubelet's readiness probe) until the agent answers `/readyz` with 200.
 fn wait_ready(node: &RealNode, agent: &tests::daemonset::AgentPod) -> Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -263,10 +271,7 @@ fn the_agent_runs_from_its_image_as_the_daemonset_says_and_survives_a_restart() 
     std::os::unix::fs::chown(token, Some(1000), Some(1000))?;
     std::fs::set_permissions(token, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     node.import_agent_image(&tests::agent::agent_bin()?)?;
-    let env: Vec<(&str, String)> = tests::agent::aws_env(&fake)
-        .into_iter()
-        .chain([("CLUSTER_NAME", tests::agent::CLUSTER.to_owned())])
-        .collect();
+    let env = daemonset_env(&fake);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut agent = node.run_agent(&manifest()?, &env)?;
     assert_eq!(agent.init_exit_code, 0);
@@ -453,10 +458,7 @@ fn a_surge_rollout_hands_over_under_load_and_the_old_pod_leaves_clean() -> Resul
     let (mut node, fake) = real_node()?;
     let pod = node.run_pod("app", "reader", 1, false)?;
     node.import_agent_image(&tests::agent::agent_bin()?)?;
-    let env: Vec<(&str, String)> = tests::agent::aws_env(&fake)
-        .into_iter()
-        .chain([("CLUSTER_NAME", tests::agent::CLUSTER.to_owned())])
-        .collect();
+    let env = daemonset_env(&fake);
     let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     // The load below opens ~700 connections a second, over the default connect budget: lift
     // the budgets, so that a refusal can only come from the rollout.

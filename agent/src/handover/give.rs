@@ -14,6 +14,18 @@ use super::*;
 use crate::cache::Cache;
 use crate::metrics::{HandoverLabels, Metrics};
 
+/// What a serving agent hands over: copies of its listeners' descriptors, its cache, and the
+/// metrics that count the handovers.
+#[derive(Clone)]
+pub struct Offering {
+    /// The listeners, by local address.
+    pub sockets: Arc<[(SocketAddr, OwnedFd)]>,
+    /// The credential cache.
+    pub cache: Arc<Cache>,
+    /// Where handovers are counted.
+    pub metrics: Arc<Metrics>,
+}
+
 /// The handover socket of a serving agent. Dropped, it removes the socket file, unless a
 /// newer agent has put its own there.
 #[derive(Debug)]
@@ -63,14 +75,8 @@ impl Giver {
     }
 
     /// Answers agents asking to take over, one at a time, until one has: returns its pid.
-    /// `sockets` are this agent's listeners (copies of their descriptors). A failed attempt
-    /// changes nothing here: this agent goes on serving.
-    pub async fn serve(
-        &self,
-        sockets: Arc<[(SocketAddr, OwnedFd)]>,
-        cache: Arc<Cache>,
-        metrics: Arc<Metrics>,
-    ) -> i32 {
+    /// A failed attempt changes nothing here: this agent goes on serving.
+    pub async fn serve(&self, offering: &Offering) -> i32 {
         loop {
             let stream = match self.listener.accept().await {
                 Ok((stream, _)) => stream,
@@ -87,7 +93,7 @@ impl Giver {
                     continue;
                 }
             };
-            if let Some(pid) = self.answer(stream, &sockets, &cache, &metrics).await {
+            if let Some(pid) = self.answer(stream, offering).await {
                 return pid;
             }
         }
@@ -96,12 +102,7 @@ impl Giver {
     /// At a stop: lets the exchange in progress end, then answers the agents already waiting
     /// on the socket (a surge's new agent whose pod the kubelet saw ready, which is why this
     /// one is stopped). Whether one took over.
-    pub async fn serve_waiting(
-        &self,
-        sockets: Arc<[(SocketAddr, OwnedFd)]>,
-        cache: Arc<Cache>,
-        metrics: Arc<Metrics>,
-    ) -> bool {
+    pub async fn serve_waiting(&self, offering: &Offering) -> bool {
         drop(self.exchange.acquire().await);
         if self.handed_over.load(std::sync::atomic::Ordering::SeqCst) {
             return true;
@@ -109,11 +110,7 @@ impl Giver {
         use std::os::fd::AsFd as _;
         while let Some(fd) = crate::server::listen::waiting(self.listener.as_fd()) {
             let stream = UnixStream::from(fd);
-            if self
-                .answer(stream, &sockets, &cache, &metrics)
-                .await
-                .is_some()
-            {
+            if self.answer(stream, offering).await.is_some() {
                 return true;
             }
         }
@@ -121,16 +118,14 @@ impl Giver {
     }
 
     /// One exchange, counted and logged; the new agent's pid if it took over.
-    async fn answer(
-        &self,
-        stream: UnixStream,
-        sockets: &Arc<[(SocketAddr, OwnedFd)]>,
-        cache: &Arc<Cache>,
-        metrics: &Arc<Metrics>,
-    ) -> Option<i32> {
+    async fn answer(&self, stream: UnixStream, offering: &Offering) -> Option<i32> {
         let permit = self.exchange.clone().acquire_owned().await.ok()?;
-        let (offered, cache, path) = (sockets.clone(), cache.clone(), self.path.clone());
-        let (metrics, handed_over) = (metrics.clone(), self.handed_over.clone());
+        let Offering {
+            sockets: offered,
+            cache,
+            metrics,
+        } = offering.clone();
+        let (path, handed_over) = (self.path.clone(), self.handed_over.clone());
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let given = give(stream, &path, &offered, &cache);
@@ -213,8 +208,5 @@ fn give(
     write_frame(&mut stream, &entries).map_err(io_err)?;
     arm(&stream, Instant::now() + CONFIRM_TIMEOUT).map_err(io_err)?;
     let taken: Taken = read_frame(&mut stream).map_err(io_err)?;
-    // SO_PEERCRED gives 0 for a process in another pid namespace (another container):
-    // then the pid it names itself is the one to log.
-    let pid = if pid == 0 { taken.pid as i32 } else { pid };
-    Ok((pid, entries.len()))
+    Ok((shown_pid(pid, taken.pid), entries.len()))
 }

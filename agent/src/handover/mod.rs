@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use give::Giver;
+pub use give::{Giver, Offering};
 pub use take::{take, Inherited};
 
 /// Where `server` listens for the agent that replaces it (a directory only root can enter).
@@ -178,6 +178,16 @@ fn peer_pid(stream: &UnixStream) -> Result<i32, HandoverError> {
     Ok(cred.pid())
 }
 
+/// The pid to log for the peer: the kernel's (`SO_PEERCRED`), or the one the peer names when
+/// the kernel gives 0 (the peer is in another pid namespace: another container).
+fn shown_pid(peer: i32, named: u32) -> i32 {
+    if peer == 0 {
+        named as i32
+    } else {
+        peer
+    }
+}
+
 /// Sets both timeouts of `stream` to what is left until `deadline` (an error once it passed).
 fn arm(stream: &UnixStream, deadline: std::time::Instant) -> io::Result<()> {
     let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -239,7 +249,15 @@ mod tests {
         let cache = crate::cache::Cache::new(Arc::new(Silent), Default::default(), metrics.clone());
         let serving = tokio::spawn({
             let (metrics, cache) = (metrics.clone(), cache.clone());
-            async move { giver.serve(offered, cache, metrics).await }
+            async move {
+                giver
+                    .serve(&Offering {
+                        sockets: offered,
+                        cache,
+                        metrics,
+                    })
+                    .await
+            }
         });
         let p = path.clone();
         let inherited = tokio::task::spawn_blocking(move || take(&p))

@@ -87,12 +87,7 @@ pub fn take(path: &Path) -> Result<Option<Inherited>, HandoverError> {
             offer.pid, offer.version
         )));
     }
-    // SO_PEERCRED gives 0 across pid namespaces (another container): log the pid it names.
-    let from_pid = if from_pid == 0 {
-        offer.pid as i32
-    } else {
-        from_pid
-    };
+    let from_pid = shown_pid(from_pid, offer.pid);
     arm(&stream, deadline).map_err(io_err)?;
     let fds = recv_fds(&stream, offer.listeners.len()).map_err(io_err)?;
     let listeners = offer
