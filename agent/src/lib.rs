@@ -67,6 +67,7 @@ pub async fn run_server(config: ServerConfig) -> anyhow::Result<Stopped> {
     // this agent has asked, a SIGTERM to the old one no longer loses the sockets (it finishes
     // the exchange it is in). The old agent goes on accepting until this one confirms.
     let handover = (!args.no_handover).then(|| args.handover_socket.clone());
+    let knocked = std::time::Instant::now();
     let (inherited, taken) = take_over(handover.clone()).await;
     let eks = EksAuth::from_env(EksAuthOptions {
         cluster_name: args.cluster_name.clone(),
@@ -210,7 +211,7 @@ pub async fn run_server(config: ServerConfig) -> anyhow::Result<Stopped> {
         cluster = %args.cluster_name,
         "eks-pod-identity-agent started"
     );
-    let until = stop_or_hand_over(handover, confirm, offered, &state);
+    let until = stop_or_hand_over(handover, confirm.map(|c| (c, knocked)), offered, &state);
     let stopped = server::serve(
         state.clone(),
         fds,
@@ -271,14 +272,19 @@ async fn take_over(
 /// then offers the same to the next.
 async fn stop_or_hand_over(
     socket: Option<std::path::PathBuf>,
-    confirm: Option<handover::Inherited>,
+    confirm: Option<(handover::Inherited, std::time::Instant)>,
     offered: Arc<[(SocketAddr, std::os::fd::OwnedFd)]>,
     state: &Arc<State>,
 ) -> Stopped {
-    if let Some(inherited) = confirm {
+    if let Some((inherited, knocked)) = confirm {
         // The accept loops run: the old agent may stop accepting.
         match tokio::task::spawn_blocking(move || inherited.confirm()).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => {
+                tracing::info!(
+                    after_ms = knocked.elapsed().as_millis() as u64,
+                    "told the replaced agent this one accepts now"
+                )
+            }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "the replaced agent did not hear it was taken over; it goes on accepting until it is stopped")
             }

@@ -149,7 +149,20 @@ fn security(c: &Value, network: i32) -> Result<cri::LinuxContainerSecurityContex
     })
 }
 
-/// A manifest container as CRI's: image, arguments with `$(VAR)` expanded, environment (the
+/// The image a manifest container runs: the one the run imported where the manifest names
+/// the agent's image without a registry (kustomize's and the chart's defaults), else the
+/// manifest's reference as it is (pulled from its registry).
+fn image_ref(c: &Value) -> String {
+    let named = c["image"].as_str().unwrap_or_default();
+    let repository = named.rsplit_once(':').map_or(named, |(r, _)| r);
+    if repository == "eks-pod-identity-agent" {
+        format!("{AGENT_IMAGE}:{AGENT_TAG}")
+    } else {
+        named.to_owned()
+    }
+}
+
+/// A manifest container as CRI's: image, command and arguments with `$(VAR)` expanded, environment (the
 /// manifest's, then `env` overriding by name), resources, mounts and security context.
 fn container_config(
     node: &RealNode,
@@ -173,18 +186,22 @@ fn container_config(
         vars.retain(|(name, _)| name != k);
         vars.push(((*k).to_owned(), (*v).to_owned()));
     }
-    let args = c["args"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|a| {
-            let mut a = a.as_str().unwrap_or_default().to_owned();
-            for (k, v) in &vars {
-                a = a.replace(&format!("$({k})"), v);
-            }
-            a
-        })
-        .collect();
+    // As the kubelet: `command` replaces the image's entrypoint, `args` its arguments.
+    let expand = |key: &str| -> Vec<String> {
+        c[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|a| {
+                let mut a = a.as_str().unwrap_or_default().to_owned();
+                for (k, v) in &vars {
+                    a = a.replace(&format!("$({k})"), v);
+                }
+                a
+            })
+            .collect()
+    };
+    let (command, args) = (expand("command"), expand("args"));
     let volumes = spec["volumes"].as_array().cloned().unwrap_or_default();
     let mut mounts = Vec::new();
     for m in c["volumeMounts"].as_array().into_iter().flatten() {
@@ -235,9 +252,10 @@ fn container_config(
             attempt,
         }),
         image: Some(cri::ImageSpec {
-            image: format!("{AGENT_IMAGE}:{AGENT_TAG}"),
+            image: image_ref(c),
             ..Default::default()
         }),
+        command,
         args,
         envs: vars
             .into_iter()
@@ -337,6 +355,19 @@ impl RealNode {
             }),
             ..Default::default()
         };
+        // As the kubelet: an image the node does not have is pulled first (CRI PullImage).
+        let local = format!("{AGENT_IMAGE}:{AGENT_TAG}");
+        let mut pulled: Vec<String> = Vec::new();
+        for c in ["initContainers", "containers"]
+            .iter()
+            .flat_map(|l| spec[*l].as_array().cloned().unwrap_or_default())
+        {
+            let image = image_ref(&c);
+            if image != local && !pulled.contains(&image) {
+                self.pull_image(&image)?;
+                pulled.push(image);
+            }
+        }
         let sandbox_id = self.run_sandbox(config.clone())?;
         let mut init_exit_code = 0;
         for init in spec["initContainers"].as_array().into_iter().flatten() {

@@ -163,3 +163,25 @@ pub fn agent_image(agent: &Path, work: &Path, tag: &str) -> Result<PathBuf> {
         &config,
     )
 }
+
+/// Pushes the OCI archive `tar` (every image in it) to `reference` with `skopeo`, the command
+/// given (plain, or run inside a namespace); `plain_http`: the registry has no TLS. Credentials
+/// are skopeo's own (`REGISTRY_AUTH_FILE`, `~/.docker/config.json`, `skopeo login`).
+pub fn push(mut skopeo: Command, tar: &Path, reference: &str, plain_http: bool) -> Result<()> {
+    // The policy file decides what may be *pulled*; pushing our own build needs none.
+    skopeo.args(["--insecure-policy", "copy", "--all", "--quiet"]);
+    if plain_http {
+        skopeo.arg("--dest-tls-verify=false");
+    }
+    let out = skopeo
+        .arg(format!("oci-archive:{}", tar.display()))
+        .arg(format!("docker://{reference}"))
+        .output()
+        .context("skopeo (Debian package skopeo; `cargo xtask setup` installs it)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "skopeo copy to {reference}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod budget;
 pub mod cgroups;
+pub mod chart;
 pub mod clients;
 pub mod daemonset;
 pub mod fake_eks;
@@ -18,5 +19,6 @@ pub mod leaks;
 pub mod names;
 pub mod netns;
 pub mod realnode;
+pub mod registry;
 pub mod sandbox;
 pub mod teardown;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use hyper_util::rt::TokioIo;
 pub use k8s_cri::v1 as cri;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -98,6 +99,7 @@ pub struct Exec {
 pub struct RealNode {
     rt: tokio::runtime::Runtime,
     cri: RuntimeServiceClient<Channel>,
+    images: ImageServiceClient<Channel>,
     containerd: Option<Child>,
     dir: PathBuf,
     socket: PathBuf,
@@ -116,6 +118,7 @@ pub struct RealNode {
 struct Parts {
     rt: tokio::runtime::Runtime,
     cri: RuntimeServiceClient<Channel>,
+    images: ImageServiceClient<Channel>,
     child: Child,
     dir: PathBuf,
     socket: PathBuf,
@@ -217,10 +220,11 @@ impl RealNode {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let cri = rt.block_on(connect(&socket))?;
+        let (cri, images) = rt.block_on(connect(&socket))?;
         Ok(Parts {
             rt,
             cri,
+            images,
             child,
             dir,
             socket,
@@ -233,6 +237,7 @@ impl RealNode {
         let mut node = Self {
             rt: parts.rt,
             cri: parts.cri,
+            images: parts.images,
             containerd: Some(parts.child),
             dir: parts.dir,
             socket: parts.socket,
@@ -340,6 +345,39 @@ impl RealNode {
         let work = self.dir.join("images").join(tag);
         let tar = crate::image::build(&work, tag, fill, config)?;
         self.import_tar(&tar, name)
+    }
+
+    /// Lets the runtime pull from `host` (`addr:port`) over plain HTTP, as a node's
+    /// `certs.d/<host>/hosts.toml` does for a registry without TLS.
+    pub fn trust_plain_http(&self, host: &str) -> Result<()> {
+        let dir = self.dir.join("certs.d").join(host);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("hosts.toml"),
+            format!(
+                "server = \"http://{host}\"\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+            ),
+        )?;
+        Ok(())
+    }
+
+    /// Pulls `reference` through CRI's image service, as the kubelet does before it creates
+    /// a container; the image's id.
+    pub fn pull_image(&self, reference: &str) -> Result<String> {
+        let mut images = self.images.clone();
+        let reply = self.rt.block_on(async {
+            images
+                .pull_image(cri::PullImageRequest {
+                    image: Some(cri::ImageSpec {
+                        image: reference.to_owned(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+        });
+        let reply = reply.with_context(|| format!("CRI PullImage {reference}"))?;
+        Ok(reply.into_inner().image_ref)
     }
 
     /// Imports an OCI archive whose manifests are tagged under `base_name`.
@@ -803,7 +841,9 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-async fn connect(socket: &Path) -> Result<RuntimeServiceClient<Channel>> {
+async fn connect(
+    socket: &Path,
+) -> Result<(RuntimeServiceClient<Channel>, ImageServiceClient<Channel>)> {
     let socket = socket.to_path_buf();
     // The URI is not used: every connection goes to the socket.
     let channel = Endpoint::try_from("http://[::]:50051")?
@@ -816,7 +856,10 @@ async fn connect(socket: &Path) -> Result<RuntimeServiceClient<Channel>> {
                 ))
             }
         }));
-    Ok(RuntimeServiceClient::new(channel))
+    Ok((
+        RuntimeServiceClient::new(channel.clone()),
+        ImageServiceClient::new(channel),
+    ))
 }
 
 /// containerd's configuration: every path under `dir`, the CRI plugin with the cgroupfs
@@ -836,6 +879,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   path = "{d}/opt"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{PAUSE_IMAGE}"
+
   disable_apparmor = true
   # Lowering oom_score_adj below containerd's own needs CAP_SYS_RESOURCE, which a test may lack.
   restrict_oom_score_adj = true
@@ -854,6 +898,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         SystemdCgroup = false
         BinaryName = "/usr/sbin/runc"
         Root = "{d}/runc"
+  # Per-registry settings (hosts.toml), as a node's /etc/containerd/certs.d.
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{d}/certs.d"
 "#
     )
 }

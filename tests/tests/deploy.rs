@@ -27,20 +27,15 @@ fn daemonset() -> Result<serde_json::Value> {
     tests::daemonset::manifest()
 }
 
-/// (args with `$(VAR)` expanded from the container's env, capabilities added) of a container.
+/// (the command line after the binary, `$(VAR)` expanded and the cluster set to `cluster`;
+/// capabilities added) of a container.
 fn container(ds: &serde_json::Value, init: bool, cluster: &str) -> (Vec<String>, Vec<String>) {
     let list = if init { "initContainers" } else { "containers" };
     let c = &ds["spec"]["template"]["spec"][list][0];
-    let args = c["args"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|a| {
-            a.as_str()
-                .unwrap_or_default()
-                .replace("$(CLUSTER_NAME)", cluster)
-        })
-        .collect();
+    let mut args: Vec<String> = tests::chart::argv(c).into_iter().skip(1).collect();
+    if let Some(i) = args.iter().position(|a| a == "--cluster-name") {
+        args[i + 1] = cluster.to_owned();
+    }
     let caps = c["securityContext"]["capabilities"]["add"]
         .as_array()
         .into_iter()

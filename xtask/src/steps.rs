@@ -163,10 +163,12 @@ fn cargo_test(name: &str, args: &[&str], env: &[(&str, &str)], tally: &mut Tally
 
 /// The harness's own unit tests and the end-to-end test binaries of the `tests` crate (the
 /// leak check runs after them).
-const E2E_SUITES: [&str; 29] = [
+const E2E_SUITES: [&str; 31] = [
     "-p",
     "tests",
     "--lib",
+    "--test",
+    "chart",
     "--test",
     "e2e",
     "--test",
@@ -493,16 +495,21 @@ fn build_and_run(name: &str, profile: Profile) -> Result<()> {
 }
 
 /// Builds the release agent and its OCI image (umoci, no Docker engine); returns the archive.
-pub fn image() -> Result<PathBuf> {
+pub fn image(push: Option<&str>, plain_http: bool) -> Result<PathBuf> {
     setup::all()?;
     let agent = build()?;
     let bins = harness_bins(Profile::Release)?;
     let out = root().join("target/image");
     step("agent image (OCI archive)", || {
-        run(Command::new(bins.join("image"))
-            .arg(&agent)
-            .arg(&out)
-            .arg(env!("CARGO_PKG_VERSION")))
+        let mut cmd = Command::new(bins.join("image"));
+        cmd.arg(&agent).arg(&out).arg(env!("CARGO_PKG_VERSION"));
+        if let Some(reference) = push {
+            cmd.args(["--push", reference]);
+        }
+        if plain_http {
+            cmd.arg("--plain-http");
+        }
+        run(&mut cmd)
     })?;
     Ok(out.join("image.tar"))
 }

@@ -36,8 +36,11 @@ pub const DEFAULT_SOCKET: &str = "/run/eks-pod-identity-agent/handover.sock";
 const VERSION: u32 = 1;
 /// The longest a starting agent waits on the old one, in all.
 pub const TAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// The longest an old agent waits for the new one to say it accepts.
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest an old agent waits for the new one to say it accepts. The new one knocks
+/// first and then loads and attaches its eBPF programs: seconds on a loaded node (a 10 s
+/// bound was outlasted in the kernel matrix's emulated VMs). The old one serves meanwhile,
+/// and this stays under the DaemonSet's 30 s grace period.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// First frame: who asks.
 #[derive(Debug, Serialize, Deserialize)]
