@@ -31,16 +31,34 @@ pub fn aws_env(fake: &FakeEksAuth) -> [(&'static str, String); 5] {
 
 /// The agent binary: `$AGENT_BIN`, else the workspace's release build.
 pub fn agent_bin() -> Result<PathBuf> {
-    let path = match std::env::var_os("AGENT_BIN") {
+    built(
+        "AGENT_BIN",
+        "release",
+        "`cargo xtask build` (or `cargo xtask test`)",
+    )
+}
+
+/// The arm64 release binary (`AGENT_BIN_ARM64`, else where `cargo xtask image` builds it).
+pub fn agent_bin_arm64() -> Result<PathBuf> {
+    built(
+        "AGENT_BIN_ARM64",
+        "aarch64-unknown-linux-gnu/release",
+        "`cargo xtask image` (or `cargo xtask test`)",
+    )
+}
+
+/// The agent binary `var` names, else the one in `target/<dir>`; an error naming `how` to
+/// build it when missing.
+fn built(var: &str, dir: &str, how: &str) -> Result<PathBuf> {
+    let path = match std::env::var_os(var) {
         Some(p) => PathBuf::from(p),
         None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/release/eks-pod-identity-agent"),
+            .join("../target")
+            .join(dir)
+            .join("eks-pod-identity-agent"),
     };
     if !path.is_file() {
-        bail!(
-            "agent binary {} is missing: run `cargo xtask build` (or `cargo xtask test`)",
-            path.display()
-        );
+        bail!("agent binary {} is missing: run {how}", path.display());
     }
     Ok(path)
 }

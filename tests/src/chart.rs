@@ -170,10 +170,9 @@ pub fn of_kind<'a>(objects: &'a [Value], kind: &str) -> Vec<&'a Value> {
     objects.iter().filter(|o| o["kind"] == kind).collect()
 }
 
-/// A container's command line as the kubelet runs it: `command` then `args`, each `$(VAR)`
-/// replaced from the container's `env`.
-pub fn argv(container: &Value) -> Vec<String> {
-    let env: Vec<(String, String)> = container["env"]
+/// A container's `env` entries, in order.
+pub fn container_env(container: &Value) -> Vec<(String, String)> {
+    container["env"]
         .as_array()
         .into_iter()
         .flatten()
@@ -183,18 +182,33 @@ pub fn argv(container: &Value) -> Vec<String> {
                 e["value"].as_str().unwrap_or_default().to_owned(),
             )
         })
-        .collect();
-    ["command", "args"]
-        .iter()
-        .flat_map(|k| container[*k].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+/// A container's `key` list (`command` or `args`) with each `$(VAR)` replaced from `vars`,
+/// as the kubelet expands them.
+pub fn expand(container: &Value, key: &str, vars: &[(String, String)]) -> Vec<String> {
+    container[key]
+        .as_array()
+        .into_iter()
+        .flatten()
         .map(|a| {
             let mut a = a.as_str().unwrap_or_default().to_owned();
-            for (k, v) in &env {
+            for (k, v) in vars {
                 a = a.replace(&format!("$({k})"), v);
             }
             a
         })
         .collect()
+}
+
+/// A container's command line as the kubelet runs it: `command` then `args`, expanded from
+/// the container's `env`.
+pub fn argv(container: &Value) -> Vec<String> {
+    let env = container_env(container);
+    let mut argv = expand(container, "command", &env);
+    argv.extend(expand(container, "args", &env));
+    argv
 }
 
 /// `kubernetes-validate --strict` of `text` for each of `versions` (the virtualenv's).

@@ -171,36 +171,13 @@ fn container_config(
     env: &[(&str, &str)],
     attempt: u32,
 ) -> Result<cri::ContainerConfig> {
-    let mut vars: Vec<(String, String)> = c["env"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|e| {
-            (
-                e["name"].as_str().unwrap_or_default().to_owned(),
-                e["value"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect();
+    let mut vars = crate::chart::container_env(c);
     for (k, v) in env {
         vars.retain(|(name, _)| name != k);
         vars.push(((*k).to_owned(), (*v).to_owned()));
     }
     // As the kubelet: `command` replaces the image's entrypoint, `args` its arguments.
-    let expand = |key: &str| -> Vec<String> {
-        c[key]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|a| {
-                let mut a = a.as_str().unwrap_or_default().to_owned();
-                for (k, v) in &vars {
-                    a = a.replace(&format!("$({k})"), v);
-                }
-                a
-            })
-            .collect()
-    };
+    let expand = |key: &str| crate::chart::expand(c, key, &vars);
     let (command, args) = (expand("command"), expand("args"));
     let volumes = spec["volumes"].as_array().cloned().unwrap_or_default();
     let mut mounts = Vec::new();

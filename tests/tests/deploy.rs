@@ -296,8 +296,11 @@ fn dockerfile_agent_stage() -> Result<(String, String, Vec<String>, Vec<String>)
 }
 
 #[test]
-fn the_image_xtask_builds_ships_what_the_dockerfile_ships() -> Result<()> {
-    use tests::image::{agent_files, agent_image, AGENT_CMD, AGENT_ENTRYPOINT, AGENT_PATH};
+fn the_image_xtask_builds_ships_what_the_dockerfile_ships_for_amd64_and_arm64() -> Result<()> {
+    use tests::image::{
+        agent_files_for, agent_image_for, compressed_sizes, Arch, AGENT_CMD, AGENT_ENTRYPOINT,
+        AGENT_PATH,
+    };
     let (base, copy, entrypoint, cmd) = dockerfile_agent_stage()?;
     let dockerfile = std::fs::read_to_string(repo("Dockerfile"))?;
     assert!(
@@ -318,82 +321,110 @@ fn the_image_xtask_builds_ships_what_the_dockerfile_ships() -> Result<()> {
         "ld-linux-x86-64.so.2",
         "ld-linux-aarch64.so.1",
     ];
-    let agent = agent_bin()?;
-    let files = agent_files(&agent)?;
-    for (_, at) in &files[1..] {
-        let name = at.file_name().unwrap_or_default().to_string_lossy();
-        assert!(
-            DISTROLESS_CC.contains(&&*name),
-            "{name} is not in the Dockerfile's base"
-        );
+    let (amd64, arm64) = (agent_bin()?, tests::agent::agent_bin_arm64()?);
+    let builds = [
+        (Arch::Amd64, amd64.as_path()),
+        (Arch::Arm64, arm64.as_path()),
+    ];
+    for (arch, agent) in builds {
+        for (_, at) in &agent_files_for(agent, arch)?[1..] {
+            let name = at.file_name().unwrap_or_default().to_string_lossy();
+            assert!(
+                DISTROLESS_CC.contains(&&*name),
+                "{arch:?}: {name} is not in the Dockerfile's base"
+            );
+        }
     }
-    // Build it, unpack it as a runtime would, and compare what is inside.
+    // Build the index, take each platform's image as a runtime picks it, unpack it, and
+    // compare what is inside.
     let work = std::env::temp_dir().join(format!("{}-image", names::unique()));
     let result = (|| -> Result<()> {
-        let tar = agent_image(&agent, &work.join("build"), "test")?;
-        let layout = work.join("layout");
-        std::fs::create_dir_all(&layout)?;
-        let ok = Command::new("tar")
-            .arg("-C")
-            .arg(&layout)
-            .arg("-xf")
-            .arg(&tar)
-            .status()?;
-        anyhow::ensure!(ok.success());
-        let bundle = work.join("bundle");
-        let ok = Command::new("umoci")
-            .args(["unpack", "--image"])
-            .arg(format!("{}:test", layout.display()))
-            .arg(&bundle)
-            .status()?;
-        anyhow::ensure!(ok.success(), "umoci unpack");
-        let rootfs = bundle.join("rootfs");
-        let mut shipped: Vec<String> = walk(&rootfs)
-            .into_iter()
-            .map(|p| format!("/{}", p.strip_prefix(&rootfs).unwrap().display()))
-            .collect();
-        shipped.sort();
-        let mut expected: Vec<String> = files
-            .iter()
-            .map(|(_, at)| at.display().to_string())
-            .collect();
-        expected.sort();
-        assert_eq!(shipped, expected, "exactly the binary and its libraries");
-        let config: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(bundle.join("config.json"))?)?;
-        let args: Vec<&str> = config["process"]["args"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|a| a.as_str())
-            .collect();
+        let build = work.join("build");
+        let tar = agent_image_for(&builds, &build, "test")?;
+        let sizes = compressed_sizes(&tar)?;
+        eprintln!("compressed: {sizes:?}");
         assert_eq!(
-            args,
-            [AGENT_ENTRYPOINT.as_slice(), AGENT_CMD.as_slice()].concat()
+            sizes.iter().map(|(a, _)| a.as_str()).collect::<Vec<_>>(),
+            ["amd64", "arm64"]
         );
-        // The binary in the image is the one built less its debug info, which is kept
-        // beside the archive; it still runs, and names its debug file.
-        let shipped = rootfs.join(&AGENT_PATH[1..]);
-        let debug = tar.with_file_name(tests::image::DEBUG_FILE);
-        let sections = |file: &std::path::Path| -> Result<String> {
-            let out = Command::new("readelf").arg("-S").arg(file).output()?;
-            Ok(String::from_utf8(out.stdout)?)
-        };
-        let (ours, kept) = (sections(&shipped)?, sections(&debug)?);
-        assert!(!ours.contains(".debug_info"), "{ours}");
-        assert!(ours.contains(".gnu_debuglink") && ours.contains(".symtab"));
-        assert!(kept.contains(".debug_info"), "{kept}");
-        let (size, built) = (
-            std::fs::metadata(&shipped)?.len(),
-            std::fs::metadata(&agent)?.len(),
-        );
-        eprintln!("shipped binary {size} bytes, built {built} bytes");
-        assert!(size < built, "{size} >= {built}");
-        let version = Command::new(&shipped).arg("version").output()?;
-        assert!(
-            String::from_utf8_lossy(&version.stdout).starts_with("eks-pod-identity-agent "),
-            "{version:?}"
-        );
+        for (arch, agent) in builds {
+            let layout = work.join(format!("layout-{}", arch.oci()));
+            let ok = Command::new("skopeo")
+                .args(["--insecure-policy", "--override-os", "linux"])
+                .args(["--override-arch", arch.oci(), "copy", "--quiet"])
+                .arg(format!("oci-archive:{}", tar.display()))
+                .arg(format!("oci:{}:test", layout.display()))
+                .status()?;
+            anyhow::ensure!(ok.success(), "skopeo copy {arch:?}");
+            let bundle = work.join(format!("bundle-{}", arch.oci()));
+            let ok = Command::new("umoci")
+                .args(["unpack", "--image"])
+                .arg(format!("{}:test", layout.display()))
+                .arg(&bundle)
+                .status()?;
+            anyhow::ensure!(ok.success(), "umoci unpack");
+            let rootfs = bundle.join("rootfs");
+            let mut shipped: Vec<String> = walk(&rootfs)
+                .into_iter()
+                .map(|p| format!("/{}", p.strip_prefix(&rootfs).unwrap().display()))
+                .collect();
+            shipped.sort();
+            let mut expected: Vec<String> = agent_files_for(agent, arch)?
+                .iter()
+                .map(|(_, at)| at.display().to_string())
+                .collect();
+            expected.sort();
+            assert_eq!(
+                shipped, expected,
+                "{arch:?}: exactly the binary and its libraries"
+            );
+            let config: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(bundle.join("config.json"))?)?;
+            let args: Vec<&str> = config["process"]["args"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a.as_str())
+                .collect();
+            assert_eq!(
+                args,
+                [AGENT_ENTRYPOINT.as_slice(), AGENT_CMD.as_slice()].concat()
+            );
+            // The binary in the image is the one built less its debug info, which is kept
+            // beside the archive; it names its debug file.
+            let shipped = rootfs.join(&AGENT_PATH[1..]);
+            let debug = match arch {
+                Arch::Amd64 => build.join(tests::image::DEBUG_FILE),
+                Arch::Arm64 => build.join("arm64").join(tests::image::DEBUG_FILE),
+            };
+            let readelf = |flag: &str, file: &std::path::Path| -> Result<String> {
+                let out = Command::new("readelf").arg(flag).arg(file).output()?;
+                Ok(String::from_utf8(out.stdout)?)
+            };
+            let machine = match arch {
+                Arch::Amd64 => "X86-64",
+                Arch::Arm64 => "AArch64",
+            };
+            assert!(readelf("-h", &shipped)?.contains(machine), "{arch:?}");
+            let (ours, kept) = (readelf("-S", &shipped)?, readelf("-S", &debug)?);
+            assert!(!ours.contains(".debug_info"), "{ours}");
+            assert!(ours.contains(".gnu_debuglink") && ours.contains(".symtab"));
+            assert!(kept.contains(".debug_info"), "{kept}");
+            let (size, built) = (
+                std::fs::metadata(&shipped)?.len(),
+                std::fs::metadata(agent)?.len(),
+            );
+            eprintln!("{arch:?}: shipped binary {size} bytes, built {built} bytes");
+            assert!(size < built, "{size} >= {built}");
+            if arch == Arch::Amd64 {
+                // (The arm64 one runs in the kernel matrix's arm64 VM.)
+                let version = Command::new(&shipped).arg("version").output()?;
+                assert!(
+                    String::from_utf8_lossy(&version.stdout).starts_with("eks-pod-identity-agent "),
+                    "{version:?}"
+                );
+            }
+        }
         Ok(())
     })();
     let _ = std::fs::remove_dir_all(&work);

@@ -565,11 +565,15 @@ fn a_surge_rollout_hands_over_under_load_and_the_old_pod_leaves_clean() -> Resul
 #[test]
 fn a_render_of_upstreams_values_runs_from_an_image_the_runtime_pulls_from_a_registry() -> Result<()>
 {
+    use tests::image::Arch;
     let (mut node, fake) = real_node()?;
     let pod = node.run_pod("app", "reader", 1, false)?;
     let registry = tests::registry::Registry::start(&node, 5000)?;
-    let tar = tests::image::agent_image(
-        &tests::agent::agent_bin()?,
+    // The image as `cargo xtask image` makes it: an index of amd64 and arm64; the runtime
+    // picks its platform's.
+    let (amd64, arm64) = (tests::agent::agent_bin()?, tests::agent::agent_bin_arm64()?);
+    let tar = tests::image::agent_image_for(
+        &[(Arch::Amd64, &amd64), (Arch::Arm64, &arm64)],
         &node.scratch("pushed-image"),
         env!("CARGO_PKG_VERSION"),
     )?;

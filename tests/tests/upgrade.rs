@@ -132,9 +132,11 @@ fn an_upgrade_under_load_refuses_nothing_breaks_nothing_and_calls_eks_auth_never
         .log_lines()
         .iter()
         .find(|l| l["message"] == "told the replaced agent this one accepts now")
-        .map(|l| l["after_ms"].clone());
+        .and_then(|l| l["after_ms"].as_u64())
+        .map_or("?".to_owned(), |ms| ms.to_string());
     eprintln!(
-        "PIA-NOTE upgrade: handed over {handed_over:?} after the new agent was launched; it confirmed {confirmed_ms:?} ms after it knocked"
+        "PIA-NOTE upgrade: handed over {:.1} s after the new agent was launched, which confirmed {confirmed_ms} ms after it knocked",
+        handed_over.as_secs_f64()
     );
     for load in loads {
         let load = load_result(load)?;

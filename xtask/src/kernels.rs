@@ -1,7 +1,9 @@
 //! `cargo xtask kernels`: boots the kernel families EKS nodes run, from Debian's own cloud
-//! kernel packages (5.10 standing in for the pre-5.18 family, 6.1, 6.12), under qemu (TCG, no
-//! network device) from an initramfs holding busybox, the release agent, and the sandbox's own
-//! kernel tests with the tools they run. In each VM the agent first starts alone (eBPF mode,
+//! kernel packages (5.10 standing in for the pre-5.18 family, 6.1, 6.12, and 6.1 on arm64),
+//! under qemu (TCG, no network device) from an initramfs per architecture holding busybox, the
+//! agent as its image ships it (the multi-architecture image, unpacked for that architecture
+//! as a runtime does), and the sandbox's own kernel tests with the tools they run (arm64's
+//! cross-built, its tools from Debian's arm64 packages). In each VM the agent first starts alone (eBPF mode,
 //! kernel features, programs attached), then the tests run against it; docs/kernels.md is
 //! written from what each kernel showed. A kernel that does not boot, a VM that does not
 //! finish, or a failed test fails the step with the console log.
@@ -19,10 +21,51 @@ use anyhow::{bail, Context, Result};
 
 use crate::steps::{root, run, step};
 
+/// A CPU architecture the matrix boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arch {
+    Amd64,
+    Arm64,
+}
+
+impl Arch {
+    /// Debian's (and OCI's) name.
+    fn name(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "amd64",
+            Arch::Arm64 => "arm64",
+        }
+    }
+
+    /// The emulator and the machine it emulates. arm64: `max` with the cheap pointer
+    /// authentication (QEMU's architected one costs TCG a lot).
+    fn qemu(self) -> (&'static str, &'static [&'static str], &'static str) {
+        match self {
+            Arch::Amd64 => ("qemu-system-x86_64", &["-machine", "q35"], "ttyS0"),
+            Arch::Arm64 => (
+                "qemu-system-aarch64",
+                &["-machine", "virt", "-cpu", "max,pauth-impdef=on"],
+                "ttyAMA0",
+            ),
+        }
+    }
+
+    /// Where this architecture's libraries live on a Debian system (the program
+    /// interpreter aside).
+    fn lib_dir(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "lib/x86_64-linux-gnu",
+            Arch::Arm64 => "lib/aarch64-linux-gnu",
+        }
+    }
+}
+
 /// One kernel family: Debian suite, package name pattern, and the package preferred.
 struct Family {
     /// Short name (`5.10`).
     name: &'static str,
+    /// The architecture it runs on.
+    arch: Arch,
     /// Debian suite whose index lists it.
     suite: &'static str,
     /// `apt-cache search` pattern of the family's cloud kernels.
@@ -31,24 +74,35 @@ struct Family {
     pinned: &'static str,
 }
 
-const FAMILIES: [Family; 3] = [
+const FAMILIES: [Family; 4] = [
     Family {
         name: "5.10",
+        arch: Arch::Amd64,
         suite: "bullseye",
         pattern: "^linux-image-5\\.10\\.0-[0-9]+-cloud-amd64-unsigned$",
         pinned: "linux-image-5.10.0-32-cloud-amd64-unsigned",
     },
     Family {
         name: "6.1",
+        arch: Arch::Amd64,
         suite: "bookworm",
         pattern: "^linux-image-6\\.1\\.0-[0-9]+-cloud-amd64-unsigned$",
         pinned: "linux-image-6.1.0-57-cloud-amd64-unsigned",
     },
     Family {
         name: "6.12",
+        arch: Arch::Amd64,
         suite: "bookworm",
         pattern: "^linux-image-6\\.12\\.[0-9]+\\+deb12-cloud-amd64-unsigned$",
         pinned: "linux-image-6.12.117+deb12-cloud-amd64-unsigned",
+    },
+    // Graviton nodes: the same programs, verified by the arm64 kernel's own verifier and JIT.
+    Family {
+        name: "6.1 arm64",
+        arch: Arch::Arm64,
+        suite: "bookworm",
+        pattern: "^linux-image-6\\.1\\.0-[0-9]+-cloud-arm64-unsigned$",
+        pinned: "linux-image-6.1.0-57-cloud-arm64-unsigned",
     },
 ];
 
@@ -74,9 +128,12 @@ fn dir() -> PathBuf {
     root().join("target/kernels")
 }
 
-/// A private apt configuration for `suite` under target/kernels/apt-<suite>.
-fn apt_config(suite: &str) -> Result<PathBuf> {
-    let base = dir().join(format!("apt-{suite}"));
+/// A private apt configuration for `suite` and `arch` under target/kernels/apt-<suite>[-arm64].
+fn apt_config(suite: &str, arch: Arch) -> Result<PathBuf> {
+    let base = match arch {
+        Arch::Amd64 => dir().join(format!("apt-{suite}")),
+        Arch::Arm64 => dir().join(format!("apt-{suite}-{}", arch.name())),
+    };
     for sub in ["lists/partial", "cache/archives/partial", "etc"] {
         std::fs::create_dir_all(base.join(sub))?;
     }
@@ -111,8 +168,11 @@ fn apt_config(suite: &str) -> Result<PathBuf> {
              Dir::State::Lists \"{b}/lists\";\n\
              Dir::Cache \"{b}/cache\";\n\
              Dir::State::status \"{b}/status\";\n\
-             APT::Architecture \"amd64\";\n\
-             APT::Sandbox::User \"root\";\n"
+             APT::Architecture \"{arch}\";\n\
+             APT::Architectures {{ \"{arch}\"; }};\n\
+             APT::Install-Recommends \"false\";\n\
+             APT::Sandbox::User \"root\";\n",
+            arch = arch.name()
         ),
     )?;
     Ok(conf)
@@ -239,6 +299,20 @@ const SUITE: [SuiteTest; 7] = [
 /// Harness binaries the suite's tests start inside pods (found beside the test binaries).
 const HELPERS: [&str; 1] = ["load"];
 
+/// Debian's arm64 packages holding [`TOOLS`] and busybox.
+const ARM64_PACKAGES: [&str; 4] = ["busybox-static", "iproute2", "bpftool", "curl"];
+
+/// The harness helpers cross-built for arm64; their directory.
+fn cross_helpers() -> Result<PathBuf> {
+    let mut cmd = crate::cross::cargo();
+    cmd.args(["build", "-p", "tests", "--target", crate::cross::TARGET]);
+    for helper in HELPERS {
+        cmd.args(["--bin", helper]);
+    }
+    run(&mut cmd)?;
+    Ok(root().join(format!("target/{}/debug", crate::cross::TARGET)))
+}
+
 /// Host tools the sandbox runs (Debian's, installed by setup), with where they go in the VM.
 const TOOLS: [(&str, &str); 4] = [
     ("ip", "usr/sbin/ip"),
@@ -303,12 +377,16 @@ echo PIA-DONE
 poweroff -f
 "#;
 
-/// Builds the suite's test binaries (as `cargo xtask test` does) and returns (name, path).
-fn suite_binaries() -> Result<Vec<(String, PathBuf)>> {
+/// Builds the suite's test binaries for `arch` (as `cargo xtask test` does) and returns
+/// (name, path).
+fn suite_binaries(arch: Arch) -> Result<Vec<(String, PathBuf)>> {
     let mut names: Vec<&str> = SUITE.iter().map(|t| t.binary).collect();
     names.sort_unstable();
     names.dedup();
-    let mut cmd = crate::steps::cargo();
+    let mut cmd = match arch {
+        Arch::Amd64 => crate::steps::cargo(),
+        Arch::Arm64 => crate::cross::cargo(),
+    };
     cmd.args([
         "test",
         "-p",
@@ -316,6 +394,9 @@ fn suite_binaries() -> Result<Vec<(String, PathBuf)>> {
         "--no-run",
         "--message-format=json-render-diagnostics",
     ]);
+    if arch == Arch::Arm64 {
+        cmd.args(["--target", crate::cross::TARGET]);
+    }
     for name in &names {
         cmd.args(["--test", name]);
     }
@@ -348,34 +429,157 @@ fn suite_binaries() -> Result<Vec<(String, PathBuf)>> {
     Ok(found)
 }
 
-/// Copies `binary` to `dest` under `tree`, stripped, with the shared libraries it links.
-fn pack(tree: &Path, binary: &Path, dest: &str) -> Result<()> {
-    let to = tree.join(dest);
-    std::fs::create_dir_all(to.parent().context("dest dir")?)?;
-    std::fs::copy(binary, &to).with_context(|| format!("copying {}", binary.display()))?;
-    run(Command::new("strip").arg(&to))?;
-    let ldd = Command::new("ldd").arg(binary).output().context("ldd")?;
-    for lib in String::from_utf8_lossy(&ldd.stdout)
-        .split_whitespace()
-        .filter(|w| w.starts_with('/'))
-    {
-        let dest = tree.join(lib.trim_start_matches('/'));
-        if dest.exists() {
-            continue;
-        }
-        std::fs::create_dir_all(dest.parent().context("lib dir")?)?;
-        std::fs::copy(lib, &dest).with_context(|| format!("copying {lib}"))?;
-    }
-    Ok(())
+/// Where an architecture's programs and libraries come from: this machine's for amd64; for
+/// arm64, Debian's arm64 packages unpacked under `target/kernels` and the cross glibc.
+struct Sysroot {
+    arch: Arch,
+    /// Searched for programs (`usr/sbin`, `usr/bin`, `sbin`, `bin` below it).
+    root: PathBuf,
+    /// Searched for libraries, in order.
+    lib_dirs: Vec<PathBuf>,
 }
 
-/// A host tool by name, from the directories Debian installs them in.
-fn host_tool(name: &str) -> Result<PathBuf> {
-    ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-        .iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
-        .with_context(|| format!("{name} is missing: `cargo xtask setup` installs it"))
+impl Sysroot {
+    fn host() -> Self {
+        Self {
+            arch: Arch::Amd64,
+            root: PathBuf::from("/"),
+            lib_dirs: ["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu"]
+                .map(PathBuf::from)
+                .to_vec(),
+        }
+    }
+
+    /// Debian's arm64 `packages` with their dependencies, downloaded through the private
+    /// apt configuration (checked against the signed index) and unpacked, once.
+    fn arm64(packages: &[&str]) -> Result<Self> {
+        let root = dir().join("sysroot-arm64");
+        let stamp = root.join(".packages");
+        let wanted = packages.join(" ");
+        if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
+            let conf = apt_config("bookworm", Arch::Arm64)?;
+            let lists = conf.parent().context("apt dir")?.join("lists");
+            if !std::fs::read_dir(&lists)?
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with("Packages"))
+            {
+                run(apt(&conf, "apt-get").args(["update", "-qq"]))?;
+            }
+            let debs = dir().join("debs-arm64");
+            std::fs::create_dir_all(debs.join("partial"))?;
+            run(apt(&conf, "apt-get")
+                .args(["install", "--download-only", "-y", "-qq"])
+                .arg(format!("-oDir::Cache::archives={}", debs.display()))
+                .args(packages))?;
+            let _ = std::fs::remove_dir_all(&root);
+            std::fs::create_dir_all(&root)?;
+            for deb in std::fs::read_dir(&debs)?.flatten().map(|e| e.path()) {
+                if deb.extension().is_some_and(|e| e == "deb") {
+                    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+                }
+            }
+            std::fs::write(&stamp, &wanted)?;
+        }
+        let lib_dirs = vec![
+            root.join("lib/aarch64-linux-gnu"),
+            root.join("usr/lib/aarch64-linux-gnu"),
+            PathBuf::from("/usr/aarch64-linux-gnu/lib"),
+        ];
+        Ok(Self {
+            arch: Arch::Arm64,
+            root,
+            lib_dirs,
+        })
+    }
+
+    /// `path` with its symbolic links followed inside the root (Debian's packages link
+    /// `/usr/sbin/ip` to `/bin/ip`: on this machine that would be its own).
+    fn resolve(&self, mut path: PathBuf) -> PathBuf {
+        for _ in 0..8 {
+            let Ok(target) = std::fs::read_link(&path) else {
+                break;
+            };
+            path = match target.strip_prefix("/") {
+                Ok(inside) => self.root.join(inside),
+                Err(_) => path.parent().map_or(target.clone(), |d| d.join(&target)),
+            };
+        }
+        path
+    }
+
+    /// A program by name.
+    fn program(&self, name: &str) -> Result<PathBuf> {
+        ["usr/sbin", "usr/bin", "sbin", "bin"]
+            .iter()
+            .map(|d| self.resolve(self.root.join(d).join(name)))
+            .find(|p| p.is_file())
+            .with_context(|| {
+                format!(
+                    "{name} is not in {} (`cargo xtask setup` installs this machine's)",
+                    self.root.display()
+                )
+            })
+    }
+
+    /// A library by file name.
+    fn library(&self, name: &str) -> Result<PathBuf> {
+        self.lib_dirs
+            .iter()
+            .map(|d| self.resolve(d.join(name)))
+            .find(|p| p.is_file())
+            .with_context(|| format!("{} library {name} not found", self.arch.name()))
+    }
+
+    /// Copies `binary` to `dest` under `tree`, and the libraries it needs (transitively, by
+    /// its ELF `NEEDED` entries) and its program interpreter, where a Debian system of the
+    /// architecture has them.
+    fn pack(&self, tree: &Path, binary: &Path, dest: &str) -> Result<()> {
+        let readelf = |args: &[&str], file: &Path| -> Result<String> {
+            let out = Command::new("readelf").args(args).arg(file).output()?;
+            anyhow::ensure!(out.status.success(), "readelf {}", file.display());
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        let install = |source: &Path, at: &Path| -> Result<()> {
+            if at.exists() {
+                return Ok(());
+            }
+            std::fs::create_dir_all(at.parent().context("a file has a parent")?)?;
+            std::fs::copy(source, at).with_context(|| format!("copying {}", source.display()))?;
+            Ok(())
+        };
+        install(binary, &tree.join(dest))?;
+        let strip = match self.arch {
+            Arch::Amd64 => "strip",
+            Arch::Arm64 => "aarch64-linux-gnu-strip",
+        };
+        run(Command::new(strip).arg(tree.join(dest)))?;
+        let mut todo = vec![binary.to_path_buf()];
+        while let Some(file) = todo.pop() {
+            let dynamic = readelf(&["-d", "--wide"], &file)?;
+            for name in dynamic
+                .lines()
+                .filter(|l| l.contains("(NEEDED)"))
+                .filter_map(|l| l.split_once('[')?.1.split_once(']').map(|(n, _)| n))
+            {
+                let at = tree.join(self.arch.lib_dir()).join(name);
+                if !at.exists() {
+                    let source = self.library(name)?;
+                    install(&source, &at)?;
+                    todo.push(source);
+                }
+            }
+        }
+        let headers = readelf(&["-l", "--wide"], binary)?;
+        if let Some(interp) = headers.lines().find_map(|l| {
+            let (_, rest) = l.split_once("Requesting program interpreter: ")?;
+            Some(rest.trim_end_matches(']').trim().to_owned())
+        }) {
+            let name = Path::new(&interp).file_name().context("interpreter")?;
+            let source = self.library(&name.to_string_lossy())?;
+            install(&source, &tree.join(interp.trim_start_matches('/')))?;
+        }
+        Ok(())
+    }
 }
 
 /// Each kernel's veth module (the sandbox joins pods to the node with veth pairs; Debian
@@ -407,30 +611,78 @@ fn pack_modules(tree: &Path, kernels: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-/// Builds the initramfs: busybox, the agent, the kernel suite with its helpers and tools and
-/// the libraries they link, each kernel's veth module, and the init script.
-fn initramfs(
-    agent: &Path,
-    suite: &[(String, PathBuf)],
-    bins: &Path,
-    kernels: &[PathBuf],
-) -> Result<PathBuf> {
-    let tree = dir().join("initramfs");
+/// The agent's image for `arch`, unpacked as a runtime does: the platform's manifest picked
+/// from the image index (skopeo), its layers applied (umoci). Returns the root file system.
+fn unpack_image(archive: &Path, arch: Arch) -> Result<PathBuf> {
+    let work = dir().join(format!("image-{}", arch.name()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    run(Command::new("skopeo")
+        .args(["--insecure-policy", "--override-os", "linux"])
+        .args(["--override-arch", arch.name(), "copy", "--quiet"])
+        .arg(format!("oci-archive:{}", archive.display()))
+        .arg(format!("oci:{}:agent", work.join("layout").display())))?;
+    run(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:agent", work.join("layout").display()))
+        .arg(work.join("bundle")))?;
+    let rootfs = work.join("bundle/rootfs");
+    let header = Command::new("readelf")
+        .arg("-h")
+        .arg(rootfs.join("eks-pod-identity-agent"))
+        .output()?;
+    let machine = match arch {
+        Arch::Amd64 => "X86-64",
+        Arch::Arm64 => "AArch64",
+    };
+    anyhow::ensure!(
+        String::from_utf8_lossy(&header.stdout).contains(machine),
+        "the image's {} entry holds no {machine} agent",
+        arch.name()
+    );
+    Ok(rootfs)
+}
+
+/// What goes into one architecture's initramfs.
+struct Payload<'a> {
+    /// The agent image's root file system (the agent at /eks-pod-identity-agent).
+    image_root: &'a Path,
+    /// Programs and libraries.
+    sysroot: &'a Sysroot,
+    /// The kernel suite's test binaries, by name.
+    suite: &'a [(String, PathBuf)],
+    /// Where the harness helpers were built.
+    helpers: &'a Path,
+}
+
+/// Builds an initramfs: busybox, the agent's image, the kernel suite with its helpers and
+/// tools and the libraries they link, each kernel's veth module, and the init script.
+fn initramfs(arch: Arch, payload: &Payload, kernels: &[PathBuf]) -> Result<PathBuf> {
+    let tree = dir().join(format!("initramfs-{}", arch.name()));
     let _ = std::fs::remove_dir_all(&tree);
     for sub in ["bin", "proc", "sys", "dev", "tmp", "suite/deps"] {
         std::fs::create_dir_all(tree.join(sub))?;
     }
-    std::fs::copy("/bin/busybox", tree.join("bin/busybox"))
-        .context("busybox (Debian's busybox-static)")?;
-    pack(&tree, agent, "bin/agent")?;
-    for (name, exe) in suite {
-        pack(&tree, exe, &format!("suite/deps/{name}"))?;
+    let sysroot = payload.sysroot;
+    sysroot.pack(&tree, &sysroot.program("busybox")?, "bin/busybox")?;
+    // The image's files as they are (binary, libraries), the agent named as the suite expects.
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", payload.image_root.display()))
+        .arg(&tree))?;
+    std::os::unix::fs::symlink("/eks-pod-identity-agent", tree.join("bin/agent"))?;
+    for (name, exe) in payload.suite {
+        sysroot.pack(&tree, exe, &format!("suite/deps/{name}"))?;
     }
     for helper in HELPERS {
-        pack(&tree, &bins.join(helper), &format!("suite/{helper}"))?;
+        sysroot.pack(
+            &tree,
+            &payload.helpers.join(helper),
+            &format!("suite/{helper}"),
+        )?;
     }
     for (tool, dest) in TOOLS {
-        pack(&tree, &host_tool(tool)?, dest)?;
+        sysroot.pack(&tree, &sysroot.program(tool)?, dest)?;
     }
     pack_modules(&tree, kernels)?;
     let list: String = SUITE
@@ -440,7 +692,7 @@ fn initramfs(
     std::fs::write(tree.join("suite/list"), list)?;
     std::fs::write(tree.join("init"), INIT)?;
     run(Command::new("chmod").arg("+x").arg(tree.join("init")))?;
-    let image = dir().join("initramfs.cpio.gz");
+    let image = dir().join(format!("initramfs-{}.cpio.gz", arch.name()));
     let status = Command::new("sh")
         .arg("-c")
         .arg(format!(
@@ -453,21 +705,23 @@ fn initramfs(
     Ok(image)
 }
 
-/// Boots `vmlinuz` with `initrd`; returns the console output.
-fn boot(vmlinuz: &Path, initrd: &Path, log: &Path) -> Result<String> {
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-machine", "q35", "-m", "2048", "-smp", "1", "-nographic"])
+/// Boots `vmlinuz` with `initrd` on an emulated `arch` machine; returns the console output.
+fn boot(arch: Arch, vmlinuz: &Path, initrd: &Path, log: &Path) -> Result<String> {
+    let (qemu, machine, console) = arch.qemu();
+    let mut child = Command::new(qemu)
+        .args(machine)
+        .args(["-m", "2048", "-smp", "1", "-nographic"])
         .args(["-nic", "none", "-no-reboot"])
         .arg("-kernel")
         .arg(vmlinuz)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .args(["-append", &format!("console={console} panic=-1 quiet")])
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(log)?)
         .stderr(Stdio::inherit())
         .spawn()
-        .context("starting qemu-system-x86_64")?;
+        .with_context(|| format!("starting {qemu}"))?;
     let started = Instant::now();
     loop {
         if child.try_wait()?.is_some() {
@@ -534,7 +788,7 @@ fn test_runs(console: &str) -> Vec<TestRun> {
 
 /// Fetches `family`'s kernel; returns (package, unpacked tree, vmlinuz).
 fn kernel(family: &Family) -> Result<(String, PathBuf, PathBuf)> {
-    let conf = apt_config(family.suite)?;
+    let conf = apt_config(family.suite, family.arch)?;
     let package = resolve(family, &conf)?;
     let tree = fetch(&package, &conf)?;
     let vmlinuz = std::fs::read_dir(tree.join("boot"))?
@@ -550,9 +804,9 @@ fn kernel(family: &Family) -> Result<(String, PathBuf, PathBuf)> {
 
 /// Boots one family and reads what it showed; the report lists each test.
 fn run_one(family: &Family, package: String, vmlinuz: &Path, initrd: &Path) -> Result<Outcome> {
-    let log = dir().join(format!("console-{}.log", family.name));
+    let log = dir().join(format!("console-{}.log", family.name.replace(' ', "-")));
     let started = Instant::now();
-    let console = boot(vmlinuz, initrd, &log)?;
+    let console = boot(family.arch, vmlinuz, initrd, &log)?;
     let outcome = Outcome {
         family: family.name,
         package,
@@ -593,39 +847,95 @@ fn run_one(family: &Family, package: String, vmlinuz: &Path, initrd: &Path) -> R
 /// Boots each family with `agent` and runs the kernel suite there, all VMs at once; fails
 /// unless every one ran in eBPF mode and passed every test. Writes docs/kernels.md from what
 /// the kernels showed.
-pub fn run_all(agent: &Path) -> Result<Vec<Outcome>> {
-    let qemu = Command::new("qemu-system-x86_64").arg("--version").output();
-    if !qemu.is_ok_and(|o| o.status.success()) {
-        bail!(
-            "qemu-system-x86_64 is missing: `cargo xtask setup` installs Debian's qemu-system-x86"
-        );
+pub fn run_all(amd64: &Path, arm64: &Path) -> Result<Vec<Outcome>> {
+    for arch in [Arch::Amd64, Arch::Arm64] {
+        let (qemu, _, _) = arch.qemu();
+        let found = Command::new(qemu).arg("--version").output();
+        if !found.is_ok_and(|o| o.status.success()) {
+            bail!("{qemu} is missing: `cargo xtask setup` installs Debian's qemu-system-x86 and qemu-system-arm");
+        }
     }
     let started = Instant::now();
     let kernels = step("kernels: fetch", || {
         FAMILIES.iter().map(kernel).collect::<Result<Vec<_>>>()
     })?;
+    // The agent as it ships: the two-architecture image, unpacked per architecture.
     let bins = crate::steps::harness_bins(crate::steps::Profile::Debug)?;
-    let suite = step("kernels: build the kernel suite", suite_binaries)?;
-    let trees: Vec<PathBuf> = kernels.iter().map(|(_, t, _)| t.clone()).collect();
-    let initrd = step("kernels: initramfs", || {
-        initramfs(agent, &suite, &bins, &trees)
+    let archive = step("kernels: the agent's image (amd64 + arm64)", || {
+        let out = dir().join("image");
+        run(Command::new(bins.join("image"))
+            .arg(amd64)
+            .arg(&out)
+            .arg("--arm64")
+            .arg(arm64))?;
+        Ok(out.join("image.tar"))
     })?;
+    let mut initrds = Vec::new();
+    for arch in [Arch::Amd64, Arch::Arm64] {
+        let label = arch.name();
+        let image_root = step(&format!("kernels: unpack the {label} image"), || {
+            unpack_image(&archive, arch)
+        })?;
+        let suite = step(
+            &format!("kernels: build the kernel suite ({label})"),
+            || suite_binaries(arch),
+        )?;
+        let (sysroot, helpers) = match arch {
+            Arch::Amd64 => (Sysroot::host(), bins.clone()),
+            Arch::Arm64 => (
+                step("kernels: Debian's arm64 tools", || {
+                    Sysroot::arm64(&ARM64_PACKAGES)
+                })?,
+                step("kernels: harness helpers (arm64)", cross_helpers)?,
+            ),
+        };
+        let trees: Vec<PathBuf> = FAMILIES
+            .iter()
+            .zip(&kernels)
+            .filter(|(f, _)| f.arch == arch)
+            .map(|(_, (_, t, _))| t.clone())
+            .collect();
+        let payload = Payload {
+            image_root: &image_root,
+            sysroot: &sysroot,
+            suite: &suite,
+            helpers: &helpers,
+        };
+        let initrd = step(&format!("kernels: initramfs ({label})"), || {
+            initramfs(arch, &payload, &trees)
+        })?;
+        initrds.push((arch, initrd));
+    }
     let names: Vec<&str> = FAMILIES.iter().map(|f| f.name).collect();
-    let results = step(&format!("kernels: {} at once", names.join(", ")), || {
-        Ok(std::thread::scope(|s| {
-            let vms: Vec<_> = FAMILIES
-                .iter()
-                .zip(kernels)
-                .map(|(family, (package, _, vmlinuz))| {
-                    let initrd = &initrd;
-                    s.spawn(move || run_one(family, package, &vmlinuz, initrd))
-                })
-                .collect();
-            vms.into_iter()
-                .map(|vm| vm.join().expect("VM thread panicked"))
-                .collect::<Vec<_>>()
-        }))
-    })?;
+    let results = step(
+        &format!("kernels: {} (amd64 at once, then arm64)", names.join(", ")),
+        || {
+            // Two waves, one per architecture: four emulated CPUs on two cores broke
+            // connections in the amd64 upgrade test (3 of 3,000).
+            let mut results = Vec::new();
+            for wave in [Arch::Amd64, Arch::Arm64] {
+                results.extend(std::thread::scope(|s| {
+                    let vms: Vec<_> = FAMILIES
+                        .iter()
+                        .zip(kernels.clone())
+                        .filter(|(family, _)| family.arch == wave)
+                        .map(|(family, (package, _, vmlinuz))| {
+                            let initrd = &initrds
+                                .iter()
+                                .find(|(a, _)| *a == family.arch)
+                                .expect("an initramfs per architecture")
+                                .1;
+                            s.spawn(move || run_one(family, package, &vmlinuz, initrd))
+                        })
+                        .collect();
+                    vms.into_iter()
+                        .map(|vm| vm.join().expect("VM thread panicked"))
+                        .collect::<Vec<_>>()
+                }));
+            }
+            Ok(results)
+        },
+    )?;
     let mut outcomes = Vec::new();
     let mut failures = Vec::new();
     for result in results {
@@ -658,9 +968,12 @@ fn table(outcomes: &[Outcome], took: Duration) -> String {
         "# Kernels\n\n\
          Written by `cargo xtask kernels` (a step of `cargo xtask test`) from its last run: each \
          kernel is Debian's own cloud kernel package, booted under qemu (TCG, no network \
-         device) from an initramfs holding the release agent, the sandbox's test binaries and \
-         the tools they run. In each VM the agent starts alone (mode, features, the programs it \
-         attached), then the tests below run against it, unchanged from the host's suite.\n\n\
+         device) from an initramfs holding the agent as its image ships it (the amd64 + arm64 \
+         image index `cargo xtask image` builds, unpacked for the VM's architecture as a \
+         runtime does), the sandbox's test binaries and the tools they run. In each VM the \
+         agent starts alone (mode, features, the programs it attached), then the tests below \
+         run against it, unchanged from the host's suite. On arm64 (`qemu-system-aarch64 -M \
+         virt -cpu max`) the suite is cross-built and its tools are Debian's arm64 packages.\n\n\
          5.10 stands in for the pre-5.18 family (Amazon Linux 2's 5.10, Ubuntu 22.04's 5.15, \
          which Debian does not package): it lacks `bpf_set_retval`, so a connect over the \
          pod's budget fails with `EPERM` there instead of `ECONNREFUSED`. Everything else \
@@ -732,7 +1045,7 @@ fn table(outcomes: &[Outcome], took: Duration) -> String {
         md.push_str(&format!("- {}: `{}::{}`\n", t.column, t.binary, t.name));
     }
     md.push_str(&format!(
-        "\nThe matrix took {:.0} s (fetch, build, the three VMs at once, 1 vCPU and 2 GiB \
+        "\nThe matrix took {:.0} s (fetch, build, the VMs at once, 1 vCPU and 2 GiB \
          each).\n",
         took.as_secs_f64()
     ));

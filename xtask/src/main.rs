@@ -1,6 +1,7 @@
 //! `cargo xtask`: the one entry point a person or CI needs. Every step does its own set-up,
 //! idempotently, so a fresh machine with only rustup's stable Rust gets everything it needs.
 
+mod cross;
 mod kernels;
 mod setup;
 mod steps;
@@ -38,8 +39,8 @@ enum Cmd {
     /// Benchmarks in the node sandbox: ratios against baselines measured in the same run,
     /// written to target/bench/.
     Bench,
-    /// Build the agent's OCI image without a Docker engine: target/image/image.tar
-    /// (`ctr images import`, `skopeo copy oci-archive:…`).
+    /// Build the agent's OCI image without a Docker engine, amd64 + arm64 (an image index):
+    /// target/image/image.tar (`ctr images import`, `skopeo copy --all oci-archive:…`).
     Image {
         /// Then push it to this reference (`registry.example.com/eks-pod-identity-agent:0.1.0`)
         /// with skopeo, using skopeo's credentials (`skopeo login`, `REGISTRY_AUTH_FILE`).
@@ -51,8 +52,9 @@ enum Cmd {
     },
     /// Build the images and run the kind recipe (deploy/kind) where docker and kind exist.
     KindE2e,
-    /// Boot Debian's 5.10, 6.1 and 6.12 cloud kernels under qemu and run the kernel suite
-    /// (the sandbox's kernel-path tests, the release agent) in each; writes docs/kernels.md.
+    /// Boot Debian's 5.10, 6.1 and 6.12 cloud kernels and the arm64 6.1 one under qemu and run
+    /// the kernel suite (the sandbox's kernel-path tests, the agent from its image) in each;
+    /// writes docs/kernels.md.
     Kernels,
 }
 
@@ -69,7 +71,8 @@ fn main() -> std::process::ExitCode {
         Cmd::Bench => steps::bench(),
         Cmd::Kernels => setup::all()
             .and_then(|()| steps::build())
-            .and_then(|agent| kernels::run_all(&agent))
+            .and_then(|agent| Ok((agent, cross::build_agent()?)))
+            .and_then(|(amd64, arm64)| kernels::run_all(&amd64, &arm64))
             .map(drop),
     };
     println!("xtask: finished in {:.1?}", started.elapsed());

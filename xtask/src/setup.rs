@@ -37,6 +37,11 @@ pub const APT_PACKAGES: &[&str] = &[
     "skopeo",
     // The kernel matrix (`cargo xtask kernels`): Debian's cloud kernels booted under TCG.
     "qemu-system-x86",
+    // arm64: the cross linker and glibc the agent links against, and the VM that boots
+    // Debian's arm64 kernel with the arm64 image.
+    "gcc-aarch64-linux-gnu",
+    "libc6-dev-arm64-cross",
+    "qemu-system-arm",
 ];
 
 /// Python test tools, pinned: botocore (the client matrix), kubernetes-validate and yamllint
@@ -73,6 +78,10 @@ pub fn run(toolchain_only: bool) -> Result<()> {
     require_root()?;
     step("setup: Debian packages", apt)?;
     step("setup: bpf-linker", bpf_linker)?;
+    step(
+        "setup: Rust's arm64 standard library",
+        crate::cross::rust_target,
+    )?;
     if !toolchain_only {
         step("setup: Python test tools (virtualenv)", python_tools)?;
         step("setup: helm and kubectl", kube_tools)?;

@@ -226,15 +226,18 @@ pub fn test() -> Result<()> {
         validate_manifests,
     )?;
     let agent = build()?;
+    let arm64 = crate::cross::build_agent()?;
     let bins = harness_bins(Profile::Debug)?;
     step("leftovers of dead runs", || {
         run(Command::new(bins.join("reap")).arg("--dead"))
     })?;
     let run_id = run_prefix("");
     let agent_bin = agent.to_string_lossy().into_owned();
+    let arm64_bin = arm64.to_string_lossy().into_owned();
     let env = [
         ("PIA_RUN", run_id.as_str()),
         ("AGENT_BIN", agent_bin.as_str()),
+        ("AGENT_BIN_ARM64", arm64_bin.as_str()),
     ];
     let mut tally = Tally::default();
     let result = cargo_test(
@@ -263,7 +266,7 @@ pub fn test() -> Result<()> {
         .and(leaks)
         // The programs must load and attach on every kernel family nodes run, not only this
         // machine's (docs/kernel-notes.md, "Older kernels").
-        .and_then(|()| crate::kernels::run_all(&agent).map(drop))
+        .and_then(|()| crate::kernels::run_all(&agent, &arm64).map(drop))
         .and_then(|()| step("demo, from a clean harness build", || demo_fresh(&agent)));
     println!("\n==== summary ====");
     for line in tally
@@ -498,11 +501,13 @@ fn build_and_run(name: &str, profile: Profile) -> Result<()> {
 pub fn image(push: Option<&str>, plain_http: bool) -> Result<PathBuf> {
     setup::all()?;
     let agent = build()?;
+    let arm64 = crate::cross::build_agent()?;
     let bins = harness_bins(Profile::Release)?;
     let out = root().join("target/image");
-    step("agent image (OCI archive)", || {
+    step("agent image (OCI archive, amd64 + arm64)", || {
         let mut cmd = Command::new(bins.join("image"));
         cmd.arg(&agent).arg(&out).arg(env!("CARGO_PKG_VERSION"));
+        cmd.arg("--arm64").arg(&arm64);
         if let Some(reference) = push {
             cmd.args(["--push", reference]);
         }
