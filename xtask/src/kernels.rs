@@ -1045,8 +1045,8 @@ fn table(outcomes: &[Outcome], took: Duration) -> String {
         md.push_str(&format!("- {}: `{}::{}`\n", t.column, t.binary, t.name));
     }
     md.push_str(&format!(
-        "\nThe matrix took {:.0} s (fetch, build, the VMs at once, 1 vCPU and 2 GiB \
-         each).\n",
+        "\nThe matrix took {:.0} s (fetch, build, then the amd64 VMs at once and the \
+         arm64 one after them, 1 vCPU and 2 GiB each).\n",
         took.as_secs_f64()
     ));
     md
