@@ -222,6 +222,13 @@ pub struct Metrics {
     pub pod_connects_refused: Family<PodLabel, Gauge<u64, AtomicU64>>,
     /// Handovers between an agent and the one replacing it, by direction and outcome.
     pub handovers: Family<HandoverLabels, Counter>,
+    /// 1 while `/readyz` would answer 200 (set at scrape time).
+    pub ready: Gauge<u64, AtomicU64>,
+    /// `--max-cache-size`: what `cache_entries` is measured against.
+    pub cache_capacity: Gauge<u64, AtomicU64>,
+    /// Seconds until the soonest expiry among cached credentials (set at scrape time; no
+    /// sample while none are cached).
+    pub cache_soonest_expiry: Family<Vec<(String, String)>, Gauge<f64, AtomicU64>>,
     /// Cache entries this agent adopted from the agent it replaced.
     pub handover_entries: Counter,
     hot: Hot,
@@ -306,6 +313,30 @@ impl Default for Metrics {
         let prewarmed = Counter::default();
         let handovers = Family::default();
         let handover_entries = Counter::default();
+        let ready = Gauge::default();
+        let cache_capacity = Gauge::default();
+        let cache_soonest_expiry = Family::default();
+        register(
+            &mut registry,
+            &mut names,
+            "pod_identity_ready",
+            "1 while the agent is ready (listeners serving and, in eBPF mode, every program in effect)",
+            ready.clone(),
+        );
+        register(
+            &mut registry,
+            &mut names,
+            "pod_identity_cache_capacity",
+            "Most cached identities (--max-cache-size)",
+            cache_capacity.clone(),
+        );
+        register(
+            &mut registry,
+            &mut names,
+            "pod_identity_cache_soonest_expiry_seconds",
+            "Seconds until the soonest expiry among cached credentials",
+            cache_soonest_expiry.clone(),
+        );
         register(
             &mut registry,
             &mut names,
@@ -484,6 +515,9 @@ impl Default for Metrics {
             pod_connects_refused,
             handovers,
             handover_entries,
+            ready,
+            cache_capacity,
+            cache_soonest_expiry,
             hot: Hot::default(),
             http_response,
             cache_state,

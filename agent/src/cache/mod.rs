@@ -326,6 +326,26 @@ impl Cache {
         self.entries.is_empty()
     }
 
+    /// Most entries the cache keeps (`--max-cache-size`).
+    pub fn capacity(&self) -> usize {
+        self.config.max_entries
+    }
+
+    /// Time left until the soonest expiry among cached credentials (zero for expired ones
+    /// not swept yet), `None` while none are cached. Locks each entry in turn: for scrapes.
+    pub fn soonest_expiry(&self) -> Option<Duration> {
+        let now = Instant::now();
+        self.entries
+            .iter()
+            .filter_map(|e| {
+                let st = e.value().state.lock().expect("not poisoned");
+                st.creds
+                    .as_ref()
+                    .map(|c| c.expires_at.saturating_duration_since(now))
+            })
+            .min()
+    }
+
     fn disabled(&self) -> bool {
         self.config.max_entries == 0 || self.config.max_retention.is_zero()
     }

@@ -632,3 +632,27 @@ async fn an_import_keeps_the_bound_and_skips_what_cannot_be_served() {
     assert_eq!(small.import(snapshot), 1);
     assert_eq!(small.len(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_soonest_expiry_is_the_oldest_credentials_and_falls_through_an_outage() {
+    let (up, c) = bounded(10);
+    assert_eq!(c.soonest_expiry(), None, "nothing cached yet");
+    assert_eq!(c.capacity(), 10);
+    c.get(lookup(pod("a"), "ta")).await.unwrap();
+    tokio::time::advance(10 * MIN).await;
+    c.get(lookup(pod("b"), "tb")).await.unwrap();
+    let left = c.soonest_expiry().unwrap();
+    // a's hour, less the 10 minutes since (whole-second expiry, 50 ms calls).
+    assert!(
+        left > 49 * MIN && left <= 50 * MIN + Duration::from_secs(1),
+        "{left:?}"
+    );
+    // EKS Auth down: nothing renews, the soonest expiry only comes closer.
+    up.set(Behaviour::Fail(unavailable()));
+    tokio::time::advance(25 * MIN).await;
+    let later = c.soonest_expiry().unwrap();
+    assert!(
+        later < left && later <= 25 * MIN + Duration::from_secs(1),
+        "{later:?}"
+    );
+}

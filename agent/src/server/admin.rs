@@ -121,6 +121,14 @@ pub fn metrics(state: &State, path: &str) -> Response<Full<Bytes>> {
         .get_or_create(&ModeLabel { mode: state.mode() })
         .set(1);
     m.cache_entries.set(state.cache.len() as u64);
+    m.cache_capacity.set(state.cache.capacity() as u64);
+    m.ready.set(u64::from(readiness(state).0));
+    m.cache_soonest_expiry.clear();
+    if let Some(left) = state.cache.soonest_expiry() {
+        m.cache_soonest_expiry
+            .get_or_create(&Vec::new())
+            .set(left.as_secs_f64());
+    }
     if let Some(steering) = &state.steering {
         m.ebpf_tuples.set(steering.live_tuples() as u64);
         for (feature, on) in steering.features().list() {
