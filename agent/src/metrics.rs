@@ -173,7 +173,8 @@ pub struct HandoverLabels {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    names: Vec<&'static str>,
+    names: Vec<(&'static str, MetricType)>,
+    family_names: Vec<&'static str>,
     /// `pod_identity_http_response{code}` (reference).
     pub http_response: Family<CodeLabel, ReferenceCounter>,
     /// `pod_identity_cache_state{state}` (reference).
@@ -243,14 +244,14 @@ struct Hot {
     attributed: OnceLock<Counter>,
 }
 
-fn register<M: prometheus_client::registry::Metric>(
+fn register<M: prometheus_client::registry::Metric + TypedMetric>(
     registry: &mut Registry,
-    names: &mut Vec<&'static str>,
+    names: &mut Vec<(&'static str, MetricType)>,
     name: &'static str,
     help: &str,
     metric: M,
 ) {
-    names.push(name);
+    names.push((name, M::TYPE));
     registry.register(name, help, metric);
 }
 
@@ -497,6 +498,7 @@ impl Default for Metrics {
         );
         Self {
             registry,
+            family_names: names.iter().map(|(n, _)| *n).collect(),
             names,
             connection_errors,
             admission_rejected,
@@ -534,7 +536,23 @@ impl Default for Metrics {
 impl Metrics {
     /// Every metric family's name (as registered; counters gain `_total` in the exposition).
     pub fn names(&self) -> &[&'static str] {
-        &self.names
+        &self.family_names
+    }
+
+    /// Every series name a scrape can hold (families without samples print nothing, so a
+    /// scrape cannot tell): counters as `_total`, histograms as `_bucket`, `_sum` and
+    /// `_count`, the rest as registered.
+    pub fn series_names(&self) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        for (name, kind) in &self.names {
+            let suffixes: &[&str] = match kind {
+                MetricType::Counter => &["_total"],
+                MetricType::Histogram => &["_bucket", "_sum", "_count"],
+                _ => &[""],
+            };
+            out.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+        }
+        out
     }
 
     /// The OpenMetrics text exposition.
@@ -645,5 +663,38 @@ mod tests {
             text.contains("pod_identity_request_duration_seconds_bucket{"),
             "{text}"
         );
+    }
+
+    /// Every `pod_identity_*` word of `text`.
+    fn named_series(text: &str) -> std::collections::BTreeSet<String> {
+        text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("pod_identity_"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn every_series_the_alerts_and_the_dashboard_read_is_one_the_agent_exports() {
+        let exported = Metrics::default().series_names();
+        assert!(exported.contains("pod_identity_attribution_total"));
+        assert!(exported.contains("pod_identity_upstream_duration_seconds_bucket"));
+        for (file, text) in [
+            (
+                "alerts.yaml",
+                include_str!("../../deploy/chart/files/alerts.yaml"),
+            ),
+            (
+                "dashboard.json",
+                include_str!("../../deploy/chart/files/dashboard.json"),
+            ),
+        ] {
+            let named = named_series(text);
+            assert!(named.len() > 10, "{file}: {named:?}");
+            let unknown: Vec<_> = named.difference(&exported).collect();
+            assert!(
+                unknown.is_empty(),
+                "{file} reads series the agent does not export: {unknown:?}"
+            );
+        }
     }
 }

@@ -275,3 +275,48 @@ fn every_render_is_valid_for_the_kubernetes_versions_supported() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn the_alerts_and_the_dashboard_ship_in_the_chart_as_their_files_hold_them() -> Result<()> {
+    // Off by default: the default render stays the kustomize output (another test).
+    let defaults = helm_template(&[], &[])?;
+    assert!(of_kind(&defaults, "PrometheusRule").is_empty());
+    assert!(of_kind(&defaults, "ConfigMap").is_empty());
+    let sets = [
+        "metrics.prometheusRule.enabled=true",
+        "metrics.prometheusRule.extraLabels.release=kube-prometheus-stack",
+        "metrics.dashboard.enabled=true",
+    ];
+    let objects = helm_template(&[], &sets)?;
+    let rules = of_kind(&objects, "PrometheusRule");
+    assert_eq!(rules.len(), 1);
+    // Helm does not template the file: Prometheus' own `{{ $labels.… }}` arrive intact.
+    let file = std::fs::read_to_string(tests::chart::repo("deploy/chart/files/alerts.yaml"))?;
+    let plain = &tests::chart::yaml_docs(&file)?[0];
+    assert_eq!(rules[0]["spec"], *plain);
+    assert_eq!(
+        rules[0]["metadata"]["labels"]["release"],
+        "kube-prometheus-stack"
+    );
+    assert!(file.contains("{{ $labels.instance }}"));
+    let maps = of_kind(&objects, "ConfigMap");
+    assert_eq!(maps.len(), 1);
+    assert_eq!(maps[0]["metadata"]["labels"]["grafana_dashboard"], "1");
+    let shipped: Value = serde_json::from_str(
+        maps[0]["data"]["eks-pod-identity-agent.json"]
+            .as_str()
+            .context("the dashboard's JSON")?,
+    )?;
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(tests::chart::repo(
+        "deploy/chart/files/dashboard.json",
+    ))?)?;
+    assert_eq!(shipped, dashboard);
+    // The ConfigMap is checked against Kubernetes' schemas (PrometheusRule is a CRD, which
+    // kubernetes-validate does not hold).
+    let text = helm_template_text(&[], &sets)?;
+    let kept: Vec<&str> = text
+        .split("\n---")
+        .filter(|doc| !doc.contains("kind: PrometheusRule"))
+        .collect();
+    validate(&kept.join("\n---"), &VERSIONS)
+}

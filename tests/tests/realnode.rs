@@ -622,3 +622,119 @@ fn a_render_of_upstreams_values_runs_from_an_image_the_runtime_pulls_from_a_regi
     assert_eq!(fake.calls(), 1);
     Ok(())
 }
+
+/// The operator's view: a Prometheus in the node's namespace scrapes the agent (run from the
+/// chart's default render) where the chart's pod annotations say, evaluates the chart's alert
+/// rules, and reports through its own API what a pod's replayed token and an EKS Auth outage
+/// look like.
+#[test]
+fn a_prometheus_scraping_the_agent_as_the_chart_says_sees_a_replay_and_an_eks_auth_outage(
+) -> Result<()> {
+    use tests::fake_eks::Fault;
+    use tests::prometheus::{Prometheus, Target};
+    let (mut node, fake) = real_node()?;
+    let a = node.run_pod("app", "reader", 1, false)?;
+    let b = node.run_pod("app", "reader", 1, false)?;
+    node.import_agent_image(&tests::agent::agent_bin()?)?;
+    let objects = tests::chart::helm_template(&[], &[])?;
+    let ds = tests::chart::of_kind(&objects, "DaemonSet")[0].clone();
+    let annotations = &ds["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    let target = Target {
+        address: format!(
+            "127.0.0.1:{}",
+            annotations["prometheus.io/port"]
+                .as_str()
+                .context("prometheus.io/port")?
+        ),
+        path: annotations["prometheus.io/path"]
+            .as_str()
+            .context("prometheus.io/path")?
+            .to_owned(),
+    };
+    let env = daemonset_env(&fake);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let agent = node.run_agent(&ds, &env)?;
+    wait_ready(&node, &agent)?;
+    let rules = tests::chart::repo("deploy/chart/files/alerts.yaml");
+    let prom = Prometheus::start(&node, 9090, &target, &rules)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while prom.query(&node, "pod_identity_ready")? != Some(1.0) {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no ready agent in Prometheus: targets {:?}; {}",
+            prom.targets(&node)?,
+            prom.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(prom.targets(&node)?, vec![("up".into(), String::new())]);
+    assert_eq!(
+        prom.query(&node, "pod_identity_agent_mode{mode=\"ebpf\"}")?,
+        Some(1.0)
+    );
+    // Serving normally: a few evaluations later, nothing pending or firing.
+    for pod in [a, b] {
+        assert_eq!(curl_in(&node, pod, 0, None)?.0, 200);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let quiet = prom.alerts(&node)?;
+    assert!(quiet.is_empty(), "alerts while all is well: {quiet:?}");
+    // Pod b presents pod a's token: refused, and the replay alert fires at once (no `for`).
+    let stolen = std::fs::read_to_string(&node.pods()[a].token_file)?;
+    let (status, body) = curl_in(&node, b, 0, Some(&stolen))?;
+    assert_eq!(status, 403, "{body}");
+    let started = std::time::Instant::now();
+    let replay = prom.wait_for_alert(
+        &node,
+        "PodIdentityAgentReplayedToken",
+        &["firing"],
+        Duration::from_secs(20),
+    )?;
+    println!(
+        "PIA-NOTE alerts: PodIdentityAgentReplayedToken firing {:.1} s after the replay: {}",
+        started.elapsed().as_secs_f64(),
+        replay.labels
+    );
+    assert_eq!(replay.labels["outcome"], "mismatch");
+    assert_eq!(replay.labels["job"], tests::prometheus::JOB);
+    // EKS Auth goes down: a new pod identity's calls fail; the alert is pending (it fires
+    // after 10 minutes of it, which promtool's unit test covers).
+    fake.set_fault(Fault::Status(503));
+    let c = node.run_pod("app", "reader", 1, false)?;
+    let (status, body) = curl_in(&node, c, 0, None)?;
+    assert_eq!(status, 503, "{body}");
+    let started = std::time::Instant::now();
+    let outage = prom.wait_for_alert(
+        &node,
+        "PodIdentityAgentEksAuthUnavailable",
+        &["pending", "firing"],
+        Duration::from_secs(30),
+    )?;
+    println!(
+        "PIA-NOTE alerts: PodIdentityAgentEksAuthUnavailable {} {:.1} s after the outage began",
+        outage.state,
+        started.elapsed().as_secs_f64()
+    );
+    // Pods already served keep their credentials meanwhile.
+    assert_eq!(curl_in(&node, a, 0, None)?.0, 200);
+    let active: Vec<String> = prom
+        .alerts(&node)?
+        .into_iter()
+        .map(|a| format!("{} {}", a.name, a.state))
+        .collect();
+    println!("PIA-NOTE alerts: active at the end: {active:?}");
+    for name in [
+        "PodIdentityAgentDown",
+        "PodIdentityAgentNotReady",
+        "PodIdentityAgentEbpfFallback",
+        "PodIdentityAgentHookBypassed",
+        "PodIdentityAgentCredentialsNearExpiry",
+    ] {
+        assert!(
+            !active.iter().any(|a| a.starts_with(&format!("{name} "))),
+            "{name} went off: {active:?}"
+        );
+    }
+    Ok(())
+}

@@ -35,6 +35,9 @@ pub const APT_PACKAGES: &[&str] = &[
     // from, and skopeo, which pushes the image (`cargo xtask image --push`).
     "docker-registry",
     "skopeo",
+    // Operators' view: promtool checks and unit-tests the alert rules and the dashboard's
+    // queries; the real node runs Prometheus against the agent.
+    "prometheus",
     // The kernel matrix (`cargo xtask kernels`): Debian's cloud kernels booted under TCG.
     "qemu-system-x86",
     // arm64: the cross linker and glibc the agent links against, and the VM that boots

@@ -163,12 +163,14 @@ fn cargo_test(name: &str, args: &[&str], env: &[(&str, &str)], tally: &mut Tally
 
 /// The harness's own unit tests and the end-to-end test binaries of the `tests` crate (the
 /// leak check runs after them).
-const E2E_SUITES: [&str; 31] = [
+const E2E_SUITES: [&str; 33] = [
     "-p",
     "tests",
     "--lib",
     "--test",
     "chart",
+    "--test",
+    "monitoring",
     "--test",
     "e2e",
     "--test",
