@@ -18,6 +18,7 @@ pub mod issuer;
 pub mod leaks;
 pub mod names;
 pub mod netns;
+pub mod plots;
 pub mod prometheus;
 pub mod realnode;
 pub mod registry;

@@ -698,6 +698,16 @@ fn a_prometheus_scraping_the_agent_as_the_chart_says_sees_a_replay_and_an_eks_au
     );
     assert_eq!(replay.labels["outcome"], "mismatch");
     assert_eq!(replay.labels["job"], tests::prometheus::JOB);
+    // What the runbook tells the operator to look for: both pods, by UID, and never the token.
+    let log = node.pod_logs(&agent.uid);
+    let line = log
+        .lines()
+        .find(|l| l.contains("TokenPodMismatch"))
+        .with_context(|| format!("no TokenPodMismatch line: {log}"))?;
+    assert!(line.contains("\"WARN\""), "{line}");
+    assert!(line.contains(&node.pods()[b].uid), "{line}");
+    assert!(line.contains(&node.pods()[a].uid), "{line}");
+    assert!(!log.contains(stolen.trim()), "the token was logged");
     // EKS Auth goes down: a new pod identity's calls fail; the alert is pending (it fires
     // after 10 minutes of it, which promtool's unit test covers).
     fake.set_fault(Fault::Status(503));

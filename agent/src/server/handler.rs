@@ -250,17 +250,24 @@ async fn credentials<B>(
         .transpose()?
         .unwrap_or_default();
     let parsed = memo.token(token, token::epoch_secs() as i64)?;
-    let ((key, subject), cgroup) = match identity {
+    let ((key, subject), cgroup, calling_pod) = match identity {
         Identity::Pod { uid, cgroup } => {
             if parsed.claims.pod_uid() != Some(&*uid) {
                 count_attribution(state, caller, Outcome::Mismatch);
+                // Pod UIDs only: what an operator needs to find both pods (the alert's
+                // runbook), nothing of the token itself.
+                tracing::warn!(
+                    calling_pod = %uid,
+                    token_pod = parsed.claims.pod_uid().unwrap_or("none"),
+                    "refused a token that names another pod (TokenPodMismatch)"
+                );
                 return Err(RequestError::Mismatch);
             }
             // The kernel proved the pod; the token names its service account, which the
             // cache holds the pod to.
-            (memo.key(&parsed, Some(&uid)), Some(cgroup))
+            (memo.key(&parsed, Some(&uid)), Some(cgroup), Some(uid))
         }
-        Identity::Peer(_) => (memo.key(&parsed, None), None),
+        Identity::Peer(_) => (memo.key(&parsed, None), None, None),
     };
     let result = state
         .cache
@@ -274,7 +281,14 @@ async fn credentials<B>(
         .await;
     if caller.cgroup_id().is_some() {
         let outcome = match &result {
-            Err(CacheError::SubjectChanged { .. }) => Outcome::IdentityChanged,
+            Err(e @ CacheError::SubjectChanged { .. }) => {
+                tracing::warn!(
+                    calling_pod = calling_pod.as_deref().unwrap_or("none"),
+                    error = %e,
+                    "refused a token that names another service account than the pod's (TokenSubjectMismatch)"
+                );
+                Outcome::IdentityChanged
+            }
             _ => Outcome::Attributed,
         };
         count_attribution(state, caller, outcome);

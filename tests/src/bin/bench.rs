@@ -21,6 +21,7 @@ use tests::clients::{
 use tests::fake_eks::{FakeEksAuth, Fault};
 use tests::fixtures::metric;
 use tests::issuer::TokenSubject;
+use tests::plots::{cdf, Chart, Series};
 use tests::sandbox::{PodSpec, Sandbox};
 
 /// Rounds per comparison; medians are reported.
@@ -29,6 +30,8 @@ const ROUNDS: usize = 3;
 struct Report {
     md: String,
     json: Vec<serde_json::Value>,
+    /// SVG charts written into the bench directory, with what each shows.
+    charts: Vec<(String, String)>,
 }
 
 impl Report {
@@ -53,6 +56,15 @@ impl Report {
             "ratio": ratio, "target": target, "met": met}),
         );
         eprintln!("{case} / {figure}: ours {ours:.1}, baseline {baseline:.1}, ratio {ratio:.3} ({target})");
+    }
+
+    /// Draws a chart into the bench directory; a chart that cannot be drawn is a note, not
+    /// a failed case.
+    fn chart(&mut self, file: &str, chart: &Chart, series: &[Series]) {
+        match tests::plots::lines(&bench_dir().join(file), chart, series) {
+            Ok(()) => self.charts.push((file.to_owned(), chart.title.clone())),
+            Err(e) => self.note("charts", file, format!("not drawn: {e:#}")),
+        }
     }
 
     fn note(&mut self, case: &str, figure: &str, value: String) {
@@ -184,6 +196,7 @@ fn warm_vs_bare(report: &mut Report, deadline: &Deadline) -> Result<()> {
         .spawn()?;
     wait_listening(&sb, "169.254.170.23:8080")?;
     let mut all_done = true;
+    let mut cdfs = Vec::new();
     for (mode, count, env, throughput_target, p99_target) in [
         ("new connection per request", 8000, &[][..], 0.95, 1.5),
         (
@@ -194,9 +207,16 @@ fn warm_vs_bare(report: &mut Report, deadline: &Deadline) -> Result<()> {
             1.5,
         ),
     ] {
+        // Each round traces every request; the last round's traces are charted.
+        let traces = (sb.dir().join("trace-agent"), sb.dir().join("trace-bare"));
+        let (ours_trace, base_trace) = (
+            traces.0.display().to_string(),
+            traces.1.display().to_string(),
+        );
+        let (ours_env, base_env) = (with_trace(env, &ours_trace), with_trace(env, &base_trace));
         let (pairs, done) = deadline.rounds(ROUNDS, || {
-            let base = load(&sb, deadline, 0, "169.254.170.23:8080", count, 4, env)?;
-            let ours = load(&sb, deadline, 0, "169.254.170.23:80", count, 4, env)?;
+            let base = load(&sb, deadline, 0, "169.254.170.23:8080", count, 4, &base_env)?;
+            let ours = load(&sb, deadline, 0, "169.254.170.23:80", count, 4, &ours_env)?;
             for r in [&ours, &base] {
                 ensure!(r.count(200) as usize == count, "{r:?}");
             }
@@ -212,6 +232,17 @@ fn warm_vs_bare(report: &mut Report, deadline: &Deadline) -> Result<()> {
                 median(pairs.iter().map(|(_, b)| f(b)).collect()),
             )
         };
+        for (who, file) in [("agent", &traces.0), ("bare hyper", &traces.1)] {
+            let latencies: Vec<u64> = read_trace(file)?
+                .into_iter()
+                .filter(|(_, _, o)| o == "ok")
+                .map(|(_, us, _)| us)
+                .collect();
+            cdfs.push(Series {
+                name: format!("{who}, {mode}"),
+                points: cdf(&latencies),
+            });
+        }
         let (o_rps, b_rps) = of(&rps);
         let (o_p99, b_p99) = of(&|r| r.p99_us as f64);
         let (o_p50, b_p50) = of(&|r| r.p50_us as f64);
@@ -250,6 +281,19 @@ fn warm_vs_bare(report: &mut Report, deadline: &Deadline) -> Result<()> {
     }
     let _ = bare.kill();
     let _ = bare.wait();
+    if !cdfs.is_empty() {
+        report.chart(
+            "1-latency.svg",
+            &Chart {
+                title: "Case 1: warm requests, agent against bare hyper (last round)".into(),
+                x_label: "latency, µs (log scale)".into(),
+                y_label: "fraction of requests at or under".into(),
+                x_log: true,
+                y_log: false,
+            },
+            &cdfs,
+        );
+    }
     finished(all_done, deadline)
 }
 
@@ -503,6 +547,7 @@ fn scale(report: &mut Report, deadline: &Deadline) -> Result<()> {
     let agent = agent(&sb, &fake, &["--no-ebpf", "--max-cache-size", "20000"])?;
     let base_rss = agent.rss_kib();
     let mut first_p50 = None;
+    let mut rss_points = Vec::new();
     for n in [100usize, 1_000, 10_000] {
         let tokens: Vec<String> = (0..n)
             .map(|i| {
@@ -527,6 +572,7 @@ fn scale(report: &mut Report, deadline: &Deadline) -> Result<()> {
         let warm = load(&sb, deadline, 0, "169.254.170.23:80", 4000, 1, &tokens_env)?;
         ensure!(warm.count(200) == 4000, "{warm:?}");
         let rss = agent.rss_kib();
+        rss_points.push((n as f64, rss as f64 / 1024.0));
         let p50 = warm.p50_us as f64;
         let first = *first_p50.get_or_insert(p50);
         let case = format!("4. scale, {n} identities");
@@ -566,6 +612,28 @@ fn scale(report: &mut Report, deadline: &Deadline) -> Result<()> {
             );
         }
     }
+    let idle = base_rss as f64 / 1024.0;
+    let idle_line = rss_points.iter().map(|(n, _)| (*n, idle)).collect();
+    report.chart(
+        "4-rss.svg",
+        &Chart {
+            title: "Case 4: agent memory against cached identities".into(),
+            x_label: "cached identities (log scale)".into(),
+            y_label: "resident set, MiB".into(),
+            x_log: true,
+            y_log: false,
+        },
+        &[
+            Series {
+                name: "RSS after the warm load".into(),
+                points: rss_points,
+            },
+            Series {
+                name: "RSS idle, before the first identity".into(),
+                points: idle_line,
+            },
+        ],
+    );
     Ok(())
 }
 
@@ -675,8 +743,8 @@ fn first_request(report: &mut Report, deadline: &Deadline) -> Result<()> {
 /// and the agent's CPU time over the flood.
 fn fairness(report: &mut Report, deadline: &Deadline) -> Result<()> {
     let case = "7. one pod flooding beside a quiet pod";
-    let quiet_env: &[(&str, &str)] = &[("LOAD_INTERVAL_MS", "20")];
     let mut figures = Vec::new();
+    let mut timelines = Vec::new();
     for connect_rate in ["100", "0"] {
         let (sb, fake) = node(Driver::Cgroupfs, 2)?;
         let agent = agent(
@@ -690,9 +758,15 @@ fn fairness(report: &mut Report, deadline: &Deadline) -> Result<()> {
             ],
         )?;
         let (flooder, quiet) = (0, 1);
+        // The quiet pod asks every 20 ms and traces each request (charted over time).
+        let trace = sb.dir().join("trace-quiet");
+        let trace_env = trace.display().to_string();
+        let quiet_env: &[(&str, &str)] = &[("LOAD_INTERVAL_MS", "20"), ("LOAD_TRACE", &trace_env)];
         // Both pods cached, then the quiet pod alone.
         load(&sb, deadline, flooder, "169.254.170.23:80", 1, 1, &[])?;
+        let began = now_us();
         let alone = load(&sb, deadline, quiet, "169.254.170.23:80", 150, 1, quiet_env)?;
+        let alone_trace = read_trace(&trace)?;
         let flood = spawn_load_with(
             &sb,
             flooder,
@@ -703,6 +777,7 @@ fn fairness(report: &mut Report, deadline: &Deadline) -> Result<()> {
             16,
             &[("LOAD_SECONDS", "5")],
         )?;
+        let flood_began = now_us();
         std::thread::sleep(Duration::from_millis(300));
         let (cpu0, t0) = (agent.cpu_time()?, Instant::now());
         let beside = load(&sb, deadline, quiet, "169.254.170.23:80", 150, 1, quiet_env);
@@ -714,6 +789,22 @@ fn fairness(report: &mut Report, deadline: &Deadline) -> Result<()> {
             beside.count(200) == 150,
             "the quiet pod was not served: {beside:?}"
         );
+        let budget = if connect_rate == "0" {
+            "no kernel budget"
+        } else {
+            "kernel budget"
+        };
+        if connect_rate != "0" {
+            timelines.push(Series {
+                name: "quiet pod alone".into(),
+                points: over_time(&alone_trace, began),
+            });
+        }
+        // Beside the flood, on the same time axis from the flood's start.
+        timelines.push(Series {
+            name: format!("quiet pod beside the flood, {budget}"),
+            points: over_time(&read_trace(&trace)?, flood_began),
+        });
         let refused = metric(
             &tests::agent::scrape(&sb)?,
             "pod_identity_ebpf_events{event=\"budget_refused\"}",
@@ -762,6 +853,18 @@ fn fairness(report: &mut Report, deadline: &Deadline) -> Result<()> {
         cpu / cpu_off,
         "<= 5 %",
         cpu <= 0.05,
+    );
+    report.chart(
+        "7-flood.svg",
+        &Chart {
+            title: "Case 7: a quiet pod's requests, alone and beside a pod flooding (16 threads)"
+                .into(),
+            x_label: "seconds since its load began (beside: since the flood began)".into(),
+            y_label: "latency, ms (log scale)".into(),
+            x_log: false,
+            y_log: true,
+        },
+        &timelines,
     );
     Ok(())
 }
@@ -852,6 +955,38 @@ impl Window {
     }
 }
 
+/// The requests a load client traced into `file` (`LOAD_TRACE`); the file is removed.
+fn read_trace(file: &Path) -> Result<Vec<Traced>> {
+    let trace = std::fs::read_to_string(file)
+        .with_context(|| format!("trace {}", file.display()))?
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            Some((
+                f.next()?.parse().ok()?,
+                f.next()?.parse().ok()?,
+                f.next()?.to_owned(),
+            ))
+        })
+        .collect();
+    let _ = std::fs::remove_file(file);
+    Ok(trace)
+}
+
+/// `env` and `LOAD_TRACE=file`.
+fn with_trace<'a>(env: &[(&'a str, &'a str)], file: &'a str) -> Vec<(&'a str, &'a str)> {
+    env.iter().copied().chain([("LOAD_TRACE", file)]).collect()
+}
+
+/// A trace as (seconds since `began`, latency ms) of its answered requests.
+fn over_time(trace: &[Traced], began: u128) -> Vec<(f64, f64)> {
+    trace
+        .iter()
+        .filter(|(_, _, o)| o == "ok")
+        .map(|(at, us, _)| (at.saturating_sub(began) as f64 / 1e6, *us as f64 / 1000.0))
+        .collect()
+}
+
 fn now_us() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -925,18 +1060,7 @@ fn upgrade_run(
         "answers other than 200: {result:?}"
     );
     drop(serving);
-    let trace = std::fs::read_to_string(&trace_file)?
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split(' ');
-            Some((
-                f.next()?.parse().ok()?,
-                f.next()?.parse().ok()?,
-                f.next()?.to_owned(),
-            ))
-        })
-        .collect();
-    let _ = std::fs::remove_file(&trace_file);
+    let trace = read_trace(&trace_file)?;
     let (from, to) = match (change, offsets) {
         (Change::Steady, Some((a, b))) => (began + a, began + b),
         _ => (from, to),
@@ -1018,6 +1142,31 @@ fn upgrade(report: &mut Report, deadline: &Deadline) -> Result<()> {
         "(info)",
         true,
     );
+    if let Some(last) = rounds.last() {
+        let series: Vec<Series> = [
+            "upgrade (handover)",
+            "restart (stop, start)",
+            "steady (no change)",
+        ]
+        .iter()
+        .zip(last)
+        .map(|(name, w)| Series {
+            name: format!("{name}, change at {:.2} s", (w.from - w.began) as f64 / 1e6),
+            points: over_time(&w.trace, w.began),
+        })
+        .collect();
+        report.chart(
+            "8-upgrade.svg",
+            &Chart {
+                title: "Case 8: requests on new connections across an upgrade (last round)".into(),
+                x_label: "seconds since the load began".into(),
+                y_label: "latency, ms (log scale)".into(),
+                x_log: false,
+                y_log: true,
+            },
+            &series,
+        );
+    }
     finished(done, deadline)
 }
 
@@ -1046,7 +1195,9 @@ fn main() -> Result<()> {
     let mut report = Report {
         md: String::new(),
         json: Vec::new(),
+        charts: Vec::new(),
     };
+    std::fs::create_dir_all(bench_dir())?;
     let machine = machine();
     let _ = writeln!(
         report.md,
@@ -1099,7 +1250,16 @@ fn main() -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     let dir = bench_dir();
-    std::fs::create_dir_all(&dir)?;
+    // The charts, also where docs/benchmarks.md shows them.
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench");
+    std::fs::create_dir_all(&docs)?;
+    if !report.charts.is_empty() {
+        let _ = writeln!(report.md, "\nCharts:");
+    }
+    for (file, title) in &report.charts {
+        std::fs::copy(dir.join(file), docs.join(file))?;
+        let _ = writeln!(report.md, "- `{file}`: {title}");
+    }
     std::fs::write(dir.join("results.md"), &report.md)?;
     std::fs::write(
         dir.join("results.json"),
