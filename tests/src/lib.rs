@@ -23,4 +23,5 @@ pub mod prometheus;
 pub mod realnode;
 pub mod registry;
 pub mod sandbox;
+pub mod spread;
 pub mod teardown;

@@ -679,7 +679,11 @@ fn a_prometheus_scraping_the_agent_as_the_chart_says_sees_a_replay_and_an_eks_au
     }
     std::thread::sleep(Duration::from_secs(3));
     let quiet = prom.alerts(&node)?;
-    assert!(quiet.is_empty(), "alerts while all is well: {quiet:?}");
+    assert!(
+        quiet.is_empty(),
+        "alerts while all is well: {quiet:?}\n{}",
+        node.pod_logs(&agent.uid)
+    );
     // Pod b presents pod a's token: refused, and the replay alert fires at once (no `for`).
     let stolen = std::fs::read_to_string(&node.pods()[a].token_file)?;
     let (status, body) = curl_in(&node, b, 0, Some(&stolen))?;

@@ -113,8 +113,10 @@ fn euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
-/// Checks that only this agent's user can reach `dir`: a directory it owns that nobody else
-/// may write or enter. (Abstract sockets would not do: any host-network pod could squat the
+/// Checks that only this agent's user can have put a socket in `dir`: a directory it owns
+/// that nobody else may write. Others may enter it (the kubelet makes a `DirectoryOrCreate`
+/// hostPath 0755): connecting is no use to them, the giver takes only its own user
+/// (`SO_PEERCRED`). (Abstract sockets would not do: any host-network pod could squat the
 /// name first.)
 fn check_dir(dir: &Path) -> Result<(), HandoverError> {
     let unsafe_dir = |reason: String| HandoverError::UnsafeDir {
@@ -132,9 +134,9 @@ fn check_dir(dir: &Path) -> Result<(), HandoverError> {
             euid()
         )));
     }
-    if md.mode() & 0o077 != 0 {
+    if md.mode() & 0o022 != 0 {
         return Err(unsafe_dir(format!(
-            "mode {:o} lets other users in",
+            "mode {:o} lets other users write",
             md.mode() & 0o777
         )));
     }
@@ -290,7 +292,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn nobody_serving_is_a_cold_start_and_a_dir_others_may_enter_is_refused() {
+    async fn nobody_serving_is_a_cold_start_and_a_dir_others_may_write_is_refused() {
         let dir = scratch("cold");
         let path = dir.join("handover.sock");
         assert!(take(&path).unwrap().is_none(), "no directory");
@@ -300,6 +302,12 @@ mod tests {
         // A socket file nobody listens on (its agent died).
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
         assert!(take(&path).unwrap().is_none(), "a dead agent's socket");
+        // The kubelet's hostPath DirectoryOrCreate: 0755, others may enter but not write.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(
+            take(&path).unwrap().is_none(),
+            "a 0755 directory, nobody serving"
+        );
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o733)).unwrap();
         let e = take(&path).unwrap_err();
         assert!(
