@@ -391,8 +391,10 @@ impl RealNode {
             .output()?;
         anyhow::ensure!(
             out.status.success(),
-            "ctr images import {}: {}",
+            "ctr images import {} ({}): {}{}",
             tar.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(())
