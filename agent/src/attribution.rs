@@ -130,7 +130,7 @@ impl PodCgroup {
 }
 
 /// How long a resolution is trusted before the cgroup's existence is checked again.
-const RECHECK_AFTER: Duration = Duration::from_secs(1);
+pub const RECHECK_AFTER: Duration = Duration::from_secs(1);
 
 /// Most cgroup ids remembered; a node runs at most a few hundred pods.
 const CACHE_LIMIT: usize = 16_384;

@@ -1,7 +1,11 @@
 //! The token bucket behind every budget: the refresh and pre-warm budget
 //! (`--max-service-qps`) and each pod's request budget (`--pod-request-rate`).
+//!
+//! Kept as one atomic word (GCRA, the form the kernel's connect budget takes too): a pod's
+//! request budget is charged on every request, from every worker thread, and a lock there
+//! made the threads wait on each other on the warm path.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -9,33 +13,55 @@ use tokio::time::Instant;
 /// `rate` tokens per second, holding at most `burst`; starts full.
 #[derive(Debug)]
 pub struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    /// Tokens, and when they were counted.
-    state: Mutex<(f64, Instant)>,
+    /// Nanoseconds per token.
+    interval: u64,
+    /// How far ahead of now the theoretical arrival time may run: `burst` tokens' worth.
+    limit: u64,
+    /// Time zero of the two clocks below.
+    base: Instant,
+    /// Theoretical arrival time of the next token, ns after `base`; `limit` ahead of now is
+    /// an empty bucket, now or earlier a full one.
+    tat: AtomicU64,
+    /// When a token was last asked for, ns after `base`.
+    last: AtomicU64,
 }
 
 impl TokenBucket {
     /// A full bucket.
     pub fn new(rate: f64, burst: f64) -> Self {
+        // A rate of 0 would never refill: callers turn such budgets off instead.
+        let interval = (1e9 / rate).clamp(1.0, (u64::MAX / 4) as f64);
         Self {
-            rate,
-            burst,
-            state: Mutex::new((burst, Instant::now())),
+            interval: interval as u64,
+            limit: (interval * burst).clamp(0.0, (u64::MAX / 4) as f64) as u64,
+            base: Instant::now(),
+            tat: AtomicU64::new(0),
+            last: AtomicU64::new(0),
         }
+    }
+
+    fn now(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
     }
 
     /// Takes a token now, or says how long until one is there.
     pub fn try_take(&self) -> Result<(), Duration> {
-        let mut st = self.state.lock().expect("not poisoned");
-        let now = Instant::now();
-        st.0 = (st.0 + now.duration_since(st.1).as_secs_f64() * self.rate).min(self.burst);
-        st.1 = now;
-        if st.0 >= 1.0 {
-            st.0 -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - st.0) / self.rate))
+        let now = self.now();
+        self.last.fetch_max(now, Ordering::Relaxed);
+        let mut tat = self.tat.load(Ordering::Acquire);
+        loop {
+            let next = tat.max(now) + self.interval;
+            let ahead = next - now;
+            if ahead > self.limit {
+                return Err(Duration::from_nanos(ahead - self.limit));
+            }
+            match self
+                .tat
+                .compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Ok(()),
+                Err(current) => tat = current,
+            }
         }
     }
 
@@ -48,7 +74,7 @@ impl TokenBucket {
 
     /// When a token was last asked for.
     pub fn last_used(&self) -> Instant {
-        self.state.lock().expect("not poisoned").1
+        self.base + Duration::from_nanos(self.last.load(Ordering::Relaxed))
     }
 }
 
@@ -65,5 +91,35 @@ mod tests {
         b.acquire().await;
         b.acquire().await;
         assert_eq!(t.elapsed(), Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_time_refills_up_to_the_burst_and_no_further() {
+        let b = TokenBucket::new(10.0, 5.0);
+        assert!((0..5).all(|_| b.try_take().is_ok()));
+        assert!(b.try_take().is_err());
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(b.last_used() + Duration::from_secs(60), Instant::now());
+        assert_eq!((0..20).filter(|_| b.try_take().is_ok()).count(), 5);
+        // A fractional rate: one token every 5 s.
+        let slow = TokenBucket::new(0.2, 1.0);
+        assert!(slow.try_take().is_ok());
+        assert_eq!(slow.try_take(), Err(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn threads_charging_one_bucket_at_once_take_exactly_its_tokens() {
+        // A rate so slow nothing refills during the test: exactly the burst is admitted.
+        let b = std::sync::Arc::new(TokenBucket::new(1e-6, 1000.0));
+        let taken: usize = (0..4)
+            .map(|_| {
+                let b = b.clone();
+                std::thread::spawn(move || (0..1000).filter(|_| b.try_take().is_ok()).count())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .sum();
+        assert_eq!(taken, 1000);
     }
 }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod credentials;
 pub mod ebpf;
 pub mod handover;
+pub mod histogram;
 pub mod logging;
 pub mod metrics;
 pub mod netsetup;

@@ -12,6 +12,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
+use crate::histogram::AtomicHistogram;
+
 /// A counter exposed under its bare name, as the Go client exposes the reference agent's
 /// counters (`pod_identity_http_response`, not `..._total`): OpenMetrics counters must end in
 /// `_total`, so it is typed `unknown`, which keeps the name. PromQL's `rate()` works the same.
@@ -182,9 +184,9 @@ pub struct Metrics {
     /// `pod_identity_cache_errors{type,code}` (reference).
     pub cache_errors: Family<ErrorLabels, ReferenceCounter>,
     /// Credentials request latency by outcome, seconds.
-    pub request_seconds: Family<OutcomeLabel, Histogram>,
+    pub request_seconds: Family<OutcomeLabel, AtomicHistogram>,
     /// EKS Auth call latency by outcome, seconds.
-    pub upstream_seconds: Family<OutcomeLabel, Histogram>,
+    pub upstream_seconds: Family<OutcomeLabel, AtomicHistogram>,
     /// 1 for the active mode.
     pub mode: Family<ModeLabel, Gauge>,
     /// Requests by listener and kernel attribution outcome.
@@ -239,7 +241,7 @@ pub struct Metrics {
 /// every call. Made on first use, so the exposition is what it would be without them.
 #[derive(Debug, Default)]
 struct Hot {
-    ok: OnceLock<(ReferenceCounter, Histogram)>,
+    ok: OnceLock<(ReferenceCounter, AtomicHistogram)>,
     hit: OnceLock<(ReferenceCounter, Counter)>,
     attributed: OnceLock<Counter>,
 }
@@ -255,9 +257,9 @@ fn register<M: prometheus_client::registry::Metric + TypedMetric>(
     registry.register(name, help, metric);
 }
 
-fn latency_histogram() -> Histogram {
+fn latency_histogram() -> AtomicHistogram {
     // 50 µs .. ~6.5 s: a cache hit is tens of µs, an EKS Auth call tens to hundreds of ms.
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+    AtomicHistogram::new(prometheus_client::metrics::histogram::exponential_buckets(
         0.00005, 2.0, 18,
     ))
 }
@@ -269,11 +271,11 @@ impl Default for Metrics {
         let http_response = Family::default();
         let cache_state = Family::default();
         let cache_errors = Family::default();
-        let request_seconds = Family::<OutcomeLabel, Histogram>::new_with_constructor(
-            latency_histogram as fn() -> Histogram,
+        let request_seconds = Family::<OutcomeLabel, AtomicHistogram>::new_with_constructor(
+            latency_histogram as fn() -> AtomicHistogram,
         );
-        let upstream_seconds = Family::<OutcomeLabel, Histogram>::new_with_constructor(
-            latency_histogram as fn() -> Histogram,
+        let upstream_seconds = Family::<OutcomeLabel, AtomicHistogram>::new_with_constructor(
+            latency_histogram as fn() -> AtomicHistogram,
         );
         let mode = Family::default();
         let ebpf_events = Family::default();

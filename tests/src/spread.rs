@@ -12,6 +12,8 @@ pub struct Spread {
     pub min: f64,
     /// The highest round.
     pub max: f64,
+    /// How many rounds.
+    pub rounds: usize,
 }
 
 impl Spread {
@@ -26,13 +28,17 @@ impl Spread {
             median: v[v.len() / 2],
             min: v[0],
             max: v[v.len() - 1],
+            rounds: v.len(),
         })
     }
 
-    /// How far noise moves a ratio, read off a control (a baseline against itself): its
-    /// largest distance from 1.
+    /// How far noise alone moves a median ratio, read off a control (a baseline against
+    /// itself, the same statistic): how far its median is from 1, and at least half its range
+    /// over the square root of its rounds (about the median's own uncertainty; a control
+    /// whose median lands on 1 by chance does not make a noisy run look quiet).
     pub fn noise(&self) -> f64 {
-        (self.min - 1.0).abs().max((self.max - 1.0).abs())
+        let spread = (self.max - self.min) / 2.0 / (self.rounds.max(1) as f64).sqrt();
+        (self.median - 1.0).abs().max(spread)
     }
 }
 
@@ -118,9 +124,16 @@ mod tests {
     #[test]
     fn a_spread_is_the_median_and_range_of_its_rounds() {
         let s = Spread::of(&[0.9, 1.1, 0.95, 1.0, 0.8]).unwrap();
-        assert_eq!((s.median, s.min, s.max), (0.95, 0.8, 1.1));
+        assert_eq!((s.median, s.min, s.max, s.rounds), (0.95, 0.8, 1.1, 5));
         assert_eq!(s.to_string(), "0.950 [0.800–1.100]");
-        assert!((s.noise() - 0.2).abs() < 1e-12);
+        // Half the range over √5 (0.067) is more than the median's 0.05 from 1.
+        assert!(
+            (s.noise() - 0.15 / 5f64.sqrt()).abs() < 1e-12,
+            "{}",
+            s.noise()
+        );
+        let off = Spread::of(&[1.08, 1.1, 1.12]).unwrap();
+        assert!((off.noise() - 0.1).abs() < 1e-12, "{}", off.noise());
         assert_eq!(Spread::of(&[]), None);
         assert_eq!(Spread::of(&[1.0, f64::NAN]), None);
         assert_eq!(Spread::of(&[2.0]).unwrap().median, 2.0);
@@ -129,11 +142,12 @@ mod tests {
     #[test]
     fn a_verdict_is_given_only_beyond_the_noise_of_the_control() {
         let quiet = Spread::of(&[0.99, 1.0, 1.01]).unwrap();
-        let noisy = Spread::of(&[0.87, 1.0, 1.13]).unwrap();
+        let noisy = Spread::of(&[0.87, 1.13, 1.15]).unwrap();
         let at = |m: f64| Spread {
             median: m,
             min: m,
             max: m,
+            rounds: 5,
         };
         // Throughput at least 0.95 of the baseline.
         let bound = Bound::AtLeast(0.95);

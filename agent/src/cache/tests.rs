@@ -611,10 +611,13 @@ async fn a_handed_over_cache_serves_holds_and_renews_as_the_old_one_would() {
     );
     assert_eq!(new_up.calls(), 0);
     // Renewed ahead of expiry, with the handed token. (The paused clock moves the new
-    // cache's instants, not the wall clock that dates expirations: expiry looks 60 min away.)
-    tokio::time::sleep(26 * MIN).await;
+    // cache's instants, not the wall clock that dates expirations: expiry looks 60 min away,
+    // less the wall time the test took, rounded to whole seconds. Fetched 10 min ago, due 30
+    // min before expiry, less up to 10% of those 40 min: 26 to 30 min from now, so 26 min
+    // was a boundary a second's rounding crossed once in a few hundred runs.)
+    tokio::time::sleep(25 * MIN).await;
     assert_eq!(new_up.calls(), 0);
-    tokio::time::sleep(5 * MIN).await;
+    tokio::time::sleep(6 * MIN).await;
     assert_eq!(new_up.calls(), 2);
     assert!(new_up.tokens.lock().unwrap().contains(&"tok-a".to_owned()));
 }

@@ -8,7 +8,7 @@ use http_body_util::Full;
 
 use super::memo::ConnMemo;
 use super::State;
-use crate::attribution::{Caller, Identity, Outcome, UnattributedPolicy};
+use crate::attribution::{Caller, Identity, Outcome, UnattributedPolicy, RECHECK_AFTER};
 use crate::cache::{CacheError, Lookup};
 use crate::config::{CREDENTIAL_V4, CREDENTIAL_V6};
 use crate::credentials::error_json;
@@ -223,7 +223,7 @@ async fn credentials<B>(
     }
     check_host(req)?;
     // Who is calling, per the kernel, before the token is even looked at.
-    let identity = identify(state, caller)?;
+    let identity = identify(state, caller, memo)?;
     let admitted = match &identity {
         Identity::Pod { uid, .. } => state.admission.admit(uid),
         Identity::Peer(ip) => state.admission.admit(&ip.to_string()),
@@ -298,7 +298,7 @@ async fn credentials<B>(
 
 /// Who is calling: the pod the kernel attributed the connection to, or the address of a
 /// caller the kernel did not attribute when the policy allows it. Refusals are counted here.
-fn identify(state: &State, caller: &Caller) -> Result<Identity, RequestError> {
+fn identify(state: &State, caller: &Caller, memo: &ConnMemo) -> Result<Identity, RequestError> {
     match caller {
         Caller::Node(ip) | Caller::Plain(ip) => {
             count_attribution(state, caller, Outcome::Unattributed);
@@ -312,10 +312,12 @@ fn identify(state: &State, caller: &Caller) -> Result<Identity, RequestError> {
             Err(RequestError::Bypassed(*ip))
         }
         Caller::Pod(id) => {
+            // Once per connection (and per recheck), not per request: the node-wide
+            // resolver is a lock every worker thread would take on every request.
             let pod = state
                 .resolver
                 .as_ref()
-                .and_then(|r| r.resolve(*id))
+                .and_then(|r| memo.pod(RECHECK_AFTER, || r.resolve(*id)))
                 .and_then(|cgroup| cgroup.identity());
             match pod {
                 Some(pod) => Ok(pod),

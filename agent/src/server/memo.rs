@@ -6,9 +6,11 @@
 //! and one answer (no memory per cached identity).
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use crate::attribution::PodCgroup;
 use crate::cache::{Key, Subject};
 use crate::credentials::Credentials;
 use crate::token::{self, Claims, TokenError};
@@ -19,6 +21,9 @@ pub struct ConnMemo(Mutex<Memo>);
 
 #[derive(Debug, Default)]
 struct Memo {
+    /// The calling pod's cgroup (a connection's caller never changes) and when the shared
+    /// resolver last vouched for it.
+    pod: Option<(Arc<PodCgroup>, Instant)>,
     token: Option<Parsed>,
     key: Option<MadeKey>,
     body: Option<(Arc<Credentials>, Bytes)>,
@@ -43,6 +48,25 @@ pub struct Parsed {
 impl ConnMemo {
     fn lock(&self) -> std::sync::MutexGuard<'_, Memo> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The calling pod's cgroup: from `resolve` (the node-wide resolver, behind its lock) on
+    /// the first request and again once `recheck` has passed (a removed cgroup must stop
+    /// resolving), from the memo in between.
+    pub fn pod(
+        &self,
+        recheck: Duration,
+        resolve: impl FnOnce() -> Option<Arc<PodCgroup>>,
+    ) -> Option<Arc<PodCgroup>> {
+        let now = Instant::now();
+        if let Some((pod, checked)) = &self.lock().pod {
+            if now.duration_since(*checked) < recheck {
+                return Some(pod.clone());
+            }
+        }
+        let pod = resolve();
+        self.lock().pod = pod.clone().map(|p| (p, now));
+        pod
     }
 
     /// The claims of `token`, parsed once per connection; its time window is checked against
@@ -119,6 +143,29 @@ mod tests {
             &memo.token(&rotated, 1_500).unwrap().claims,
             &c.claims
         ));
+    }
+
+    #[test]
+    fn a_connections_pod_is_resolved_once_per_recheck() {
+        let memo = ConnMemo::default();
+        let calls = std::cell::Cell::new(0);
+        let pod = Arc::new(PodCgroup {
+            path: Arc::from(std::path::Path::new("/sys/fs/cgroup/kubepods/pod-a")),
+            pod_uid: Some(Arc::from(UID)),
+        });
+        let resolve = || {
+            calls.set(calls.get() + 1);
+            Some(pod.clone())
+        };
+        for _ in 0..3 {
+            assert!(memo.pod(Duration::from_secs(60), resolve).is_some());
+        }
+        assert_eq!(calls.get(), 1, "the memo answered the later requests");
+        // Past the recheck the resolver is asked again; a pod it no longer knows is gone.
+        assert!(memo.pod(Duration::ZERO, || None).is_none());
+        assert!(memo.pod(Duration::from_secs(60), || None).is_none());
+        assert!(memo.pod(Duration::from_secs(60), resolve).is_some());
+        assert_eq!(calls.get(), 2);
     }
 
     #[test]
