@@ -358,8 +358,14 @@ fn check_host<B>(req: &Request<B>) -> Result<(), RequestError> {
             got: String::new(),
         });
     };
-    let host = host_without_port(raw).parse::<std::net::IpAddr>();
-    if host.is_ok_and(|ip| ip == CREDENTIAL_V4 || ip == CREDENTIAL_V6) {
+    let host = host_without_port(raw);
+    // What every SDK sends, compared as text: parsing an address on every request showed in
+    // the keep-alive profile. Other spellings of the addresses are parsed.
+    if host == CANONICAL_V4
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip == CREDENTIAL_V4 || ip == CREDENTIAL_V6)
+    {
         Ok(())
     } else {
         Err(RequestError::BadHost {
@@ -368,6 +374,9 @@ fn check_host<B>(req: &Request<B>) -> Result<(), RequestError> {
         })
     }
 }
+
+/// The IPv4 credential address as SDKs write it in `Host`.
+const CANONICAL_V4: &str = "169.254.170.23";
 
 /// The credential addresses, as the Host refusal names them.
 fn credential_hosts() -> String {

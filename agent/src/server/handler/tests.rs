@@ -317,3 +317,30 @@ async fn eks_auth_errors_keep_their_code_and_map_to_a_status() {
         assert_eq!(ask(&st, &Caller::Pod(tree.pod), req).await, (status, code));
     }
 }
+
+#[test]
+fn every_spelling_of_the_credential_addresses_is_a_host_and_nothing_near_them_is() {
+    let host = |h: &str| check_host(&request("GET", CREDENTIALS_PATH, Some(h), None));
+    for ok in [
+        "169.254.170.23",
+        "169.254.170.23:80",
+        "[fd00:ec2::23]",
+        "[fd00:ec2::23]:80",
+        "[fd00:ec2:0:0::23]:80",
+        "fd00:ec2::23",
+    ] {
+        assert!(host(ok).is_ok(), "{ok}");
+    }
+    for bad in [
+        "169.254.170.230",
+        "169.254.170.2",
+        "169.254.170.23.evil.example",
+        "[fd00:ec2::24]:80",
+        "",
+    ] {
+        assert!(
+            matches!(host(bad), Err(RequestError::BadHost { .. })),
+            "{bad}"
+        );
+    }
+}
