@@ -89,7 +89,7 @@ impl Prometheus {
             address,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while prometheus.get(sb, "/-/ready").is_err() {
+        while prometheus.get(sb, "/-/ready", &[]).is_err() {
             anyhow::ensure!(
                 Instant::now() < deadline,
                 "prometheus was not ready within 30 s: {}",
@@ -100,27 +100,29 @@ impl Prometheus {
         Ok(prometheus)
     }
 
-    /// GETs `path` (with its query) from the server's API in the node namespace.
-    fn get(&self, sb: &Sandbox, path: &str) -> Result<String> {
-        let out = sb
-            .node_command("curl", None)?
-            .args(["-sf", "--max-time", "5"])
-            .arg(format!("http://{}{path}", self.address))
-            .output()?;
+    /// GETs `path` from the server's API in the node namespace, with `query` parameters
+    /// URL-encoded by curl.
+    fn get(&self, sb: &Sandbox, path: &str, query: &[(&str, &str)]) -> Result<String> {
+        let mut cmd = sb.node_command("curl", None)?;
+        cmd.args(["-sf", "--max-time", "5", "-G"]);
+        for (k, v) in query {
+            cmd.arg("--data-urlencode").arg(format!("{k}={v}"));
+        }
+        let out = cmd.arg(format!("http://{}{path}", self.address)).output()?;
         anyhow::ensure!(out.status.success(), "GET {path}: {:?}", out.status);
         Ok(String::from_utf8(out.stdout)?)
     }
 
     /// The `data` of an API answer, after checking its status.
-    fn api(&self, sb: &Sandbox, path: &str) -> Result<Value> {
-        let v: Value = serde_json::from_str(&self.get(sb, path)?)?;
+    fn api(&self, sb: &Sandbox, path: &str, query: &[(&str, &str)]) -> Result<Value> {
+        let v: Value = serde_json::from_str(&self.get(sb, path, query)?)?;
         anyhow::ensure!(v["status"] == "success", "{path}: {v}");
         Ok(v["data"].clone())
     }
 
     /// The health of each active scrape target (`up`, `down`, `unknown`) and its last error.
     pub fn targets(&self, sb: &Sandbox) -> Result<Vec<(String, String)>> {
-        let data = self.api(sb, "/api/v1/targets?state=active")?;
+        let data = self.api(sb, "/api/v1/targets", &[("state", "active")])?;
         Ok(data["activeTargets"]
             .as_array()
             .context("activeTargets")?
@@ -136,15 +138,7 @@ impl Prometheus {
 
     /// The value of an instant query's first sample, if it has one.
     pub fn query(&self, sb: &Sandbox, promql: &str) -> Result<Option<f64>> {
-        let mut url = String::from("/api/v1/query?query=");
-        for b in promql.bytes() {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                url.push(b as char);
-            } else {
-                url.push_str(&format!("%{b:02X}"));
-            }
-        }
-        let data = self.api(sb, &url)?;
+        let data = self.api(sb, "/api/v1/query", &[("query", promql)])?;
         Ok(data["result"]
             .as_array()
             .and_then(|r| r.first())
@@ -154,7 +148,7 @@ impl Prometheus {
 
     /// Every pending or firing alert.
     pub fn alerts(&self, sb: &Sandbox) -> Result<Vec<Alert>> {
-        let data = self.api(sb, "/api/v1/alerts")?;
+        let data = self.api(sb, "/api/v1/alerts", &[])?;
         Ok(data["alerts"]
             .as_array()
             .context("alerts")?
