@@ -141,18 +141,40 @@ pub fn raw_http(
     request: &[u8],
     flags: &[&str],
 ) -> Result<RawResult> {
+    raw_http_result(spawn_raw_http(sb, i, addr, request, flags)?)
+}
+
+/// Starts `raw-http` in pod `i` (stdout and stderr piped); [`raw_http_result`] collects it.
+pub fn spawn_raw_http(
+    sb: &Sandbox,
+    i: usize,
+    addr: &str,
+    request: &[u8],
+    flags: &[&str],
+) -> Result<std::process::Child> {
     use std::io::Write as _;
     let mut cmd = sb.pod_command(i, 0, helper_bin("raw-http")?)?;
     cmd.arg(addr).args(flags);
     let mut child = cmd
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .context("running raw-http")?;
     child.stdin.take().expect("piped").write_all(request)?;
+    Ok(child)
+}
+
+/// What a `raw-http` started by [`spawn_raw_http`] got back.
+pub fn raw_http_result(child: std::process::Child) -> Result<RawResult> {
     let out = child.wait_with_output()?;
-    serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("raw-http output: {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "raw-http output: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 /// Runs the Rust SDK's container credentials provider in pod `i` against `url`.

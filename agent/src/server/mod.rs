@@ -2,6 +2,7 @@
 //! probes, and orderly shutdown.
 
 mod admin;
+pub mod drain;
 pub mod handler;
 pub mod limits;
 pub mod listen;
@@ -18,7 +19,6 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -30,10 +30,8 @@ use limits::{ConnGuard, ConnLimits, Peer};
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request head buffered (the token is at most 16 KiB).
 const MAX_HEAD_BYTES: usize = 32 * 1024;
-/// How long the last accepted connections get to read their request before the graceful
-/// shutdown starts (a request arrives with its connection; reading it takes microseconds).
-const SETTLE: Duration = Duration::from_millis(50);
-/// How long in-flight requests may take to finish at shutdown.
+/// How long in-flight requests (and the first requests of connections accepted last) may
+/// take to finish at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Everything a request handler needs, shared by all connections.
@@ -148,7 +146,6 @@ pub async fn serve<T>(
         }
     }
     let (stop_tx, stop_rx) = watch::channel(false);
-    let graceful = Arc::new(GracefulShutdown::new());
     let mut tasks = tokio::task::JoinSet::new();
     let credential_limits = ConnLimits::credentials(fds);
     for bound in listeners {
@@ -157,7 +154,6 @@ pub async fn serve<T>(
             bound,
             credential_limits.clone(),
             stop_rx.clone(),
-            graceful.clone(),
         ));
     }
     let admin_limits = ConnLimits::admin();
@@ -173,6 +169,7 @@ pub async fn serve<T>(
             stop_rx.clone(),
         ));
     }
+    drop(stop_rx);
     state.ready.store(true, Ordering::SeqCst);
 
     let stopped = shutdown.await;
@@ -180,12 +177,8 @@ pub async fn serve<T>(
     tracing::info!("shutting down: no longer accepting, draining in-flight requests");
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
-    // Connections taken from the accept queue at the end are fresh: until hyper has read
-    // their request, a graceful shutdown sees them idle and closes them unanswered. Let
-    // them read it first.
-    tokio::time::sleep(SETTLE).await;
-    let graceful = Arc::into_inner(graceful).expect("accept loops have ended");
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+    // Every connection holds a receiver until it has ended (drain.rs says how it ends).
+    if tokio::time::timeout(DRAIN_TIMEOUT, stop_tx.closed())
         .await
         .is_err()
     {
@@ -199,10 +192,10 @@ async fn accept_loop(
     bound: Bound,
     limits: Arc<ConnLimits>,
     stop: watch::Receiver<bool>,
-    graceful: Arc<GracefulShutdown>,
 ) {
     let local = bound.listener.local_addr().ok();
     tracing::info!(addr = ?local, "listening");
+    let conn_stop = stop.clone();
     accept_until(&bound.listener, stop, |stream, peer| {
         let caller = caller_of(&state, &stream, peer);
         let key = match caller {
@@ -217,7 +210,7 @@ async fn accept_loop(
                     peer,
                     caller,
                     place,
-                    graceful.watcher(),
+                    conn_stop.clone(),
                 ));
             }
             Err(refusal) => state
@@ -297,20 +290,22 @@ async fn serve_connection(
     peer: SocketAddr,
     caller: Caller,
     _place: ConnGuard,
-    graceful: hyper_util::server::graceful::Watcher,
+    stop: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
-    let conn = Arc::new((caller, memo::ConnMemo::default()));
+    let first = Arc::new(drain::FirstRequest::default());
+    let conn = Arc::new((caller, memo::ConnMemo::default(), first.clone()));
     let handler_state = state.clone();
     let service = service_fn(move |req| {
         let state = handler_state.clone();
         let conn = conn.clone();
+        conn.2.seen();
         async move { Ok::<_, Infallible>(handler::handle(&state, &conn.0, &conn.1, req).await) }
     });
     let conn = http1()
         .max_header_size(MAX_HEAD_BYTES)
         .serve_connection(TokioIo::new(stream), service);
-    if let Err(e) = graceful.watch(conn).await {
+    if let Err(e) = drain::serve_until_stopped(conn, &first, stop).await {
         let kind = if e.is_parse() || e.is_parse_too_large() || e.is_parse_status() {
             "parse"
         } else if e.is_timeout() {

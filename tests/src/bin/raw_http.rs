@@ -1,7 +1,8 @@
 //! A deliberately crude HTTP client for malformed and slow requests that curl will not send:
-//! `raw-http ADDR [--drip SECONDS] [--half-close]` writes stdin to ADDR (all at once, or one
-//! byte every SECONDS; then shuts its sending side with --half-close), and prints what came
-//! back and how long until the server answered or closed.
+//! `raw-http ADDR [--drip SECONDS] [--half-close] [--wait SECONDS]` writes stdin to ADDR (all
+//! at once, or one byte every SECONDS; then shuts its sending side with --half-close; with
+//! --wait, only SECONDS after connecting, having said `connected` on stderr), and prints what
+//! came back and how long until the server answered or closed.
 //! Output: one JSON line `{"status":N,"response":"...","closed_after_ms":N}`.
 
 use std::io::{Read, Write};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 fn main() {
     let mut args = std::env::args().skip(1);
     let addr = args.next().expect("usage: raw-http ADDR [--drip SECONDS]");
-    let (mut drip, mut half_close) = (None, false);
+    let (mut drip, mut half_close, mut wait) = (None, false, None);
     while let Some(flag) = args.next() {
         match flag.as_str() {
             "--drip" => {
@@ -22,6 +23,13 @@ fn main() {
                 drip = Some(Duration::from_secs_f64(secs));
             }
             "--half-close" => half_close = true,
+            "--wait" => {
+                let secs: f64 = args
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .expect("--wait SECONDS");
+                wait = Some(Duration::from_secs_f64(secs));
+            }
             other => panic!("unknown flag {other}"),
         }
     }
@@ -32,6 +40,10 @@ fn main() {
         .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
     let started = Instant::now();
+    if let Some(wait) = wait {
+        eprintln!("connected");
+        std::thread::sleep(wait);
+    }
     match drip {
         None => {
             let _ = stream.write_all(&request);
