@@ -11,25 +11,22 @@ use std::time::{Duration, Instant};
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let addr = args.next().expect("usage: raw-http ADDR [--drip SECONDS]");
+    let addr = args
+        .next()
+        .expect("usage: raw-http ADDR [--drip SECONDS] [--half-close] [--wait SECONDS]");
     let (mut drip, mut half_close, mut wait) = (None, false, None);
     while let Some(flag) = args.next() {
+        let mut seconds = || {
+            let secs: f64 = args
+                .next()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("{flag} SECONDS"));
+            Some(Duration::from_secs_f64(secs))
+        };
         match flag.as_str() {
-            "--drip" => {
-                let secs: f64 = args
-                    .next()
-                    .and_then(|s| s.parse().ok())
-                    .expect("--drip SECONDS");
-                drip = Some(Duration::from_secs_f64(secs));
-            }
+            "--drip" => drip = seconds(),
+            "--wait" => wait = seconds(),
             "--half-close" => half_close = true,
-            "--wait" => {
-                let secs: f64 = args
-                    .next()
-                    .and_then(|s| s.parse().ok())
-                    .expect("--wait SECONDS");
-                wait = Some(Duration::from_secs_f64(secs));
-            }
             other => panic!("unknown flag {other}"),
         }
     }
