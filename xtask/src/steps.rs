@@ -1,117 +1,15 @@
-//! Build, test and demo steps.
+//! The commands: test, demo, bench, image, kind-e2e.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+use crate::compile::{build, build_ebpf, harness_bins, Profile};
+use crate::exec::{cargo, root, run, step};
 use crate::setup;
-use crate::supervise::{self, Supervised};
-
-/// The workspace root (xtask lives one level below it).
-pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask is inside the workspace")
-        .to_path_buf()
-}
-
-/// Where `cargo install` puts binaries.
-pub fn cargo_bin_dir() -> Result<PathBuf> {
-    let home = match std::env::var_os("CARGO_HOME") {
-        Some(h) => PathBuf::from(h),
-        None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?).join(".cargo"),
-    };
-    Ok(home.join("bin"))
-}
-
-/// Runs a command with inherited output (under supervision: a signal to xtask reaches it and
-/// stops the steps after it); fails with its status.
-pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = supervise::status(cmd)?;
-    if !status.success() {
-        bail!("{cmd:?} failed: {status}");
-    }
-    Ok(())
-}
-
-/// Runs `f` as a named step, printing its duration.
-pub fn step<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    println!("==> {name}");
-    let t = Instant::now();
-    let out = f().with_context(|| format!("step '{name}' failed"))?;
-    println!("<== {name} ({:.1?})", t.elapsed());
-    Ok(out)
-}
-
-/// cargo in the workspace; the agent it builds must embed the BPF object (xtask builds it
-/// first), so a missing object fails instead of building a fallback-only agent.
-pub fn cargo() -> Command {
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.current_dir(root()).env("AGENT_EBPF_REQUIRED", "1");
-    cmd
-}
-
-/// The BPF object `build-ebpf` produces (the agent's build script embeds it from here).
-pub fn ebpf_object() -> PathBuf {
-    root().join("agent-ebpf/target/bpfel-unknown-none/release/agent-ebpf")
-}
-
-/// Builds the BPF object with Debian's rustc and its prebuilt `core` for bpfel (docs/toolchain.md).
-pub fn build_ebpf() -> Result<()> {
-    for tool in ["/usr/bin/rustc", "/usr/bin/cargo"] {
-        if !Path::new(tool).exists() {
-            bail!("{tool} is missing: run `cargo xtask setup` (as root) first");
-        }
-    }
-    let bin_dir = cargo_bin_dir()?;
-    if !bin_dir.join("bpf-linker").exists() {
-        bail!("bpf-linker is missing: run `cargo xtask setup` (as root) first");
-    }
-    let path = std::env::join_paths(std::iter::once(bin_dir).chain(std::env::split_paths(
-        &std::env::var_os("PATH").unwrap_or_default(),
-    )))?;
-    step("build-ebpf", || {
-        run(Command::new("/usr/bin/cargo")
-            .current_dir(root().join("agent-ebpf"))
-            .args([
-                "build",
-                "--release",
-                "--locked",
-                "--target",
-                "bpfel-unknown-none",
-            ])
-            // aya-ebpf uses #![feature(asm_experimental_arch)].
-            .env("RUSTC_BOOTSTRAP", "1")
-            .env("RUSTC", "/usr/bin/rustc")
-            // BTF is required for the sk_storage map (#[btf_map]).
-            .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf")
-            .env("PATH", path)
-            .env_remove("RUSTUP_TOOLCHAIN")
-            .env_remove("CARGO_TARGET_DIR"))?;
-        let size = std::fs::metadata(ebpf_object())?.len();
-        println!("  {} ({size} bytes)", ebpf_object().display());
-        Ok(())
-    })
-}
-
-/// Builds the BPF object and the release agent; returns the agent's path.
-pub fn build() -> Result<PathBuf> {
-    build_ebpf()?;
-    step("build agent (release)", || {
-        run(cargo().args([
-            "build",
-            "--release",
-            "-p",
-            "agent",
-            "--bin",
-            "eks-pod-identity-agent",
-        ]))
-    })?;
-    Ok(root().join("target/release/eks-pod-identity-agent"))
-}
+use crate::supervise::Supervised;
 
 /// Outcome of the test binaries of one `cargo test` run.
 #[derive(Default)]
@@ -280,38 +178,6 @@ pub fn test() -> Result<()> {
     }
     println!("total: {} passed, {} failed", tally.passed, tally.failed);
     demo
-}
-
-/// Which cargo profile the harness binaries are built in.
-#[derive(Clone, Copy)]
-pub enum Profile {
-    /// Unoptimised (tests and the demo).
-    Debug,
-    /// Optimised (the bench: the load clients must not be the bottleneck).
-    Release,
-}
-
-impl Profile {
-    fn dir(self) -> PathBuf {
-        root().join(match self {
-            Profile::Debug => "target/debug",
-            Profile::Release => "target/release",
-        })
-    }
-}
-
-/// Builds every binary of the `tests` crate (the demo, the bench, and the helpers they start
-/// inside pods); returns the directory they are in.
-pub fn harness_bins(profile: Profile) -> Result<PathBuf> {
-    step("build the harness binaries", || {
-        let mut cmd = cargo();
-        cmd.args(["build", "-p", "tests", "--bins"]);
-        if let Profile::Release = profile {
-            cmd.arg("--release");
-        }
-        run(&mut cmd)
-    })?;
-    Ok(profile.dir())
 }
 
 /// Runs harness binary `name` from `bins` as run `prefix`, then removes whatever the run left
