@@ -146,6 +146,7 @@ pub async fn serve<T>(
         }
     }
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stopper = Arc::new(drain::Stopper::default());
     let mut tasks = tokio::task::JoinSet::new();
     let credential_limits = ConnLimits::credentials(fds);
     for bound in listeners {
@@ -154,6 +155,7 @@ pub async fn serve<T>(
             bound,
             credential_limits.clone(),
             stop_rx.clone(),
+            stopper.clone(),
         ));
     }
     let admin_limits = ConnLimits::admin();
@@ -169,7 +171,6 @@ pub async fn serve<T>(
             stop_rx.clone(),
         ));
     }
-    drop(stop_rx);
     state.ready.store(true, Ordering::SeqCst);
 
     let stopped = shutdown.await;
@@ -177,8 +178,8 @@ pub async fn serve<T>(
     tracing::info!("shutting down: no longer accepting, draining in-flight requests");
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
-    // Every connection holds a receiver until it has ended (drain.rs says how it ends).
-    if tokio::time::timeout(DRAIN_TIMEOUT, stop_tx.closed())
+    // Every connection is registered by now (drain.rs says how each ends).
+    if tokio::time::timeout(DRAIN_TIMEOUT, stopper.stop())
         .await
         .is_err()
     {
@@ -192,10 +193,10 @@ async fn accept_loop(
     bound: Bound,
     limits: Arc<ConnLimits>,
     stop: watch::Receiver<bool>,
+    stopper: Arc<drain::Stopper>,
 ) {
     let local = bound.listener.local_addr().ok();
     tracing::info!(addr = ?local, "listening");
-    let conn_stop = stop.clone();
     accept_until(&bound.listener, stop, |stream, peer| {
         let caller = caller_of(&state, &stream, peer);
         let key = match caller {
@@ -210,7 +211,7 @@ async fn accept_loop(
                     peer,
                     caller,
                     place,
-                    conn_stop.clone(),
+                    stopper.register(),
                 ));
             }
             Err(refusal) => state
@@ -290,7 +291,7 @@ async fn serve_connection(
     peer: SocketAddr,
     caller: Caller,
     _place: ConnGuard,
-    stop: watch::Receiver<bool>,
+    stop: drain::StopSignal,
 ) {
     let _ = stream.set_nodelay(true);
     let first = Arc::new(drain::FirstRequest::default());
