@@ -257,7 +257,7 @@ pub(crate) async fn accept_until(
 
 /// The HTTP/1 settings of every listener: a bound on reading a request head (slow clients
 /// cannot hold connections) and on its size.
-pub(crate) fn http1() -> http1::Builder {
+pub fn http1() -> http1::Builder {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())

@@ -1,6 +1,7 @@
 //! Baselines for `cargo xtask bench`: `bare-server ADDR BODY_FILE` answers every request with
 //! the fixed body (a bare hyper server, the limit for the agent's warm path);
-//! `bare-server ADDR --accept-only` accepts connections and drops them.
+//! `bare-server ADDR --accept-only` accepts connections and drops them. `BARE_AS_AGENT=timer,drain`
+//! adds the agent's HTTP/1 settings and its stop handling.
 
 use std::convert::Infallible;
 
@@ -26,10 +27,17 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let body = Bytes::from(std::fs::read(mode)?);
+    // BARE_AS_AGENT=timer,drain: the agent's connection settings (its HTTP/1 builder with the
+    // header read timer; its stop handling), to measure what each costs (`cargo xtask bench`
+    // with BENCH_CANDIDATE_BARE).
+    let like = std::env::var("BARE_AS_AGENT").unwrap_or_default();
+    let (timer, drain) = (like.contains("timer"), like.contains("drain"));
+    let stopper = std::sync::Arc::new(agent::server::drain::Stopper::default());
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
         let body = body.clone();
+        let stop = drain.then(|| stopper.register());
         tokio::spawn(async move {
             let svc = service_fn(move |_req| {
                 let body = body.clone();
@@ -40,9 +48,18 @@ async fn main() -> anyhow::Result<()> {
                     Ok::<_, Infallible>(resp)
                 }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let builder = if timer {
+                agent::server::http1()
+            } else {
+                http1::Builder::new()
+            };
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            if let Some(stop) = stop {
+                let first = agent::server::drain::FirstRequest::default();
+                let _ = agent::server::drain::serve_until_stopped(conn, &first, stop).await;
+            } else {
+                let _ = conn.await;
+            }
         });
     }
 }

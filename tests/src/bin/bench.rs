@@ -246,6 +246,27 @@ fn warm_vs_bare(report: &mut Report, deadline: &Deadline) -> Result<()> {
         .arg(&body)
         .spawn()?;
     wait_listening(&sb, "169.254.170.23:8080")?;
+    // BENCH_CANDIDATE_BARE=timer,drain: a bare server with those of the agent's connection
+    // settings stands in the agent's place (what each setting costs; docs/benchmarks.md).
+    let candidate = std::env::var("BENCH_CANDIDATE_BARE").ok();
+    let mut cand = match &candidate {
+        Some(like) => {
+            let c = sb
+                .node_command(helper_bin("bare-server")?, None)?
+                .env("BARE_AS_AGENT", like)
+                .arg("169.254.170.23:8081")
+                .arg(&body)
+                .spawn()?;
+            wait_listening(&sb, "169.254.170.23:8081")?;
+            Some(c)
+        }
+        None => None,
+    };
+    let ours_addr = if cand.is_some() {
+        "169.254.170.23:8081"
+    } else {
+        "169.254.170.23:80"
+    };
     let mut all_done = true;
     let mut cdfs = Vec::new();
     for (mode, count, env, throughput_target, p99_target) in [
@@ -265,13 +286,25 @@ fn warm_vs_bare(report: &mut Report, deadline: &Deadline) -> Result<()> {
             traces.1.display().to_string(),
         );
         let (ours_env, base_env) = (with_trace(env, &ours_trace), with_trace(env, &base_trace));
+        // The control's second run traces too (to its own file): the same client work in all
+        // three runs of a round.
+        let again_trace = sb.dir().join("trace-again").display().to_string();
+        let again_env = with_trace(env, &again_trace);
         // Interleaved: bare, agent, bare again. The agent is set against both bare runs
         // (their geometric mean: a drift across the round cancels); the second bare run
         // against the first is the control, what noise alone does to a ratio in this run.
         let (rounds, done) = deadline.rounds(CASE1_ROUNDS, || {
             let base = load(&sb, deadline, 0, "169.254.170.23:8080", count, 4, &base_env)?;
-            let ours = load(&sb, deadline, 0, "169.254.170.23:80", count, 4, &ours_env)?;
-            let again = load(&sb, deadline, 0, "169.254.170.23:8080", count, 4, env)?;
+            let ours = load(&sb, deadline, 0, ours_addr, count, 4, &ours_env)?;
+            let again = load(
+                &sb,
+                deadline,
+                0,
+                "169.254.170.23:8080",
+                count,
+                4,
+                &again_env,
+            )?;
             for r in [&ours, &base, &again] {
                 ensure!(r.count(200) as usize == count, "{r:?}");
             }
@@ -292,8 +325,12 @@ fn warm_vs_bare(report: &mut Report, deadline: &Deadline) -> Result<()> {
                 points: cdf(&latencies),
             });
         }
+        let stand_in = candidate
+            .as_ref()
+            .map(|like| format!(" (in the agent's place: bare hyper with {like})"))
+            .unwrap_or_default();
         let case = format!(
-            "1. warm request, {mode}{}",
+            "1. warm request, {mode}{stand_in}{}",
             partial_of(rounds.len(), CASE1_ROUNDS, done)
         );
         for (figure, f, bound) in [
@@ -347,6 +384,10 @@ fn warm_vs_bare(report: &mut Report, deadline: &Deadline) -> Result<()> {
     }
     let _ = bare.kill();
     let _ = bare.wait();
+    if let Some(c) = cand.as_mut() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
     if !cdfs.is_empty() {
         report.chart(
             "1-latency.svg",
@@ -382,13 +423,27 @@ fn profile(pid: u32, run: impl FnOnce() -> Result<()>) -> Result<String> {
         .stderr(std::process::Stdio::null())
         .spawn()
         .context("perf (installed by `cargo xtask setup`)")?;
+    // Beside the samples, how often the process slept and woke: a request answered later
+    // with little more CPU is a scheduling difference, which samples do not show.
+    let stat_file = dir.join(format!("perf-stat-{pid}.txt"));
+    let mut stat = std::process::Command::new("perf")
+        .args(["stat", "-e", "task-clock,context-switches,cpu-migrations"])
+        .args(["-p", &pid.to_string(), "-o"])
+        .arg(&stat_file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("perf stat")?;
     std::thread::sleep(Duration::from_millis(300));
     let ran = run();
-    // SAFETY: signalling our own child; SIGINT makes perf write its data and exit.
-    unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
+    for p in [&perf, &stat] {
+        // SAFETY: signalling our own children; SIGINT makes perf write its data and exit.
+        unsafe { libc::kill(p.id() as i32, libc::SIGINT) };
+    }
     perf.wait()?;
+    stat.wait()?;
     ran?;
-    let mut text = String::new();
+    let mut text = std::fs::read_to_string(&stat_file).unwrap_or_default();
     // Where the time went (kernel, agent, libc), then by symbol.
     for sort in ["dso", "symbol"] {
         let report = std::process::Command::new("perf")
