@@ -651,7 +651,9 @@ fn a_connection_accepted_before_a_stop_is_answered_however_late_its_request() ->
     let r = raw_http_result(client)?;
     assert_eq!(r.status, 200, "{r:?}");
     assert!(
-        r.response.to_ascii_lowercase().contains("connection: close"),
+        r.response
+            .to_ascii_lowercase()
+            .contains("connection: close"),
         "the stopping agent closes after the answer: {r:?}"
     );
     assert!(status.success(), "{status}");
