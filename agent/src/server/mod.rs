@@ -285,6 +285,14 @@ fn caller_of(state: &State, stream: &TcpStream, peer: SocketAddr) -> Caller {
     }
 }
 
+/// What the requests of one credential connection share.
+struct Conn {
+    state: Arc<State>,
+    caller: Caller,
+    memo: memo::ConnMemo,
+    first: drain::FirstRequest,
+}
+
 async fn serve_connection(
     state: Arc<State>,
     stream: TcpStream,
@@ -294,19 +302,26 @@ async fn serve_connection(
     stop: drain::StopSignal,
 ) {
     let _ = stream.set_nodelay(true);
-    let first = Arc::new(drain::FirstRequest::default());
-    let conn = Arc::new((caller, memo::ConnMemo::default(), first.clone()));
-    let handler_state = state.clone();
-    let service = service_fn(move |req| {
-        let state = handler_state.clone();
-        let conn = conn.clone();
-        conn.2.seen();
-        async move { Ok::<_, Infallible>(handler::handle(&state, &conn.0, &conn.1, req).await) }
+    // One Arc per connection carries what its requests share: a request clones only it (the
+    // node-wide `State` Arc, cloned per request, was a refcount every worker wrote).
+    let shared = Arc::new(Conn {
+        state: state.clone(),
+        caller,
+        memo: memo::ConnMemo::default(),
+        first: drain::FirstRequest::default(),
+    });
+    let service = service_fn({
+        let shared = shared.clone();
+        move |req| {
+            let c = shared.clone();
+            c.first.seen();
+            async move { Ok::<_, Infallible>(handler::handle(&c.state, &c.caller, &c.memo, req).await) }
+        }
     });
     let conn = http1()
         .max_header_size(MAX_HEAD_BYTES)
         .serve_connection(TokioIo::new(stream), service);
-    if let Err(e) = drain::serve_until_stopped(conn, &first, stop).await {
+    if let Err(e) = drain::serve_until_stopped(conn, &shared.first, stop).await {
         let kind = if e.is_parse() || e.is_parse_too_large() || e.is_parse_status() {
             "parse"
         } else if e.is_timeout() {
