@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod budget;
+pub mod callgrind;
 pub mod cgroups;
 pub mod chart;
 pub mod clients;

@@ -8,7 +8,8 @@ use crate::exec::run as run_cmd;
 use crate::exec::{cargo_bin_dir, step};
 
 /// Debian packages: the BPF compiler and its prebuilt core (docs/toolchain.md), LLVM for
-/// bpf-linker, the tools the sandbox and the real node use, and perf (`BENCH_PROFILE=1`).
+/// bpf-linker, the tools the sandbox and the real node use, perf (`BENCH_PROFILE=1`) and
+/// valgrind (the bench's instruction counts).
 pub const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
@@ -23,6 +24,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "procps",
     "iptables",
     "linux-perf",
+    "valgrind",
     // The real node: a private containerd with runc and the CNI bridge, images built with
     // umoci from busybox, and protoc for the CRI client's generated code.
     "containerd",

@@ -162,6 +162,16 @@ fn agent(sb: &Sandbox, fake: &FakeEksAuth, extra: &[&str]) -> Result<Agent> {
 
 /// As [`agent`], without waiting.
 fn launch_agent(sb: &Sandbox, fake: &FakeEksAuth, extra: &[&str]) -> Result<Agent> {
+    launch_agent_wrapped(sb, fake, &[], extra)
+}
+
+/// As [`launch_agent`], the agent run by `wrapper` (e.g. valgrind).
+fn launch_agent_wrapped(
+    sb: &Sandbox,
+    fake: &FakeEksAuth,
+    wrapper: &[&str],
+    extra: &[&str],
+) -> Result<Agent> {
     let root = sb.cgroups().pods_root().display().to_string();
     let mut args = vec![
         "server",
@@ -179,7 +189,7 @@ fn launch_agent(sb: &Sandbox, fake: &FakeEksAuth, extra: &[&str]) -> Result<Agen
         }
     }
     args.extend_from_slice(extra);
-    Agent::launch(sb, fake, &args, &[])
+    Agent::launch_wrapped(sb, fake, wrapper, &args, &[])
 }
 
 /// Runs the load client (new connections, or as `env` says) from pod `pod` and waits for it
@@ -402,6 +412,112 @@ fn warm_vs_bare(report: &mut Report, deadline: &Deadline) -> Result<()> {
         );
     }
     finished(all_done, deadline)
+}
+
+/// Case 9: instructions per warm request, the agent against bare hyper, both run by
+/// callgrind: a count that is the same whatever else the machine does, so its ratio is a
+/// verdict case 1's wall-clock ratios cannot give on a noisy machine (its control, bare
+/// against bare, shows how far the count itself moves).
+fn instructions(report: &mut Report, deadline: &Deadline) -> Result<()> {
+    let (sb, fake) = node(Driver::Cgroupfs, 1)?;
+    let dir = sb.dir().join("callgrind");
+    std::fs::create_dir_all(&dir)?;
+    let wrapper = tests::callgrind::wrapper(&dir);
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let mut agent = launch_agent_wrapped(&sb, &fake, &wrapper, &[])?;
+    // Start-up under callgrind (the BPF object and the kernel's BTF parsed) is slow.
+    agent.wait_ready(&sb, Duration::from_secs(90))?;
+    let first = curl(&sb, 0, 0, credentials_url(false), &[])?;
+    ensure!(first.status == 200, "warm-up: {}", first.body);
+    let body = sb.dir().join("body.json");
+    std::fs::write(&body, &first.body)?;
+    let (program, rest) = wrapper.split_first().context("a wrapper")?;
+    let mut bare = sb
+        .node_command(program, None)?
+        .args(rest)
+        .arg(helper_bin("bare-server")?)
+        .arg("169.254.170.23:8080")
+        .arg(&body)
+        .spawn()?;
+    let counted = (|| {
+        wait_listening(&sb, "169.254.170.23:8080")?;
+        let ours = tests::callgrind::Counted::attach(agent.pid(), &dir)?;
+        let base = tests::callgrind::Counted::attach(bare.id(), &dir)?;
+        let mut all_done = true;
+        for (mode, count, env) in [
+            ("keep-alive", 3_000, &[("LOAD_KEEPALIVE", "1")][..]),
+            ("new connection per request", 600, &[][..]),
+        ] {
+            let per_request = |who: &tests::callgrind::Counted, addr: &str| {
+                let (n, file) = who.count(|| {
+                    let r = load(&sb, deadline, 0, addr, count, 4, env)?;
+                    ensure!(r.count(200) as usize == count, "{r:?}");
+                    Ok(())
+                })?;
+                Ok::<_, anyhow::Error>((n as f64 / count as f64, file))
+            };
+            // Interleaved as in case 1: bare, agent, bare again.
+            let (rounds, done) = deadline.rounds(ROUNDS, || {
+                let b = per_request(&base, "169.254.170.23:8080")?;
+                let o = per_request(&ours, "169.254.170.23:80")?;
+                let a = per_request(&base, "169.254.170.23:8080")?;
+                Ok((o, b, a))
+            })?;
+            all_done &= done;
+            let Some(((_, ours_file), (_, base_file), _)) = rounds.last() else {
+                break;
+            };
+            let spread = |pick: &dyn Fn(&(f64, f64, f64)) -> f64| {
+                let v: Vec<f64> = rounds
+                    .iter()
+                    .map(|((o, _), (b, _), (a, _))| pick(&(*o, *b, *a)))
+                    .collect();
+                Spread::of(&v).context("no rounds")
+            };
+            let ratio = spread(&|(o, b, a)| o / (b * a).sqrt())?;
+            let control = spread(&|(_, b, a)| a / b)?;
+            let case = format!(
+                "9. warm request, {mode}{}",
+                partial_of(rounds.len(), ROUNDS, done)
+            );
+            report.spread_row(
+                &case,
+                "instructions per request (callgrind, all threads, user space)",
+                spread(&|(o, _, _)| *o)?.median,
+                spread(&|(_, b, _)| *b)?.median,
+                ratio,
+                control,
+                None,
+            );
+            // Where the agent's instructions go that the bare server's do not, function by
+            // function (the last round's dumps).
+            let name = format!("callgrind-{}.txt", mode.replace(' ', "-"));
+            std::fs::write(
+                bench_dir().join(&name),
+                tests::callgrind::difference(
+                    &tests::callgrind::self_costs(ours_file)?,
+                    &tests::callgrind::self_costs(base_file)?,
+                    count,
+                    60,
+                ),
+            )?;
+            report.note(
+                &case,
+                "the agent's instructions beyond the bare server's, by function",
+                format!("target/bench/{name}"),
+            );
+            // The dumps themselves, for callgrind_annotate or a closer look.
+            for (who, file) in [("agent", ours_file), ("bare", base_file)] {
+                let dump = format!("callgrind-{who}-{}.out", mode.replace(' ', "-"));
+                std::fs::copy(file, bench_dir().join(dump))?;
+            }
+        }
+        finished(all_done, deadline)
+    })();
+    let _ = bare.kill();
+    let _ = bare.wait();
+    drop(agent);
+    counted
 }
 
 /// Where the bench writes its results.
@@ -1000,7 +1116,7 @@ type Case = (
 );
 
 /// The cases and their budgets (together under nine minutes; most cases finish well inside).
-const CASES: [Case; 8] = [
+const CASES: [Case; 9] = [
     (
         "1. warm request vs bare hyper",
         Duration::from_secs(150),
@@ -1036,6 +1152,11 @@ const CASES: [Case; 8] = [
         "8. upgrade under steady load",
         Duration::from_secs(75),
         upgrade,
+    ),
+    (
+        "9. instructions per warm request",
+        Duration::from_secs(150),
+        instructions,
     ),
 ];
 
