@@ -359,7 +359,10 @@ impl Cache {
             ));
         }
         let slot = self.slot(&lookup.key);
-        slot.last_used.store(self.millis(), Ordering::Relaxed);
+        // One clock read for the whole lookup.
+        let now = Instant::now();
+        let millis = now.saturating_duration_since(self.started).as_millis() as u64;
+        slot.last_used.store(millis, Ordering::Relaxed);
         let mut rx = {
             let mut st = slot.state.lock().expect("not poisoned");
             if let Err(e) = st.adopt_subject(&lookup) {
@@ -376,7 +379,6 @@ impl Cache {
             if lookup.cgroup.is_some() {
                 st.cgroup = lookup.cgroup;
             }
-            let now = Instant::now();
             if let Some(c) = st.creds.as_ref().filter(|c| self.fresh(c, now)) {
                 self.metrics.count_cache_hit();
                 let creds = c.creds.clone();

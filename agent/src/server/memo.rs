@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::HeaderValue;
 
 use crate::attribution::PodCgroup;
 use crate::cache::{Key, Subject};
@@ -55,10 +56,10 @@ impl ConnMemo {
     /// resolving), from the memo in between.
     pub fn pod(
         &self,
+        now: Instant,
         recheck: Duration,
         resolve: impl FnOnce() -> Option<Arc<PodCgroup>>,
     ) -> Option<Arc<PodCgroup>> {
-        let now = Instant::now();
         if let Some((pod, checked)) = &self.lock().pod {
             if now.duration_since(*checked) < recheck {
                 return Some(pod.clone());
@@ -69,13 +70,25 @@ impl ConnMemo {
         pod
     }
 
-    /// The claims of `token`, parsed once per connection; its time window is checked against
-    /// `now` (epoch seconds) on every call, so an expired token is refused on a live connection.
-    pub fn token(&self, token: &str, now: i64) -> Result<Parsed, TokenError> {
-        let remembered = self.lock().token.clone().filter(|p| *p.token == *token);
+    /// The claims of the token in `header` (`Authorization`), checked and parsed once per
+    /// connection: its bytes are compared with the connection's last token before anything
+    /// else looks at them. Its time window is checked against `now` (epoch seconds) on every
+    /// call, so an expired token is refused on a live connection.
+    pub fn token(&self, header: Option<&HeaderValue>, now: i64) -> Result<Parsed, TokenError> {
+        let bytes = header.map_or(&[][..], HeaderValue::as_bytes);
+        let remembered = self
+            .lock()
+            .token
+            .clone()
+            .filter(|p| p.token.as_bytes() == bytes);
         let parsed = match remembered {
             Some(p) => p,
             None => {
+                let token = header
+                    .map(HeaderValue::to_str)
+                    .transpose()
+                    .map_err(|_| TokenError::Malformed("token is not ASCII"))?
+                    .unwrap_or_default();
                 let p = Parsed {
                     claims: Arc::new(token::parse_shape(token)?),
                     token: Arc::from(token),
@@ -126,21 +139,43 @@ mod tests {
 
     const UID: &str = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
 
+    fn header(token: &[u8]) -> HeaderValue {
+        HeaderValue::from_bytes(token).unwrap()
+    }
+
     #[test]
     fn a_token_is_parsed_once_but_its_window_checked_every_time() {
         let memo = ConnMemo::default();
         let token = test_token(UID, 1_000);
-        let a = memo.token(&token, 500).unwrap();
-        let b = memo.token(&token, 600).unwrap();
+        let a = memo.token(Some(&header(token.as_bytes())), 500).unwrap();
+        let b = memo.token(Some(&header(token.as_bytes())), 600).unwrap();
         assert!(Arc::ptr_eq(&a.claims, &b.claims), "parsed once");
-        assert_eq!(memo.token(&token, 1_000).unwrap_err(), TokenError::Expired);
+        assert_eq!(
+            memo.token(Some(&header(token.as_bytes())), 1_000)
+                .unwrap_err(),
+            TokenError::Expired
+        );
         // A rotated token replaces it; garbage is refused and forgets nothing.
         let rotated = test_token(UID, 2_000);
-        let c = memo.token(&rotated, 1_500).unwrap();
+        let c = memo
+            .token(Some(&header(rotated.as_bytes())), 1_500)
+            .unwrap();
         assert_eq!(c.claims.exp, Some(2_000));
-        assert!(memo.token("x.y.z", 1_500).is_err());
+        assert!(memo.token(Some(&header(b"x.y.z")), 1_500).is_err());
+        // Bytes that are not text: refused as before, whatever came earlier; no token at all
+        // is a missing one.
+        assert_eq!(memo.token(None, 1_500).unwrap_err(), TokenError::Empty);
+        for bad in [&b"a\x80.b.c"[..], b"a\xff.b.c"] {
+            assert_eq!(
+                memo.token(Some(&header(bad)), 1_500).unwrap_err(),
+                TokenError::Malformed("token is not ASCII")
+            );
+        }
         assert!(Arc::ptr_eq(
-            &memo.token(&rotated, 1_500).unwrap().claims,
+            &memo
+                .token(Some(&header(rotated.as_bytes())), 1_500)
+                .unwrap()
+                .claims,
             &c.claims
         ));
     }
@@ -158,20 +193,28 @@ mod tests {
             Some(pod.clone())
         };
         for _ in 0..3 {
-            assert!(memo.pod(Duration::from_secs(60), resolve).is_some());
+            assert!(memo
+                .pod(Instant::now(), Duration::from_secs(60), resolve)
+                .is_some());
         }
         assert_eq!(calls.get(), 1, "the memo answered the later requests");
         // Past the recheck the resolver is asked again; a pod it no longer knows is gone.
-        assert!(memo.pod(Duration::ZERO, || None).is_none());
-        assert!(memo.pod(Duration::from_secs(60), || None).is_none());
-        assert!(memo.pod(Duration::from_secs(60), resolve).is_some());
+        assert!(memo.pod(Instant::now(), Duration::ZERO, || None).is_none());
+        assert!(memo
+            .pod(Instant::now(), Duration::from_secs(60), || None)
+            .is_none());
+        assert!(memo
+            .pod(Instant::now(), Duration::from_secs(60), resolve)
+            .is_some());
         assert_eq!(calls.get(), 2);
     }
 
     #[test]
     fn keys_follow_the_token_and_the_uid() {
         let memo = ConnMemo::default();
-        let parsed = memo.token(&test_token(UID, 1_000), 0).unwrap();
+        let parsed = memo
+            .token(Some(&header(test_token(UID, 1_000).as_bytes())), 0)
+            .unwrap();
         let uid: Arc<str> = Arc::from(UID);
         let (k1, subject) = memo.key(&parsed, Some(&uid));
         assert!(Arc::ptr_eq(&k1, &memo.key(&parsed, Some(&uid)).0));
