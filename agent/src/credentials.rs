@@ -1,32 +1,26 @@
 //! What the agent hands to pods: the credentials document and the error document.
 
 use aws_sdk_eksauth::primitives::{DateTime, DateTimeFormat};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-/// Temporary IAM credentials for one pod identity.
+/// Temporary IAM credentials for one pod identity, held as the document pods are answered
+/// with: serialised once when they arrive, so a request (and a new connection) only clones a
+/// reference to it, and the credentials are in memory once.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
-    /// `ASIA…` key id.
-    pub access_key_id: String,
-    /// Secret key; never logged.
-    pub secret_access_key: String,
-    /// Session token; never logged.
-    pub session_token: String,
-    /// Account of the assumed role ("" when the ARN has none).
-    pub account_id: String,
+    /// The JSON answer (`AccessKeyId`, `SecretAccessKey`, `Token`, `AccountId`, `Expiration`).
+    document: bytes::Bytes,
     /// Expiry, seconds since the epoch.
     pub expiration_epoch_secs: u64,
 }
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key id only: the document holds the secret key and the session token.
         f.debug_struct("Credentials")
-            .field("access_key_id", &self.access_key_id)
-            .field("secret_access_key", &"** redacted **")
-            .field("session_token", &"** redacted **")
-            .field("account_id", &self.account_id)
+            .field("access_key_id", &self.fields().access_key_id)
             .field("expiration_epoch_secs", &self.expiration_epoch_secs)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -41,8 +35,23 @@ struct CredentialsDocument<'a> {
     expiration: String,
 }
 
+/// The credentials' parts, read back from the document (a handover, tests).
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct CredentialsFields {
+    /// `ASIA…` key id.
+    pub access_key_id: String,
+    /// Secret key; never logged.
+    pub secret_access_key: String,
+    /// Session token; never logged.
+    #[serde(rename = "Token")]
+    pub session_token: String,
+    /// Account of the assumed role ("" when the ARN has none).
+    pub account_id: String,
+}
+
 impl Credentials {
-    /// Credentials from their parts.
+    /// Credentials from their parts; the document is written here, once.
     pub fn new(
         access_key_id: String,
         secret_access_key: String,
@@ -50,34 +59,33 @@ impl Credentials {
         account_id: String,
         expiration_epoch_secs: u64,
     ) -> Self {
+        let secs = i64::try_from(expiration_epoch_secs).unwrap_or(i64::MAX);
+        let expiration = DateTime::from_secs(secs)
+            .fmt(DateTimeFormat::DateTime)
+            .unwrap_or_else(|_| "9999-12-31T23:59:59Z".to_owned());
+        let document = serde_json::to_vec(&CredentialsDocument {
+            access_key_id: &access_key_id,
+            secret_access_key: &secret_access_key,
+            token: &session_token,
+            account_id: &account_id,
+            expiration,
+        })
+        .expect("serialising strings cannot fail");
         Self {
-            access_key_id,
-            secret_access_key,
-            session_token,
-            account_id,
+            // Fitted: a `Vec` grown while serialising holds up to twice the document.
+            document: document.into_boxed_slice().into(),
             expiration_epoch_secs,
         }
     }
 
-    /// The JSON body of a 200 answer. Not memoised: at 10,000 cached identities the stored
-    /// documents cost more memory (about 0.8 KiB each) than serialising costs time.
+    /// The JSON body pods are answered with (a reference, not a copy).
     pub fn to_json(&self) -> bytes::Bytes {
-        bytes::Bytes::from(self.serialize())
+        self.document.clone()
     }
 
-    fn serialize(&self) -> Vec<u8> {
-        let secs = i64::try_from(self.expiration_epoch_secs).unwrap_or(i64::MAX);
-        let expiration = DateTime::from_secs(secs)
-            .fmt(DateTimeFormat::DateTime)
-            .unwrap_or_else(|_| "9999-12-31T23:59:59Z".to_owned());
-        serde_json::to_vec(&CredentialsDocument {
-            access_key_id: &self.access_key_id,
-            secret_access_key: &self.secret_access_key,
-            token: &self.session_token,
-            account_id: &self.account_id,
-            expiration,
-        })
-        .expect("serialising strings cannot fail")
+    /// The parts, parsed back from the document.
+    pub fn fields(&self) -> CredentialsFields {
+        serde_json::from_slice(&self.document).unwrap_or_default()
     }
 }
 
@@ -123,6 +131,16 @@ mod tests {
                 "AccountId":"123456789012","Expiration":"2026-01-01T06:00:00Z"})
         );
         assert!(!format!("{c:?}").contains("\"s\""));
+        assert!(!format!("{c:?}").contains("\"t\""));
+        assert_eq!(
+            c.fields(),
+            CredentialsFields {
+                access_key_id: "ASIAX".into(),
+                secret_access_key: "s".into(),
+                session_token: "t".into(),
+                account_id: "123456789012".into(),
+            }
+        );
     }
 
     #[test]

@@ -92,7 +92,7 @@ impl Cache {
                     Key::Pod { uid } => (Some(uid.clone()), None),
                     Key::Token(digest) => (None, Some(hex(digest))),
                 };
-                let creds = &cached.creds;
+                let fields = cached.creds.fields();
                 Some(EntrySnapshot {
                     pod_uid,
                     token_sha256,
@@ -111,11 +111,11 @@ impl Cache {
                     token_file: st.token_file.as_ref().map(|p| p.to_path_buf()),
                     prewarmed: st.prewarmed,
                     creds: CredentialsSnapshot {
-                        access_key_id: creds.access_key_id.clone(),
-                        secret_access_key: creds.secret_access_key.clone(),
-                        session_token: creds.session_token.clone(),
-                        account_id: creds.account_id.clone(),
-                        expiration_epoch_secs: creds.expiration_epoch_secs,
+                        access_key_id: fields.access_key_id,
+                        secret_access_key: fields.secret_access_key,
+                        session_token: fields.session_token,
+                        account_id: fields.account_id,
+                        expiration_epoch_secs: cached.creds.expiration_epoch_secs,
                         age_ms: now.saturating_duration_since(cached.fetched_at).as_millis() as u64,
                     },
                 })

@@ -165,7 +165,9 @@ async fn a_thousand_concurrent_callers_make_one_upstream_call_and_share_its_resu
             "all callers share one result"
         );
         match behaviour {
-            Behaviour::Issue(_) => assert_eq!(results[0].as_ref().unwrap().access_key_id, "ASIA0"),
+            Behaviour::Issue(_) => {
+                assert_eq!(results[0].as_ref().unwrap().fields().access_key_id, "ASIA0")
+            }
             Behaviour::Fail(e) => assert_eq!(results[0], Err(CacheError::Upstream(e))),
             Behaviour::Refuse(_) => unreachable!(),
         }
@@ -318,7 +320,8 @@ async fn a_refused_new_token_falls_back_to_the_last_accepted_one() {
     assert_eq!(*up.tokens.lock().unwrap(), ["good", "bad", "good"]);
     let creds = c.get(lookup(pod("a"), "good")).await.unwrap();
     assert_eq!(
-        creds.session_token, "t-good",
+        creds.fields().session_token,
+        "t-good",
         "served what the accepted token fetched"
     );
     assert_eq!(up.calls(), 3);

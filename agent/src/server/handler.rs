@@ -287,7 +287,7 @@ async fn credentials<B>(
         };
         count_attribution(state, caller, outcome);
     }
-    Ok(memo.body(&result?))
+    Ok(result?.to_json())
 }
 
 /// Who is calling: the pod the kernel attributed the connection to, or the address of a

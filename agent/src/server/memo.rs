@@ -1,19 +1,19 @@
 //! What one connection's requests share. SDKs present the same token on every request of a
-//! keep-alive connection (until the kubelet rotates it) and are served the same credentials
-//! until they are renewed, so the token's claims, the cache key they make and the JSON answer
-//! are worked out once per connection instead of once per request. A memo lives and dies with
-//! its connection: nothing in it crosses to another caller, and it holds at most one token
-//! and one answer (no memory per cached identity).
+//! keep-alive connection (until the kubelet rotates it), so the token's claims and the cache
+//! key they make are worked out once per connection instead of once per request (the JSON
+//! answer is written once per set of credentials, in [`Credentials`]). A memo lives and dies
+//! with its connection: nothing in it crosses to another caller, and it holds at most one
+//! token (no memory per cached identity).
+//!
+//! [`Credentials`]: crate::credentials::Credentials
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::HeaderValue;
 
 use crate::attribution::PodCgroup;
 use crate::cache::{Key, Subject};
-use crate::credentials::Credentials;
 use crate::token::{self, Claims, TokenError};
 
 /// One connection's memo.
@@ -27,7 +27,6 @@ struct Memo {
     pod: Option<(Arc<PodCgroup>, Instant)>,
     token: Option<Parsed>,
     key: Option<MadeKey>,
-    body: Option<(Arc<Credentials>, Bytes)>,
 }
 
 /// A cache key and what it was made from: (token, the pod's uid for a pod's key), the key and
@@ -117,18 +116,6 @@ impl ConnMemo {
         };
         self.lock().key = Some((parsed.token.clone(), uid.cloned(), key.clone()));
         key
-    }
-
-    /// The JSON answer for `creds`, serialised once per connection and set of credentials.
-    pub fn body(&self, creds: &Arc<Credentials>) -> Bytes {
-        if let Some((served, body)) = &self.lock().body {
-            if Arc::ptr_eq(served, creds) {
-                return body.clone();
-            }
-        }
-        let body = creds.to_json();
-        self.lock().body = Some((creds.clone(), body.clone()));
-        body
     }
 }
 
