@@ -315,7 +315,9 @@ async fn serve_connection(
         move |req| {
             let c = shared.clone();
             c.first.seen();
-            async move { Ok::<_, Infallible>(handler::handle(&c.state, &c.caller, &c.memo, req).await) }
+            // Checked (and the request dropped) before hyper reads on: see `handler::begin`.
+            let begun = handler::begin(&c.state, &c.caller, &c.memo, req);
+            async move { Ok::<_, Infallible>(handler::answer(&c.state, &c.caller, begun).await) }
         }
     });
     let conn = http1()
