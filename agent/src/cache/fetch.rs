@@ -64,13 +64,13 @@ impl Cache {
             Purpose::Request | Purpose::Prewarm => None,
         };
         // The call's turn first (no permit held while waiting), then a permit.
-        self.pacer.acquire().await;
+        let turn = self.pacer.acquire().await;
         let _permit = self.inflight_all.acquire().await.expect("never closed");
         self.metrics.upstream_inflight.inc();
         let started = Instant::now();
         let result = self.fetcher.fetch(token.to_string()).await;
         self.metrics.upstream_inflight.dec();
-        self.pacer.record(&result);
+        self.pacer.record(turn, &result);
         let (outcome, code) = match &result {
             Ok(_) => ("success", String::new()),
             Err(e) => (e.outcome(), e.code().to_owned()),
