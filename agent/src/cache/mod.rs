@@ -364,8 +364,7 @@ impl Cache {
         let slot = self.slot(&lookup.key);
         // One clock read for the whole lookup.
         let now = Instant::now();
-        let millis = now.saturating_duration_since(self.started).as_millis() as u64;
-        slot.last_used.store(millis, Ordering::Relaxed);
+        slot.last_used.store(self.millis_at(now), Ordering::Relaxed);
         let mut rx = {
             let mut st = slot.state.lock().expect("not poisoned");
             if let Err(e) = st.adopt_subject(&lookup) {
@@ -453,7 +452,7 @@ impl Cache {
             .or_insert_with(|| {
                 Arc::new(Slot {
                     state: Mutex::default(),
-                    last_used: AtomicU64::new(self.millis()),
+                    last_used: AtomicU64::new(self.millis_at(Instant::now())),
                     calls: self
                         .config
                         .entry_call_rate
@@ -505,8 +504,9 @@ impl Cache {
         }
     }
 
-    fn millis(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+    /// `now` in milliseconds since the cache started (the LRU's clock).
+    fn millis_at(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.started).as_millis() as u64
     }
 
     /// Fresh: fetched within the retention and far enough from expiry not to need a refresh.

@@ -80,19 +80,19 @@ pub struct Turn(Instant);
 impl Pacer {
     /// Waits for this call's turn.
     pub async fn acquire(&self) -> Turn {
-        let (slot, turn) = {
+        let now = Instant::now();
+        let slot = {
             let mut st = self.state.lock().expect("not poisoned");
-            let now = Instant::now();
             st.relax(now);
             let Some(rate) = st.rate else {
                 return Turn(now);
             };
             let slot = st.next.map_or(now, |n| n.max(now));
             st.next = Some(slot + Duration::from_secs_f64(1.0 / rate));
-            (slot, Turn(now))
+            slot
         };
         tokio::time::sleep_until(slot).await;
-        turn
+        Turn(now)
     }
 
     /// Learns from the result of a call given its place at `turn`.
@@ -117,8 +117,8 @@ impl Pacer {
                     .last_cut
                     .is_none_or(|t| turn.0 >= t && now.duration_since(t) >= CUT_EVERY)
                 {
-                    // Re-estimated each time (an estimate made before all of a burst's answers
-                    // were in is corrected by the next throttle), but never below half the
+                    // Re-estimated at each such throttle (an estimate made before all of a
+                    // burst's answers were in is corrected by the next one), but never below half the
                     // current pace: a throttle met while paced slowly sees few grants, and
                     // taking that for the limit would spiral down.
                     let granted = st.granted.len() as f64 * 0.9;
