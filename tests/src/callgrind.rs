@@ -4,8 +4,9 @@
 //! shared 2-CPU VM move by 10 % between runs).
 //!
 //! The process runs under `valgrind --tool=callgrind`; `callgrind_control` (through valgrind's
-//! gdbserver FIFOs in `/tmp`) zeroes its counters before a load and dumps them after, so the
-//! count covers the load alone, not the start-up.
+//! gdbserver FIFOs, kept in the run's directory, not `/tmp`: a process killed leaves its FIFOs
+//! behind) zeroes its counters before a load and dumps them after, so the count covers the
+//! load alone, not the start-up.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,7 +24,13 @@ pub fn wrapper(dir: &Path) -> Vec<String> {
         // Names in full in every dump: each dump is read on its own.
         "--compress-strings=no".into(),
         format!("--callgrind-out-file={}/callgrind.%p", dir.display()),
+        vgdb_prefix(dir),
     ]
+}
+
+/// Where valgrind and `callgrind_control` meet: FIFOs in `dir`, removed with it.
+fn vgdb_prefix(dir: &Path) -> String {
+    format!("--vgdb-prefix={}/vgdb", dir.display())
 }
 
 /// A process running under callgrind.
@@ -52,6 +59,7 @@ impl Counted {
 
     fn control(&self, verb: &str) -> Result<String> {
         let out = Command::new("callgrind_control")
+            .arg(vgdb_prefix(&self.dir))
             .arg(verb)
             .arg(self.pid.to_string())
             .output()
@@ -119,8 +127,8 @@ fn parse_self_costs(text: &str) -> HashMap<String, u64> {
     let mut after_call = false;
     for line in text.lines() {
         if let Some(name) = line.strip_prefix("fn=") {
-            // `--compress-strings=no`: the name in full (an `(id) ` prefix would be dropped).
-            function = strip_id(name).to_owned();
+            // In full: the wrapper turns name compression off.
+            function = name.to_owned();
         } else if line.starts_with("calls=") {
             after_call = true;
         } else if line.starts_with(|c: char| c.is_ascii_digit() || "+-*".contains(c)) {
@@ -138,14 +146,6 @@ fn parse_self_costs(text: &str) -> HashMap<String, u64> {
     costs
 }
 
-/// `(12) name` → `name` (a compressed dump's id); a name of its own is kept whole.
-fn strip_id(name: &str) -> &str {
-    name.strip_prefix('(')
-        .and_then(|r| r.split_once(") "))
-        .filter(|(id, _)| id.bytes().all(|b| b.is_ascii_digit()))
-        .map_or(name, |(_, n)| n)
-}
-
 /// What `ours` executes per request beyond `base` (each measured over `requests`), function by
 /// function, largest difference first: `lines` rows of "ours base difference function".
 pub fn difference(
@@ -156,13 +156,13 @@ pub fn difference(
 ) -> String {
     let per =
         |m: &HashMap<String, u64>, f: &str| m.get(f).copied().unwrap_or(0) as f64 / requests as f64;
-    let mut rows: Vec<(f64, f64, &str)> = ours
-        .keys()
-        .chain(base.keys())
-        .map(|f| (per(ours, f), per(base, f), f.as_str()))
+    let names: std::collections::HashSet<&str> =
+        ours.keys().chain(base.keys()).map(String::as_str).collect();
+    let mut rows: Vec<(f64, f64, &str)> = names
+        .into_iter()
+        .map(|f| (per(ours, f), per(base, f), f))
         .collect();
     rows.sort_by(|a, b| (b.0 - b.1).total_cmp(&(a.0 - a.1)).then(a.2.cmp(b.2)));
-    rows.dedup_by(|a, b| a.2 == b.2);
     let mut out = format!(
         "{:>9} {:>9} {:>9}  function (instructions per request)\n",
         "ours", "base", "diff"
@@ -195,7 +195,7 @@ mod tests {
     #[test]
     fn a_functions_own_cost_excludes_its_calls_and_sums_its_inlined_files() {
         let dump = "events: Ir\nfn=main\n16 5\n+1 2\ncfn=work\ncalls=2 29\n* 5000\n\
-                    fi=inlined.rs\n-3 4\nfn=(12) work\n29 5000\n";
+                    fi=inlined.rs\n-3 4\nfn=work\n29 5000\n";
         let costs = parse_self_costs(dump);
         assert_eq!(costs["main"], 11);
         assert_eq!(costs["work"], 5000);
@@ -212,6 +212,5 @@ mod tests {
             "{table}"
         );
         assert_eq!(rows.len(), 3, "{table}");
-        assert_eq!(strip_id("<(A) as B>::f"), "<(A) as B>::f");
     }
 }

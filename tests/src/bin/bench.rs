@@ -94,6 +94,34 @@ impl Report {
         );
     }
 
+    /// A figure over interleaved rounds of (ours, baseline, baseline again): ours against the
+    /// geometric mean of the baseline runs around it, and the control (the second baseline
+    /// run against the first), as [`Report::spread_row`] reports them.
+    fn interleaved_row(
+        &mut self,
+        case: &str,
+        figure: &str,
+        rounds: &[(f64, f64, f64)],
+        bound: Option<Bound>,
+    ) -> Result<()> {
+        let spread = |pick: &dyn Fn(&(f64, f64, f64)) -> f64| {
+            Spread::of(&rounds.iter().map(pick).collect::<Vec<_>>()).context("no rounds")
+        };
+        let ratio = spread(&|(o, b, a)| o / (b * a).sqrt())?;
+        let control = spread(&|(_, b, a)| a / b)?;
+        let (ours, base) = (spread(&|(o, _, _)| *o)?, spread(&|(_, b, _)| *b)?);
+        self.spread_row(
+            case,
+            figure,
+            ours.median,
+            base.median,
+            ratio,
+            control,
+            bound,
+        );
+        Ok(())
+    }
+
     /// Draws a chart into the bench directory; a chart that cannot be drawn is a note, not
     /// a failed case.
     fn chart(&mut self, file: &str, chart: &Chart, series: &[Series]) {
@@ -356,21 +384,8 @@ fn warm_vs_bare(report: &mut Report, deadline: &Deadline) -> Result<()> {
             ),
             ("p50 µs", &|r: &LoadResult| r.p50_us as f64, None),
         ] {
-            let spread = |pick: &dyn Fn(&(LoadResult, LoadResult, LoadResult)) -> f64| {
-                Spread::of(&rounds.iter().map(pick).collect::<Vec<_>>()).context("no rounds")
-            };
-            let ratio = spread(&|(o, b, a)| f(o) / (f(b) * f(a)).sqrt())?;
-            let control = spread(&|(_, b, a)| f(a) / f(b))?;
-            let (ours, base) = (spread(&|(o, _, _)| f(o))?, spread(&|(_, b, _)| f(b))?);
-            report.spread_row(
-                &case,
-                figure,
-                ours.median,
-                base.median,
-                ratio,
-                control,
-                bound,
-            );
+            let values: Vec<_> = rounds.iter().map(|(o, b, a)| (f(o), f(b), f(a))).collect();
+            report.interleaved_row(&case, figure, &values, bound)?;
         }
         // The same load against each, under the same profiler: what the agent does per
         // request that the bare server does not.
@@ -467,28 +482,20 @@ fn instructions(report: &mut Report, deadline: &Deadline) -> Result<()> {
             let Some(((_, ours_file), (_, base_file), _)) = rounds.last() else {
                 break;
             };
-            let spread = |pick: &dyn Fn(&(f64, f64, f64)) -> f64| {
-                let v: Vec<f64> = rounds
-                    .iter()
-                    .map(|((o, _), (b, _), (a, _))| pick(&(*o, *b, *a)))
-                    .collect();
-                Spread::of(&v).context("no rounds")
-            };
-            let ratio = spread(&|(o, b, a)| o / (b * a).sqrt())?;
-            let control = spread(&|(_, b, a)| a / b)?;
             let case = format!(
                 "9. warm request, {mode}{}",
                 partial_of(rounds.len(), ROUNDS, done)
             );
-            report.spread_row(
+            let values: Vec<_> = rounds
+                .iter()
+                .map(|((o, _), (b, _), (a, _))| (*o, *b, *a))
+                .collect();
+            report.interleaved_row(
                 &case,
                 "instructions per request (callgrind, all threads, user space)",
-                spread(&|(o, _, _)| *o)?.median,
-                spread(&|(_, b, _)| *b)?.median,
-                ratio,
-                control,
+                &values,
                 None,
-            );
+            )?;
             // Where the agent's instructions go that the bare server's do not, function by
             // function (the last round's dumps).
             let name = format!("callgrind-{}.txt", mode.replace(' ', "-"));
