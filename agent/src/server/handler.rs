@@ -220,14 +220,15 @@ pub async fn answer(state: &State, caller: &Caller, begun: Begun) -> Response<Fu
         outcome,
         started.elapsed().as_secs_f64(),
     );
-    if tracing::enabled!(tracing::Level::DEBUG) {
-        // Resolved again only for the log line (cached), and only when it is written.
+    // `begin` kept the path only when the line is written.
+    if let Some(path) = logged_path {
+        // Resolved again only for the log line (cached).
         let pod = match caller {
             Caller::Pod(id) => state.resolver.as_ref().and_then(|r| r.resolve(*id)),
             _ => None,
         };
         tracing::debug!(
-            path = logged_path.as_deref(),
+            path,
             status = resp.status().as_u16(),
             listener = caller.listener(),
             cgroup_id = caller.cgroup_id(),
