@@ -23,7 +23,7 @@ use futures_util::StreamExt;
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 
 use crate::attribution::Resolver;
-use crate::cache::{Cache, Key, Lookup, Subject};
+use crate::cache::{Cache, Key, Lookup};
 use crate::cgroup::pod_uid_from_name;
 use crate::token::{self, MAX_TOKEN_BYTES};
 
@@ -254,22 +254,24 @@ impl Prewarmer {
             .flatten()
             .map(|volume| volume.path().join(TOKEN_FILE))
             .find_map(|file| read_token(&file).map(|t| (file, t)))?;
-        let claims = token::parse(&token, token::epoch_secs() as i64).ok()?;
+        let parsed = token::Parsed::new(&token).ok()?;
+        parsed.facts.check_window(token::epoch_secs() as i64).ok()?;
         // A token naming another pod is never used for this one.
-        if claims.pod_uid() != Some(uid) {
+        if parsed.facts.pod_uid.as_deref() != Some(uid) {
             return None;
         }
         let (key, subject) = if self.resolver.is_some() {
-            (Key::for_pod(uid), Some(Arc::new(Subject::of(&claims))))
+            (Key::for_pod(uid), Some(parsed.facts.subject.clone()))
         } else {
             (Key::for_token(&token), None)
         };
         let lookup = Lookup {
             key: Arc::new(key),
-            token: Arc::from(token),
-            token_exp: claims.exp,
+            token_exp: parsed.facts.exp,
+            token: parsed.token,
             cgroup: Some(Arc::from(dir)),
             subject,
+            facts: Some(parsed.facts),
         };
         Some((lookup, Arc::from(file.as_path())))
     }

@@ -3,6 +3,8 @@
 //! The agent cannot verify the signature (EKS Auth does); the payload is untrusted input used
 //! for expiry checks and, with kernel attribution, to name the pod the token claims to be.
 
+use std::sync::Arc;
+
 use base64::Engine as _;
 use serde::Deserialize;
 
@@ -29,15 +31,14 @@ pub enum TokenError {
     NotYetValid,
 }
 
-/// Claims the agent reads from the token payload.
+/// Claims the agent reads from the token payload (serde skips every other claim without
+/// building it).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 pub struct Claims {
     /// Expiry, seconds since the epoch.
     pub exp: Option<i64>,
     /// Not-before, seconds since the epoch.
     pub nbf: Option<i64>,
-    /// `system:serviceaccount:<ns>:<sa>`.
-    pub sub: Option<String>,
     /// The Kubernetes block naming namespace, service account and pod.
     #[serde(rename = "kubernetes.io")]
     pub kubernetes: Option<KubernetesClaims>,
@@ -49,24 +50,105 @@ pub struct KubernetesClaims {
     /// Pod namespace.
     pub namespace: Option<String>,
     /// The pod the token was issued for.
-    pub pod: Option<NamedObject>,
+    pub pod: Option<PodRef>,
     /// The service account.
-    pub serviceaccount: Option<NamedObject>,
+    pub serviceaccount: Option<AccountRef>,
 }
 
-/// A `{name, uid}` object reference.
+/// The `pod` object of the `kubernetes.io` claim.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-pub struct NamedObject {
-    /// Object name.
-    pub name: Option<String>,
-    /// Object UID.
+pub struct PodRef {
+    /// Pod UID.
     pub uid: Option<String>,
+}
+
+/// The `serviceaccount` object of the `kubernetes.io` claim.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+pub struct AccountRef {
+    /// Service account name.
+    pub name: Option<String>,
 }
 
 impl Claims {
     /// The pod UID the token names, if any.
     pub fn pod_uid(&self) -> Option<&str> {
         self.kubernetes.as_ref()?.pod.as_ref()?.uid.as_deref()
+    }
+}
+
+/// The namespace and service account a pod's token names (unverified until EKS Auth
+/// accepts it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Subject {
+    /// Namespace from the token.
+    pub namespace: String,
+    /// Service account from the token.
+    pub service_account: String,
+}
+
+impl Subject {
+    /// The subject `claims` name.
+    pub fn of(claims: &Claims) -> Self {
+        let k8s = claims.kubernetes.as_ref();
+        Subject {
+            namespace: k8s.and_then(|k| k.namespace.clone()).unwrap_or_default(),
+            service_account: k8s
+                .and_then(|k| k.serviceaccount.as_ref()?.name.clone())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// What the agent keeps of a token once its shape is checked: its time window, the pod it
+/// names and its subject (the rest of the claims is dropped).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// Expiry, seconds since the epoch.
+    pub exp: Option<i64>,
+    /// Not-before, seconds since the epoch.
+    pub nbf: Option<i64>,
+    /// The pod UID the token names.
+    pub pod_uid: Option<String>,
+    /// The namespace and service account it names.
+    pub subject: Arc<Subject>,
+}
+
+impl From<Claims> for Facts {
+    fn from(claims: Claims) -> Self {
+        let subject = Arc::new(Subject::of(&claims));
+        Facts {
+            exp: claims.exp,
+            nbf: claims.nbf,
+            pod_uid: claims.kubernetes.and_then(|k| k.pod?.uid),
+            subject,
+        }
+    }
+}
+
+impl Facts {
+    /// Checks `exp` and `nbf` against `now` (epoch seconds).
+    pub fn check_window(&self, now: i64) -> Result<(), TokenError> {
+        window(self.exp, self.nbf, now)
+    }
+}
+
+/// A token's bytes and what they say, shared by whoever holds the same token (a
+/// connection's requests, a pod's cache entry).
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    /// The token as presented.
+    pub token: Arc<str>,
+    /// What its claims say (shape checked; the time window is checked on every use).
+    pub facts: Arc<Facts>,
+}
+
+impl Parsed {
+    /// Checks `token`'s shape and keeps what it says (no clock: see [`parse_shape`]).
+    pub fn new(token: &str) -> Result<Self, TokenError> {
+        Ok(Parsed {
+            facts: Arc::new(parse_shape(token)?.into()),
+            token: Arc::from(token),
+        })
     }
 }
 
@@ -88,14 +170,18 @@ pub fn parse(token: &str, now: i64) -> Result<Claims, TokenError> {
 impl Claims {
     /// Checks `exp` and `nbf` against `now` (epoch seconds).
     pub fn check_window(&self, now: i64) -> Result<(), TokenError> {
-        if self.exp.is_some_and(|exp| exp <= now) {
-            return Err(TokenError::Expired);
-        }
-        if self.nbf.is_some_and(|nbf| nbf > now) {
-            return Err(TokenError::NotYetValid);
-        }
-        Ok(())
+        window(self.exp, self.nbf, now)
     }
+}
+
+fn window(exp: Option<i64>, nbf: Option<i64>, now: i64) -> Result<(), TokenError> {
+    if exp.is_some_and(|exp| exp <= now) {
+        return Err(TokenError::Expired);
+    }
+    if nbf.is_some_and(|nbf| nbf > now) {
+        return Err(TokenError::NotYetValid);
+    }
+    Ok(())
 }
 
 /// Checks the token's shape and returns its claims, without looking at the clock: what a

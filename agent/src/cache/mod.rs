@@ -28,6 +28,8 @@ use crate::credentials::Credentials;
 use crate::metrics::{
     ErrorLabels, EvictionLabel, Metrics, OutcomeLabel, ResultLabel, StateLabel, UpstreamLabels,
 };
+use crate::token::Facts;
+pub use crate::token::Subject;
 use crate::upstream::pacing::{self, jittered, Pacer};
 use crate::upstream::{Fetcher, UpstreamError};
 pub use handover::{CredentialsSnapshot, EntrySnapshot};
@@ -45,29 +47,6 @@ pub enum Key {
     /// Callers the kernel did not attribute (node daemons, fallback mode): SHA-256 of the
     /// token (never unverified claims alone).
     Token([u8; 32]),
-}
-
-/// The namespace and service account a pod's token names (unverified until EKS Auth
-/// accepts it).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
-pub struct Subject {
-    /// Namespace from the token.
-    pub namespace: String,
-    /// Service account from the token.
-    pub service_account: String,
-}
-
-impl Subject {
-    /// The subject `claims` name.
-    pub fn of(claims: &crate::token::Claims) -> Self {
-        let k8s = claims.kubernetes.as_ref();
-        Subject {
-            namespace: k8s.and_then(|k| k.namespace.clone()).unwrap_or_default(),
-            service_account: k8s
-                .and_then(|k| k.serviceaccount.as_ref()?.name.clone())
-                .unwrap_or_default(),
-        }
-    }
 }
 
 impl Key {
@@ -171,6 +150,10 @@ pub struct Lookup {
     pub cgroup: Option<Arc<Path>>,
     /// What the token names, for a pod's entry (`None` for token-keyed entries).
     pub subject: Option<Arc<Subject>>,
+    /// What `token` says, when the caller parsed it: kept with the entry's token so a pod's
+    /// next connection presenting the same bytes need not parse them again
+    /// ([`Cache::recall`]).
+    pub facts: Option<Arc<Facts>>,
 }
 
 #[derive(Debug, Clone)]
@@ -188,6 +171,8 @@ struct SlotState {
     /// Shared with `accepted_token` when they are the same: tokens are about 1 KiB each.
     token: Arc<str>,
     token_exp: Option<i64>,
+    /// What `token` says, when a request or pre-warm parsed it (never set for another token).
+    facts: Option<Arc<Facts>>,
     /// The last token EKS Auth accepted: retried when a newer one is refused.
     accepted_token: Option<Arc<str>>,
     negative: Option<(UpstreamError, Instant)>,
@@ -230,6 +215,7 @@ impl SlotState {
                 self.accepted_token = None;
                 self.token = lookup.token.clone();
                 self.token_exp = lookup.token_exp;
+                self.facts = lookup.facts.clone();
                 Ok(())
             }
         }
@@ -353,6 +339,19 @@ impl Cache {
         self.config.max_entries == 0 || self.config.max_retention.is_zero()
     }
 
+    /// The entry's token and what it says, when pod `uid`'s entry holds exactly `token` and
+    /// knows what it says: the pod's own last token, parsed when it was first presented. A
+    /// pod presenting another pod's token finds its own entry's token, not that one.
+    pub fn recall(&self, uid: &str, token: &[u8]) -> Option<crate::token::Parsed> {
+        let slot = self.entries.get(&Key::for_pod(uid))?.clone();
+        let st = slot.state.lock().expect("not poisoned");
+        let facts = st.facts.clone()?;
+        (st.token.as_bytes() == token).then(|| crate::token::Parsed {
+            token: st.token.clone(),
+            facts,
+        })
+    }
+
     /// Credentials for `lookup`, from memory when possible.
     pub async fn get(self: &Arc<Self>, lookup: Lookup) -> Result<Arc<Credentials>, CacheError> {
         if self.disabled() {
@@ -371,12 +370,17 @@ impl Cache {
                 self.count_result("subject_changed");
                 return Err(e);
             }
-            if (lookup.token_exp >= st.token_exp || st.token.is_empty())
-                && !Arc::ptr_eq(&st.token, &lookup.token)
-                && *st.token != *lookup.token
-            {
-                st.token = lookup.token;
-                st.token_exp = lookup.token_exp;
+            let newer = lookup.token_exp >= st.token_exp || st.token.is_empty();
+            if (newer || st.facts.is_none()) && !Arc::ptr_eq(&st.token, &lookup.token) {
+                if *st.token != *lookup.token {
+                    if newer {
+                        st.token = lookup.token;
+                        st.token_exp = lookup.token_exp;
+                        st.facts = lookup.facts;
+                    }
+                } else if st.facts.is_none() {
+                    st.facts = lookup.facts;
+                }
             }
             if lookup.cgroup.is_some() {
                 st.cgroup = lookup.cgroup;

@@ -29,6 +29,7 @@ impl Cache {
             if st.token.is_empty() || lookup.token_exp > st.token_exp {
                 st.token = lookup.token;
                 st.token_exp = lookup.token_exp;
+                st.facts = lookup.facts;
             }
             if st.cgroup.is_none() {
                 st.cgroup = lookup.cgroup;
@@ -93,6 +94,8 @@ impl Cache {
         if same_pod && claims.exp > st.token_exp {
             st.token = Arc::from(token);
             st.token_exp = claims.exp;
+            // The next request presenting it says what it says (with the entry's subject).
+            st.facts = None;
         }
     }
 }

@@ -114,6 +114,7 @@ fn lookup(key: Key, token: &str) -> Lookup {
         token_exp: Some(i64::MAX / 2),
         cgroup: None,
         subject: None,
+        facts: None,
     }
 }
 
@@ -661,4 +662,59 @@ async fn the_soonest_expiry_is_the_oldest_credentials_and_falls_through_an_outag
         later < left && later <= 25 * MIN + Duration::from_secs(1),
         "{later:?}"
     );
+}
+
+/// A lookup as the handler makes it: the token parsed, its facts carried along.
+fn parsed_lookup(uid: &str, token: &str) -> Lookup {
+    let parsed = crate::token::Parsed::new(token).unwrap();
+    Lookup {
+        token_exp: parsed.facts.exp,
+        subject: Some(parsed.facts.subject.clone()),
+        facts: Some(parsed.facts),
+        ..lookup(pod(uid), token)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pods_entry_recalls_only_its_own_last_token_and_only_what_was_parsed_from_it() {
+    let up = FakeUpstream::new(Behaviour::Issue(HOUR));
+    let c = cache(&up, CacheConfig::default());
+    let far = 4_000_000_000;
+    let (a, b) = (
+        crate::token::test_token("a", far),
+        crate::token::test_token("b", far),
+    );
+    assert!(c.recall("a", a.as_bytes()).is_none(), "nothing cached yet");
+    let sent = parsed_lookup("a", &a);
+    let facts = sent.facts.clone().unwrap();
+    c.get(sent).await.unwrap();
+    let got = c.recall("a", a.as_bytes()).expect("the pod's own token");
+    assert!(Arc::ptr_eq(&got.facts, &facts));
+    assert_eq!(got.facts.pod_uid.as_deref(), Some("a"));
+    // Pod b presenting a's token finds b's entry (none yet, then its own token): never a's
+    // facts, so the handler parses and refuses the mismatch.
+    assert!(c.recall("b", a.as_bytes()).is_none());
+    c.get(parsed_lookup("b", &b)).await.unwrap();
+    assert!(c.recall("b", a.as_bytes()).is_none());
+    assert!(c.recall("b", b.as_bytes()).is_some());
+    // Other bytes, even a prefix of the token, are not recalled.
+    assert!(c.recall("a", &a.as_bytes()[..a.len() - 1]).is_none());
+    // A rotated token replaces the old one and its facts.
+    let rotated = crate::token::test_token("a", far + 1);
+    c.get(parsed_lookup("a", &rotated)).await.unwrap();
+    assert!(c.recall("a", a.as_bytes()).is_none());
+    assert_eq!(
+        c.recall("a", rotated.as_bytes()).unwrap().facts.exp,
+        Some(far + 1)
+    );
+    // A token that came without facts (an older agent's handover, the kubelet's file) is
+    // recalled only once a request has parsed those same bytes.
+    let plain = crate::token::test_token("c", far);
+    let mut l = lookup(pod("c"), &plain);
+    l.token_exp = Some(far);
+    c.get(l).await.unwrap();
+    assert!(c.recall("c", plain.as_bytes()).is_none());
+    c.get(parsed_lookup("c", &plain)).await.unwrap();
+    assert!(c.recall("c", plain.as_bytes()).is_some());
+    assert_eq!(up.calls(), 3, "one call per pod");
 }

@@ -285,19 +285,26 @@ fn check<B>(
             rate: state.admission.rate(),
         });
     }
+    // A pod's new connection presenting the pod's last token finds it parsed in the pod's
+    // cache entry; a pod presenting another pod's token finds its own there, and parses.
+    let recall = |bytes: &[u8]| match &identity {
+        Identity::Pod { uid, .. } => state.cache.recall(uid, bytes),
+        Identity::Peer(_) => None,
+    };
     let parsed = memo.token(
         req.headers().get(header::AUTHORIZATION),
         token::epoch_secs() as i64,
+        recall,
     )?;
     let ((key, subject), cgroup, calling_pod) = match identity {
         Identity::Pod { uid, cgroup } => {
-            if parsed.claims.pod_uid() != Some(&*uid) {
+            if parsed.facts.pod_uid.as_deref() != Some(&*uid) {
                 count_attribution(state, caller, Outcome::Mismatch);
                 // Pod UIDs only: what an operator needs to find both pods (the alert's
                 // runbook), nothing of the token itself.
                 tracing::warn!(
                     calling_pod = %uid,
-                    token_pod = parsed.claims.pod_uid().unwrap_or("none"),
+                    token_pod = parsed.facts.pod_uid.as_deref().unwrap_or("none"),
                     "refused a token that names another pod (TokenPodMismatch)"
                 );
                 return Err(RequestError::Mismatch);
@@ -311,8 +318,9 @@ fn check<B>(
     Ok(Checked {
         lookup: Lookup {
             key,
-            token_exp: parsed.claims.exp,
+            token_exp: parsed.facts.exp,
             token: parsed.token,
+            facts: Some(parsed.facts),
             cgroup,
             subject,
         },

@@ -14,7 +14,8 @@ use http::HeaderValue;
 
 use crate::attribution::PodCgroup;
 use crate::cache::{Key, Subject};
-use crate::token::{self, Claims, TokenError};
+pub use crate::token::Parsed;
+use crate::token::TokenError;
 
 /// One connection's memo.
 #[derive(Debug, Default)]
@@ -35,15 +36,6 @@ type MadeKey = (Arc<str>, Option<Arc<str>>, CacheKey);
 
 /// The cache key of a request and, for a pod's entry, the subject its token names.
 pub type CacheKey = (Arc<Key>, Option<Arc<Subject>>);
-
-/// A token's bytes and the claims they carry.
-#[derive(Debug, Clone)]
-pub struct Parsed {
-    /// The token as presented.
-    pub token: Arc<str>,
-    /// Its claims (shape checked; the time window is checked on every use).
-    pub claims: Arc<Claims>,
-}
 
 impl ConnMemo {
     fn lock(&self) -> std::sync::MutexGuard<'_, Memo> {
@@ -69,11 +61,18 @@ impl ConnMemo {
         pod
     }
 
-    /// The claims of the token in `header` (`Authorization`), checked and parsed once per
+    /// What the token in `header` (`Authorization`) says, checked and parsed once per
     /// connection: its bytes are compared with the connection's last token before anything
-    /// else looks at them. Its time window is checked against `now` (epoch seconds) on every
-    /// call, so an expired token is refused on a live connection.
-    pub fn token(&self, header: Option<&HeaderValue>, now: i64) -> Result<Parsed, TokenError> {
+    /// else looks at them, then offered to `recall` (the calling pod's cache entry, which
+    /// knows the pod's last token), and parsed only when neither knows them. Its time window
+    /// is checked against `now` (epoch seconds) on every call, so an expired token is refused
+    /// on a live connection.
+    pub fn token(
+        &self,
+        header: Option<&HeaderValue>,
+        now: i64,
+        recall: impl FnOnce(&[u8]) -> Option<Parsed>,
+    ) -> Result<Parsed, TokenError> {
         let bytes = header.map_or(&[][..], HeaderValue::as_bytes);
         let remembered = self
             .lock()
@@ -83,20 +82,22 @@ impl ConnMemo {
         let parsed = match remembered {
             Some(p) => p,
             None => {
-                let token = header
-                    .map(HeaderValue::to_str)
-                    .transpose()
-                    .map_err(|_| TokenError::Malformed("token is not ASCII"))?
-                    .unwrap_or_default();
-                let p = Parsed {
-                    claims: Arc::new(token::parse_shape(token)?),
-                    token: Arc::from(token),
+                let p = match recall(bytes) {
+                    Some(p) => p,
+                    None => {
+                        let token = header
+                            .map(HeaderValue::to_str)
+                            .transpose()
+                            .map_err(|_| TokenError::Malformed("token is not ASCII"))?
+                            .unwrap_or_default();
+                        Parsed::new(token)?
+                    }
                 };
                 self.lock().token = Some(p.clone());
                 p
             }
         };
-        parsed.claims.check_window(now)?;
+        parsed.facts.check_window(now)?;
         Ok(parsed)
     }
 
@@ -110,7 +111,7 @@ impl ConnMemo {
         let key: CacheKey = match uid {
             Some(uid) => (
                 Arc::new(Key::for_pod(uid)),
-                Some(Arc::new(Subject::of(&parsed.claims))),
+                Some(parsed.facts.subject.clone()),
             ),
             None => (Arc::new(Key::for_token(&parsed.token)), None),
         };
@@ -130,40 +131,92 @@ mod tests {
         HeaderValue::from_bytes(token).unwrap()
     }
 
+    fn no_recall(_: &[u8]) -> Option<Parsed> {
+        None
+    }
+
+    #[test]
+    fn a_recalled_token_is_not_parsed_and_garbage_is_never_recalled_into_a_connection() {
+        let token = test_token(UID, 1_000);
+        let known = Parsed::new(&token).unwrap();
+        let memo = ConnMemo::default();
+        let recall = |bytes: &[u8]| (bytes == known.token.as_bytes()).then(|| known.clone());
+        let got = memo
+            .token(Some(&header(token.as_bytes())), 500, recall)
+            .unwrap();
+        assert!(
+            Arc::ptr_eq(&got.facts, &known.facts),
+            "recalled, not parsed"
+        );
+        assert!(
+            Arc::ptr_eq(&got.token, &known.token),
+            "the entry's bytes, shared"
+        );
+        // Recalled or not, the window is checked.
+        assert_eq!(
+            ConnMemo::default()
+                .token(Some(&header(token.as_bytes())), 1_000, recall)
+                .unwrap_err(),
+            TokenError::Expired
+        );
+        // Bytes the recall does not know are parsed (and refused when they are garbage).
+        let other = test_token("11111111-2222-3333-4444-555555555555", 1_000);
+        let parsed = ConnMemo::default()
+            .token(Some(&header(other.as_bytes())), 500, recall)
+            .unwrap();
+        assert_eq!(
+            parsed.facts.pod_uid.as_deref(),
+            Some("11111111-2222-3333-4444-555555555555")
+        );
+        assert!(ConnMemo::default()
+            .token(Some(&header(b"x.y.z")), 500, recall)
+            .is_err());
+    }
+
     #[test]
     fn a_token_is_parsed_once_but_its_window_checked_every_time() {
         let memo = ConnMemo::default();
         let token = test_token(UID, 1_000);
-        let a = memo.token(Some(&header(token.as_bytes())), 500).unwrap();
-        let b = memo.token(Some(&header(token.as_bytes())), 600).unwrap();
-        assert!(Arc::ptr_eq(&a.claims, &b.claims), "parsed once");
+        let a = memo
+            .token(Some(&header(token.as_bytes())), 500, no_recall)
+            .unwrap();
+        let b = memo
+            .token(Some(&header(token.as_bytes())), 600, no_recall)
+            .unwrap();
+        assert!(Arc::ptr_eq(&a.facts, &b.facts), "parsed once");
         assert_eq!(
-            memo.token(Some(&header(token.as_bytes())), 1_000)
+            memo.token(Some(&header(token.as_bytes())), 1_000, no_recall)
                 .unwrap_err(),
             TokenError::Expired
         );
         // A rotated token replaces it; garbage is refused and forgets nothing.
         let rotated = test_token(UID, 2_000);
         let c = memo
-            .token(Some(&header(rotated.as_bytes())), 1_500)
+            .token(Some(&header(rotated.as_bytes())), 1_500, no_recall)
             .unwrap();
-        assert_eq!(c.claims.exp, Some(2_000));
-        assert!(memo.token(Some(&header(b"x.y.z")), 1_500).is_err());
+        assert_eq!(c.facts.exp, Some(2_000));
+        assert!(memo
+            .token(Some(&header(b"x.y.z")), 1_500, no_recall)
+            .is_err());
         // Bytes that are not text: refused as before, whatever came earlier; no token at all
         // is a missing one.
-        assert_eq!(memo.token(None, 1_500).unwrap_err(), TokenError::Empty);
+        assert_eq!(
+            memo.token(None, 1_500, no_recall).unwrap_err(),
+            TokenError::Empty
+        );
         for bad in [&b"a\x80.b.c"[..], b"a\xff.b.c"] {
             assert_eq!(
-                memo.token(Some(&header(bad)), 1_500).unwrap_err(),
+                memo.token(Some(&header(bad)), 1_500, no_recall)
+                    .unwrap_err(),
                 TokenError::Malformed("token is not ASCII")
             );
         }
         assert!(Arc::ptr_eq(
             &memo
-                .token(Some(&header(rotated.as_bytes())), 1_500)
+                .token(Some(&header(rotated.as_bytes())), 1_500, no_recall)
                 .unwrap()
-                .claims,
-            &c.claims
+                .facts,
+            &c.facts
         ));
     }
 
@@ -200,13 +253,17 @@ mod tests {
     fn keys_follow_the_token_and_the_uid() {
         let memo = ConnMemo::default();
         let parsed = memo
-            .token(Some(&header(test_token(UID, 1_000).as_bytes())), 0)
+            .token(
+                Some(&header(test_token(UID, 1_000).as_bytes())),
+                0,
+                no_recall,
+            )
             .unwrap();
         let uid: Arc<str> = Arc::from(UID);
         let (k1, subject) = memo.key(&parsed, Some(&uid));
         assert!(Arc::ptr_eq(&k1, &memo.key(&parsed, Some(&uid)).0));
         assert_eq!(*k1, Key::for_pod(UID));
-        assert_eq!(subject.as_deref(), Some(&Subject::of(&parsed.claims)));
+        assert_eq!(subject.as_deref(), Some(&*parsed.facts.subject));
         let other: Arc<str> = Arc::from("11111111-2222-3333-4444-555555555555");
         assert_ne!(*memo.key(&parsed, Some(&other)).0, *k1);
         let (token_key, none) = memo.key(&parsed, None);
