@@ -8,7 +8,7 @@ use tests::agent::{probe, scrape, Agent};
 use tests::cgroups::Driver;
 use tests::clients::{credentials_url, curl, curl_in, sdk_client};
 use tests::fake_eks::ACCOUNT;
-use tests::fixtures::{attached, attachment, attribution, node, served_lines};
+use tests::fixtures::{attached, attachment, attribution, metric, node, served_lines};
 use tests::sandbox::PodSpec;
 
 #[test]
@@ -102,8 +102,29 @@ fn the_kernel_attributes_each_connection_to_the_callers_pod_on_port_80() -> Resu
             assert_eq!(line["cgroup_path"], dir.display().to_string());
             assert_eq!(line["pod_uid"], uid.as_str());
         }
+        // Each record was taken at accept (in one syscall where the kernel can, 5.14+).
+        let metrics = scrape(&sb)?;
+        assert_eq!(metric(&metrics, "pod_identity_ebpf_tuples")?, 0);
+        assert_eq!(
+            metric(
+                &metrics,
+                "pod_identity_ebpf_feature{feature=\"lookup_and_delete\"}"
+            )?,
+            u64::from(kernel_at_least(5, 14)?),
+            "{metrics}"
+        );
     }
     Ok(())
+}
+
+/// Whether the running kernel is `major.minor` or newer.
+fn kernel_at_least(major: u32, minor: u32) -> Result<bool> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    let mut parts = release.trim().split(['.', '-']).map(str::parse::<u32>);
+    let (Some(Ok(ma)), Some(Ok(mi))) = (parts.next(), parts.next()) else {
+        anyhow::bail!("unreadable kernel release {release:?}");
+    };
+    Ok((ma, mi) >= (major, minor))
 }
 
 #[test]

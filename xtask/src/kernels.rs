@@ -976,8 +976,10 @@ fn table(outcomes: &[Outcome], took: Duration) -> String {
          virt -cpu max`) the suite is cross-built and its tools are Debian's arm64 packages.\n\n\
          5.10 stands in for the pre-5.18 family (Amazon Linux 2's 5.10, Ubuntu 22.04's 5.15, \
          which Debian does not package): it lacks `bpf_set_retval`, so a connect over the \
-         pod's budget fails with `EPERM` there instead of `ECONNREFUSED`. Everything else \
-         holds the same on every kernel listed.\n\n",
+         pod's budget fails with `EPERM` there instead of `ECONNREFUSED`; it also lacks \
+         `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on hash maps (5.14), so the agent takes an accepted \
+         connection's record in two `bpf(2)` calls instead of one. Everything else holds the \
+         same on every kernel listed.\n\n",
     );
     let mut header = String::from("| | ");
     let mut rule = String::from("|---|");

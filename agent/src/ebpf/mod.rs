@@ -135,6 +135,9 @@ pub struct Features {
     /// `bpf_set_retval` (5.18+): a refused connect fails with `ECONNREFUSED`; without it, with
     /// the kernel's `EPERM`.
     pub set_retval: bool,
+    /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on hash maps (5.14+): an accepted connection's record
+    /// is taken in one syscall; without it, a lookup then a delete.
+    pub lookup_and_delete: bool,
 }
 
 impl std::fmt::Display for Features {
@@ -162,12 +165,25 @@ impl Features {
             tracing::warn!(error = %e, "probing bpf_set_retval failed; assuming it is missing");
             false
         });
-        Self { set_retval }
+        Self {
+            set_retval,
+            // Probed on the tuple map once it exists (`Features::probe_take`).
+            lookup_and_delete: false,
+        }
+    }
+
+    /// Whether `map` (a hash map) can be read and deleted in one call: taking a key no
+    /// connection has (all zero) says `ENOENT` where it can.
+    fn probe_take(map: &impl std::os::fd::AsFd) -> bool {
+        sys::map_take::<TupleKey, u64>(map, &TupleKey::default()).is_ok()
     }
 
     /// Each feature by name, for logs and metrics.
-    pub fn list(&self) -> [(&'static str, bool); 1] {
-        [("set_retval", self.set_retval)]
+    pub fn list(&self) -> [(&'static str, bool); 2] {
+        [
+            ("set_retval", self.set_retval),
+            ("lookup_and_delete", self.lookup_and_delete),
+        ]
     }
 
     /// The connect programs to load: (attach point, program name, attach type).
@@ -418,8 +434,7 @@ impl Steering {
                 .ino(),
         };
         let mut program_ids = Vec::new();
-        let features = Features::probe();
-        tracing::info!(%features, "kernel features for the eBPF programs");
+        let mut features = Features::probe();
         // sock_ops first: a connect marked before it is attached would never be recorded.
         let sock_ops: &mut SockOps = program(&mut bpf, names::SOCK_OPS)?;
         sock_ops.load().map_err(|source| EbpfError::Program {
@@ -440,7 +455,12 @@ impl Steering {
             remove_stale_pins(dir)?;
         }
 
-        let tuples = take_map(&mut bpf, names::TUPLES)?;
+        let tuples: HashMap<MapData, TupleKey, u64> = take_map(&mut bpf, names::TUPLES)?;
+        {
+            use aya::maps::IterableMap as _;
+            features.lookup_and_delete = Features::probe_take(tuples.map().fd());
+        }
+        tracing::info!(%features, "kernel features for the eBPF programs");
         let counters = take_map(&mut bpf, names::COUNTERS)?;
         let steering = Self {
             budget_config: std::sync::Mutex::new(budget_config),
@@ -493,6 +513,10 @@ impl Steering {
     /// connect hook attributed it. The entry is removed: it is read once, right after accept.
     pub fn take(&self, peer: SocketAddr, local: SocketAddr) -> Option<u64> {
         let key = tuple_key(peer, local);
+        if self.features.lookup_and_delete {
+            use aya::maps::IterableMap as _;
+            return sys::map_take(self.tuples.map().fd(), &key).ok()?;
+        }
         let pod = self.tuples.get(&key, 0).ok()?;
         // Gone already is fine: the client closed it (and the kernel deleted it) meanwhile.
         let _ = self.tuples_remove(&key);

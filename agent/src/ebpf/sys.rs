@@ -103,6 +103,24 @@ pub fn map_delete<K: aya::Pod>(map: &impl AsFd, key: &K) -> io::Result<()> {
     unsafe { bpf(bpf_cmd::BPF_MAP_DELETE_ELEM, &mut attr) }.map(drop)
 }
 
+/// Reads and deletes `key` in one call (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`; hash maps from 5.14):
+/// `Ok(None)` when the key is absent.
+pub fn map_take<K: aya::Pod, V: aya::Pod>(map: &impl AsFd, key: &K) -> io::Result<Option<V>> {
+    let mut value = std::mem::MaybeUninit::<V>::uninit();
+    let mut attr = zeroed_attr();
+    attr.__bindgen_anon_2.map_fd = map.as_fd().as_raw_fd() as u32;
+    attr.__bindgen_anon_2.key = std::ptr::from_ref(key) as u64;
+    attr.__bindgen_anon_2.__bindgen_anon_1.value = value.as_mut_ptr() as u64;
+    // SAFETY: key points to a K and value to room for a V (the map's key and value types),
+    // both alive for the call.
+    match unsafe { bpf(bpf_cmd::BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) } {
+        // SAFETY: on success the kernel wrote a whole V.
+        Ok(_) => Ok(Some(unsafe { value.assume_init() })),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Atomically replaces the program of `link` (aya 0.14 has no call for it): connects keep
 /// being steered throughout an upgrade.
 pub fn link_update(link: &impl AsFd, new_prog: &impl AsFd) -> io::Result<()> {
