@@ -139,8 +139,9 @@ const CACHE_LIMIT: usize = 16_384;
 #[derive(Debug)]
 pub struct Resolver {
     root: PathBuf,
-    /// id → (resolution, when it was last checked against the file system).
-    cache: Mutex<HashMap<u64, (Arc<PodCgroup>, Instant)>>,
+    /// id → (resolution, when it was last checked against the file system). Hashed with
+    /// foldhash: ids are the kernel's cgroup inode numbers, nothing a pod picks.
+    cache: Mutex<HashMap<u64, (Arc<PodCgroup>, Instant), foldhash::fast::RandomState>>,
 }
 
 impl Resolver {
@@ -148,7 +149,7 @@ impl Resolver {
     pub fn new(root: &Path) -> Self {
         Self {
             root: root.to_path_buf(),
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(HashMap::default()),
         }
     }
 

@@ -89,7 +89,7 @@ impl Cache {
                 let st = entry.value().state.lock().expect("not poisoned");
                 let cached = st.creds.as_ref().filter(|c| self.usable(c, now))?;
                 let (pod_uid, token_sha256) = match entry.key() {
-                    Key::Pod { uid } => (Some(uid.clone()), None),
+                    Key::Pod { uid } => (Some(uid.to_string()), None),
                     Key::Token(digest) => (None, Some(hex(digest))),
                 };
                 let fields = cached.creds.fields();
@@ -138,7 +138,7 @@ impl Cache {
                 break;
             }
             let key = match (&e.pod_uid, e.token_sha256.as_deref().and_then(unhex)) {
-                (Some(uid), _) => Key::for_pod(uid),
+                (Some(uid), _) => Key::for_pod(uid.as_str()),
                 (None, Some(digest)) => Key::Token(digest),
                 (None, None) => continue,
             };

@@ -41,8 +41,8 @@ pub enum Key {
     /// A pod proven by the kernel: one entry per pod, whatever its tokens claim (a pod's
     /// service account cannot change in its lifetime).
     Pod {
-        /// Pod UID (from the caller's pod cgroup, equal to the token's).
-        uid: String,
+        /// Pod UID (from the caller's pod cgroup, equal to the token's; shared with it).
+        uid: Arc<str>,
     },
     /// Callers the kernel did not attribute (node daemons, fallback mode): SHA-256 of the
     /// token (never unverified claims alone).
@@ -51,10 +51,8 @@ pub enum Key {
 
 impl Key {
     /// The key of pod `uid` (proven by the kernel).
-    pub fn for_pod(uid: &str) -> Self {
-        Key::Pod {
-            uid: uid.to_owned(),
-        }
+    pub fn for_pod(uid: impl Into<Arc<str>>) -> Self {
+        Key::Pod { uid: uid.into() }
     }
 
     /// The fallback key for `token`.
@@ -342,8 +340,8 @@ impl Cache {
     /// The entry's token and what it says, when pod `uid`'s entry holds exactly `token` and
     /// knows what it says: the pod's own last token, parsed when it was first presented. A
     /// pod presenting another pod's token finds its own entry's token, not that one.
-    pub fn recall(&self, uid: &str, token: &[u8]) -> Option<crate::token::Parsed> {
-        let slot = self.entries.get(&Key::for_pod(uid))?.clone();
+    pub fn recall(&self, uid: &Arc<str>, token: &[u8]) -> Option<crate::token::Parsed> {
+        let slot = self.entries.get(&Key::for_pod(uid.clone()))?.clone();
         let st = slot.state.lock().expect("not poisoned");
         let facts = st.facts.clone()?;
         (st.token.as_bytes() == token).then(|| crate::token::Parsed {

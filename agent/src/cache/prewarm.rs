@@ -87,7 +87,7 @@ impl Cache {
             return;
         };
         let same_pod = match key {
-            Key::Pod { uid, .. } => claims.pod_uid() == Some(uid.as_str()),
+            Key::Pod { uid, .. } => claims.pod_uid() == Some(&**uid),
             // Fallback entries are keyed by their token: a new token is another entry.
             Key::Token(_) => false,
         };

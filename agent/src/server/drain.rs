@@ -29,8 +29,8 @@ pub struct Stopper {
 struct Live {
     stopped: bool,
     next_id: u64,
-    /// Each live connection's id and, until the stop, its sender.
-    conns: HashMap<u64, Option<oneshot::Sender<()>>>,
+    /// Each live connection's id (ours, counted up) and, until the stop, its sender.
+    conns: HashMap<u64, Option<oneshot::Sender<()>>, foldhash::fast::RandomState>,
 }
 
 /// One connection's end of the [`Stopper`]: resolves at the stop; leaving unregisters.

@@ -110,7 +110,7 @@ impl ConnMemo {
         }
         let key: CacheKey = match uid {
             Some(uid) => (
-                Arc::new(Key::for_pod(uid)),
+                Arc::new(Key::for_pod(uid.clone())),
                 Some(parsed.facts.subject.clone()),
             ),
             None => (Arc::new(Key::for_token(&parsed.token)), None),
