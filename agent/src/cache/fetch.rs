@@ -115,11 +115,7 @@ impl Cache {
         }
         match result {
             Ok(creds) => {
-                let cached = Cached {
-                    expires_at: self.expires_at(creds),
-                    creds: creds.clone(),
-                    fetched_at: now,
-                };
+                let cached = self.cached(creds.clone(), now);
                 let due = self.refresh_due(&cached);
                 st.creds = Some(cached);
                 st.accepted_token = Some(token);

@@ -153,13 +153,10 @@ impl Cache {
                 c.account_id,
                 c.expiration_epoch_secs,
             ));
-            let cached = Cached {
-                expires_at: self.expires_at(&creds),
-                fetched_at: now
-                    .checked_sub(Duration::from_millis(c.age_ms))
-                    .unwrap_or(now),
-                creds,
-            };
+            let fetched_at = now
+                .checked_sub(Duration::from_millis(c.age_ms))
+                .unwrap_or(now);
+            let cached = self.cached(creds, fetched_at);
             if !self.usable(&cached, now) {
                 continue;
             }

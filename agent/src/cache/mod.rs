@@ -1,7 +1,9 @@
 //! The credential cache: sharded (`dashmap`), keyed by the proven pod identity (or, without
 //! kernel attribution, by a hash of the token), with single-flight upstream calls detached
 //! from callers, refresh-ahead within a budget, stale-serving through EKS Auth trouble,
-//! negative caching of hard errors, and bounded size.
+//! negative caching of hard errors, and bounded size. A pod's entry also holds the pod's last
+//! token with what it says ([`Cache::recall`]): a pod's new connection presenting it is not
+//! parsed again.
 //!
 //! Time is `tokio::time` throughout, so tests run on a paused clock; credential expiry (wall
 //! clock) is turned into an `Instant` once, when credentials arrive.
@@ -159,6 +161,8 @@ struct Cached {
     creds: Arc<Credentials>,
     fetched_at: Instant,
     expires_at: Instant,
+    /// Until when they are fresh (see [`Cache::fresh`]): worked out once, not per request.
+    fresh_until: Instant,
 }
 
 type Outcome = Option<Result<Arc<Credentials>, UpstreamError>>;
@@ -513,8 +517,25 @@ impl Cache {
 
     /// Fresh: fetched within the retention and far enough from expiry not to need a refresh.
     fn fresh(&self, c: &Cached, now: Instant) -> bool {
-        now < c.fetched_at + self.config.max_retention
-            && now + self.config.refresh_before_expiry < c.expires_at
+        now < c.fresh_until
+    }
+
+    /// `creds` as held, fetched at `fetched_at`.
+    fn cached(&self, creds: Arc<Credentials>, fetched_at: Instant) -> Cached {
+        let expires_at = self.expires_at(&creds);
+        // Never fresh when expiry is nearer than the refresh window (no instant that early).
+        let by_expiry = expires_at
+            .checked_sub(self.config.refresh_before_expiry)
+            .unwrap_or(fetched_at);
+        let fresh_until = fetched_at
+            .checked_add(self.config.max_retention)
+            .map_or(by_expiry, |by_retention| by_retention.min(by_expiry));
+        Cached {
+            creds,
+            fetched_at,
+            expires_at,
+            fresh_until,
+        }
     }
 
     /// Usable: still comfortably valid, so it may be served while a refresh runs or fails.

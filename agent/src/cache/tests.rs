@@ -684,11 +684,16 @@ async fn a_pods_entry_recalls_only_its_own_last_token_and_only_what_was_parsed_f
         crate::token::test_token("a", far),
         crate::token::test_token("b", far),
     );
-    assert!(c.recall(&Arc::from("a"), a.as_bytes()).is_none(), "nothing cached yet");
+    assert!(
+        c.recall(&Arc::from("a"), a.as_bytes()).is_none(),
+        "nothing cached yet"
+    );
     let sent = parsed_lookup("a", &a);
     let facts = sent.facts.clone().unwrap();
     c.get(sent).await.unwrap();
-    let got = c.recall(&Arc::from("a"), a.as_bytes()).expect("the pod's own token");
+    let got = c
+        .recall(&Arc::from("a"), a.as_bytes())
+        .expect("the pod's own token");
     assert!(Arc::ptr_eq(&got.facts, &facts));
     assert_eq!(got.facts.pod_uid.as_deref(), Some("a"));
     // Pod b presenting a's token finds b's entry (none yet, then its own token): never a's
@@ -698,13 +703,18 @@ async fn a_pods_entry_recalls_only_its_own_last_token_and_only_what_was_parsed_f
     assert!(c.recall(&Arc::from("b"), a.as_bytes()).is_none());
     assert!(c.recall(&Arc::from("b"), b.as_bytes()).is_some());
     // Other bytes, even a prefix of the token, are not recalled.
-    assert!(c.recall(&Arc::from("a"), &a.as_bytes()[..a.len() - 1]).is_none());
+    assert!(c
+        .recall(&Arc::from("a"), &a.as_bytes()[..a.len() - 1])
+        .is_none());
     // A rotated token replaces the old one and its facts.
     let rotated = crate::token::test_token("a", far + 1);
     c.get(parsed_lookup("a", &rotated)).await.unwrap();
     assert!(c.recall(&Arc::from("a"), a.as_bytes()).is_none());
     assert_eq!(
-        c.recall(&Arc::from("a"), rotated.as_bytes()).unwrap().facts.exp,
+        c.recall(&Arc::from("a"), rotated.as_bytes())
+            .unwrap()
+            .facts
+            .exp,
         Some(far + 1)
     );
     // A token that came without facts (an older agent's handover, the kubelet's file) is

@@ -23,8 +23,8 @@ pub struct ConnMemo(Mutex<Memo>);
 
 #[derive(Debug, Default)]
 struct Memo {
-    /// The calling pod's cgroup (a connection's caller never changes) and when the shared
-    /// resolver last vouched for it.
+    /// The calling pod's cgroup (a connection's caller never changes) and until when the
+    /// shared resolver's word for it holds.
     pod: Option<(Arc<PodCgroup>, Instant)>,
     token: Option<Parsed>,
     key: Option<MadeKey>,
@@ -51,13 +51,13 @@ impl ConnMemo {
         recheck: Duration,
         resolve: impl FnOnce() -> Option<Arc<PodCgroup>>,
     ) -> Option<Arc<PodCgroup>> {
-        if let Some((pod, checked)) = &self.lock().pod {
-            if now.duration_since(*checked) < recheck {
+        if let Some((pod, until)) = &self.lock().pod {
+            if now < *until {
                 return Some(pod.clone());
             }
         }
         let pod = resolve();
-        self.lock().pod = pod.clone().map(|p| (p, now));
+        self.lock().pod = pod.clone().map(|p| (p, now + recheck));
         pod
     }
 
@@ -232,20 +232,18 @@ mod tests {
             calls.set(calls.get() + 1);
             Some(pod.clone())
         };
-        for _ in 0..3 {
+        let (t0, minute) = (Instant::now(), Duration::from_secs(60));
+        for s in 0..3 {
             assert!(memo
-                .pod(Instant::now(), Duration::from_secs(60), resolve)
+                .pod(t0 + Duration::from_secs(s), minute, resolve)
                 .is_some());
         }
         assert_eq!(calls.get(), 1, "the memo answered the later requests");
         // Past the recheck the resolver is asked again; a pod it no longer knows is gone.
-        assert!(memo.pod(Instant::now(), Duration::ZERO, || None).is_none());
-        assert!(memo
-            .pod(Instant::now(), Duration::from_secs(60), || None)
-            .is_none());
-        assert!(memo
-            .pod(Instant::now(), Duration::from_secs(60), resolve)
-            .is_some());
+        let later = t0 + minute;
+        assert!(memo.pod(later, minute, || None).is_none());
+        assert!(memo.pod(later, minute, || None).is_none());
+        assert!(memo.pod(later, minute, resolve).is_some());
         assert_eq!(calls.get(), 2);
     }
 
