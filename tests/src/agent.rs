@@ -182,7 +182,9 @@ impl Agent {
     }
 
     /// Waits until `/readyz` answers 200, failing if the agent exits first.
+    /// `limit` is stretched on slow machines ([`crate::slow::scaled`]).
     pub fn wait_ready(&mut self, sandbox: &Sandbox, limit: Duration) -> Result<()> {
+        let limit = crate::slow::scaled(limit);
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.as_mut().expect("running").try_wait()? {
@@ -202,7 +204,9 @@ impl Agent {
     }
 
     /// Waits until the agent's log holds `text`, failing if it exits first or `limit` passes.
+    /// `limit` is stretched on slow machines ([`crate::slow::scaled`]).
     pub fn wait_log(&mut self, text: &str, limit: Duration) -> Result<()> {
+        let limit = crate::slow::scaled(limit);
         let deadline = Instant::now() + limit;
         loop {
             if self.log_text().contains(text) {

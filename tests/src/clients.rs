@@ -48,13 +48,9 @@ pub fn curl_in(
     url: &str,
     extra: &[&str],
 ) -> Result<CurlResult> {
-    cmd.args([
-        "-sS",
-        "--max-time",
-        "10",
-        "-w",
-        "\n%{http_code} %{remote_port}",
-    ]);
+    let max_time = crate::slow::scaled(std::time::Duration::from_secs(10));
+    cmd.args(["-sS", "--max-time", &max_time.as_secs().to_string()]);
+    cmd.args(["-w", "\n%{http_code} %{remote_port}"]);
     if !extra.iter().any(|a| a.starts_with("Authorization")) {
         cmd.arg("-H").arg(format!("Authorization: {token}"));
     }

@@ -24,5 +24,6 @@ pub mod prometheus;
 pub mod realnode;
 pub mod registry;
 pub mod sandbox;
+pub mod slow;
 pub mod spread;
 pub mod teardown;
