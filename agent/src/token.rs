@@ -108,7 +108,7 @@ pub struct Facts {
     /// Not-before, seconds since the epoch.
     pub nbf: Option<i64>,
     /// The pod UID the token names.
-    pub pod_uid: Option<String>,
+    pub pod_uid: Option<Arc<str>>,
     /// The namespace and service account it names.
     pub subject: Arc<Subject>,
 }
@@ -119,7 +119,7 @@ impl From<Claims> for Facts {
         Facts {
             exp: claims.exp,
             nbf: claims.nbf,
-            pod_uid: claims.kubernetes.and_then(|k| k.pod?.uid),
+            pod_uid: claims.kubernetes.and_then(|k| k.pod?.uid).map(Arc::from),
             subject,
         }
     }

@@ -173,8 +173,10 @@ struct SlotState {
     /// Shared with `accepted_token` when they are the same: tokens are about 1 KiB each.
     token: Arc<str>,
     token_exp: Option<i64>,
-    /// What `token` says, when a request or pre-warm parsed it (never set for another token).
-    facts: Option<Arc<Facts>>,
+    /// `Some(nbf)` when a request or pre-warm parsed `token` and it says what the entry holds:
+    /// this pod, `subject`, `token_exp`, and this `nbf` (16 bytes, where keeping the parsed
+    /// facts would cost an allocation or two per entry).
+    parsed_nbf: Option<Option<i64>>,
     /// The last token EKS Auth accepted: retried when a newer one is refused.
     accepted_token: Option<Arc<str>>,
     negative: Option<(UpstreamError, Instant)>,
@@ -192,6 +194,24 @@ struct SlotState {
     /// The last transient EKS Auth error: what a caller over the entry's call budget is told
     /// (the answer a new call would most likely get).
     last_error: Option<UpstreamError>,
+}
+
+/// `Some(nbf)` when `facts` (what the entry's new token says) hold nothing beyond what the
+/// entry `st` of `key` already holds but the token's `nbf`: its pod is `key`'s, its subject and
+/// `exp` are the entry's. Then [`Cache::recall`] can say what the token says without keeping
+/// the facts.
+fn parsed_nbf(key: &Key, st: &SlotState, facts: Option<&Arc<Facts>>) -> Option<Option<i64>> {
+    let facts = facts?;
+    let Key::Pod { uid } = key else {
+        return None;
+    };
+    let same = facts.pod_uid.as_deref() == Some(&**uid)
+        && facts.exp == st.token_exp
+        && st
+            .subject
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s, &facts.subject) || **s == *facts.subject);
+    same.then_some(facts.nbf)
 }
 
 impl SlotState {
@@ -217,7 +237,7 @@ impl SlotState {
                 self.accepted_token = None;
                 self.token = lookup.token.clone();
                 self.token_exp = lookup.token_exp;
-                self.facts = lookup.facts.clone();
+                self.parsed_nbf = parsed_nbf(&lookup.key, self, lookup.facts.as_ref());
                 Ok(())
             }
         }
@@ -347,10 +367,16 @@ impl Cache {
     pub fn recall(&self, uid: &Arc<str>, token: &[u8]) -> Option<crate::token::Parsed> {
         let slot = self.entries.get(&Key::for_pod(uid.clone()))?.clone();
         let st = slot.state.lock().expect("not poisoned");
-        let facts = st.facts.clone()?;
+        let nbf = st.parsed_nbf?;
+        let subject = st.subject.clone()?;
         (st.token.as_bytes() == token).then(|| crate::token::Parsed {
             token: st.token.clone(),
-            facts,
+            facts: Arc::new(Facts {
+                exp: st.token_exp,
+                nbf,
+                pod_uid: Some(uid.clone()),
+                subject,
+            }),
         })
     }
 
@@ -373,15 +399,16 @@ impl Cache {
                 return Err(e);
             }
             let newer = lookup.token_exp >= st.token_exp || st.token.is_empty();
-            if (newer || st.facts.is_none()) && !Arc::ptr_eq(&st.token, &lookup.token) {
+            let unparsed = st.parsed_nbf.is_none();
+            if (newer || unparsed) && !Arc::ptr_eq(&st.token, &lookup.token) {
                 if *st.token != *lookup.token {
                     if newer {
                         st.token = lookup.token;
                         st.token_exp = lookup.token_exp;
-                        st.facts = lookup.facts;
+                        st.parsed_nbf = parsed_nbf(&lookup.key, &st, lookup.facts.as_ref());
                     }
-                } else if st.facts.is_none() {
-                    st.facts = lookup.facts;
+                } else if unparsed {
+                    st.parsed_nbf = parsed_nbf(&lookup.key, &st, lookup.facts.as_ref());
                 }
             }
             if lookup.cgroup.is_some() {

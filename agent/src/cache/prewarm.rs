@@ -29,7 +29,7 @@ impl Cache {
             if st.token.is_empty() || lookup.token_exp > st.token_exp {
                 st.token = lookup.token;
                 st.token_exp = lookup.token_exp;
-                st.facts = lookup.facts;
+                st.parsed_nbf = parsed_nbf(&lookup.key, &st, lookup.facts.as_ref());
             }
             if st.cgroup.is_none() {
                 st.cgroup = lookup.cgroup;
@@ -95,7 +95,7 @@ impl Cache {
             st.token = Arc::from(token);
             st.token_exp = claims.exp;
             // The next request presenting it says what it says (with the entry's subject).
-            st.facts = None;
+            st.parsed_nbf = None;
         }
     }
 }

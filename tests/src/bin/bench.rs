@@ -439,7 +439,9 @@ fn instructions(report: &mut Report, deadline: &Deadline) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let wrapper = tests::callgrind::wrapper(&dir);
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-    let mut agent = launch_agent_wrapped(&sb, &fake, &wrapper, &[])?;
+    // The first request's EKS Auth call under callgrind may outlast the 900 ms deadline on a
+    // slow machine (then 503 "retry"): it waits for the call instead.
+    let mut agent = launch_agent_wrapped(&sb, &fake, &wrapper, &["--response-deadline", "60s"])?;
     // Start-up under callgrind (the BPF object and the kernel's BTF parsed) is slow.
     agent.wait_ready(&sb, Duration::from_secs(90))?;
     let first = curl(&sb, 0, 0, credentials_url(false), &[])?;
