@@ -150,9 +150,9 @@ pub struct Lookup {
     pub cgroup: Option<Arc<Path>>,
     /// What the token names, for a pod's entry (`None` for token-keyed entries).
     pub subject: Option<Arc<Subject>>,
-    /// What `token` says, when the caller parsed it: kept with the entry's token so a pod's
-    /// next connection presenting the same bytes need not parse them again
-    /// ([`Cache::recall`]).
+    /// What `token` says, when the caller parsed it: the entry keeps its `nbf` (the rest is
+    /// the entry's own) so a pod's next connection presenting the same bytes need not parse
+    /// them again ([`Cache::recall`]).
     pub facts: Option<Arc<Facts>>,
 }
 
