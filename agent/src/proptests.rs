@@ -39,7 +39,7 @@ proptest! {
         match parse(&token, now) {
             Ok(c) => {
                 prop_assert!(exp > now && nbf <= now);
-                prop_assert_eq!(c.pod_uid(), Some(pod.as_str()));
+                prop_assert_eq!(c.pod_uid.as_deref(), Some(pod.as_str()));
             }
             Err(TokenError::Expired) => prop_assert!(exp <= now),
             Err(TokenError::NotYetValid) => prop_assert!(exp > now && nbf > now),

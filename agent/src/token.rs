@@ -69,13 +69,6 @@ pub struct AccountRef {
     pub name: Option<String>,
 }
 
-impl Claims {
-    /// The pod UID the token names, if any.
-    pub fn pod_uid(&self) -> Option<&str> {
-        self.kubernetes.as_ref()?.pod.as_ref()?.uid.as_deref()
-    }
-}
-
 /// The namespace and service account a pod's token names (unverified until EKS Auth
 /// accepts it).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -128,7 +121,13 @@ impl From<Claims> for Facts {
 impl Facts {
     /// Checks `exp` and `nbf` against `now` (epoch seconds).
     pub fn check_window(&self, now: i64) -> Result<(), TokenError> {
-        window(self.exp, self.nbf, now)
+        if self.exp.is_some_and(|exp| exp <= now) {
+            return Err(TokenError::Expired);
+        }
+        if self.nbf.is_some_and(|nbf| nbf > now) {
+            return Err(TokenError::NotYetValid);
+        }
+        Ok(())
     }
 }
 
@@ -160,28 +159,11 @@ pub fn epoch_secs() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// Checks the token's shape and time window (`now` in epoch seconds) and returns its claims.
-pub fn parse(token: &str, now: i64) -> Result<Claims, TokenError> {
-    let claims = parse_shape(token)?;
-    claims.check_window(now)?;
-    Ok(claims)
-}
-
-impl Claims {
-    /// Checks `exp` and `nbf` against `now` (epoch seconds).
-    pub fn check_window(&self, now: i64) -> Result<(), TokenError> {
-        window(self.exp, self.nbf, now)
-    }
-}
-
-fn window(exp: Option<i64>, nbf: Option<i64>, now: i64) -> Result<(), TokenError> {
-    if exp.is_some_and(|exp| exp <= now) {
-        return Err(TokenError::Expired);
-    }
-    if nbf.is_some_and(|nbf| nbf > now) {
-        return Err(TokenError::NotYetValid);
-    }
-    Ok(())
+/// Checks the token's shape and time window (`now` in epoch seconds) and returns what it says.
+pub fn parse(token: &str, now: i64) -> Result<Facts, TokenError> {
+    let facts = Facts::from(parse_shape(token)?);
+    facts.check_window(now)?;
+    Ok(facts)
 }
 
 /// Checks the token's shape and returns its claims, without looking at the clock: what a
@@ -256,8 +238,9 @@ mod tests {
             "kubernetes.io":{"namespace":"ns","pod":{"name":"p","uid":"u-1"},
             "serviceaccount":{"name":"sa","uid":"s-1"}}}"#);
         let c = parse(&t, 100).unwrap();
-        assert_eq!(c.pod_uid(), Some("u-1"));
-        assert_eq!(c.kubernetes.unwrap().namespace.as_deref(), Some("ns"));
+        assert_eq!(c.pod_uid.as_deref(), Some("u-1"));
+        assert_eq!(c.subject.namespace, "ns");
+        assert_eq!(c.subject.service_account, "sa");
     }
 
     #[test]

@@ -200,7 +200,7 @@ struct SlotState {
 /// entry `st` of `key` already holds but the token's `nbf`: its pod is `key`'s, its subject and
 /// `exp` are the entry's. Then [`Cache::recall`] can say what the token says without keeping
 /// the facts.
-fn parsed_nbf(key: &Key, st: &SlotState, facts: Option<&Arc<Facts>>) -> Option<Option<i64>> {
+fn parsed_nbf(key: &Key, st: &SlotState, facts: Option<&Facts>) -> Option<Option<i64>> {
     let facts = facts?;
     let Key::Pod { uid } = key else {
         return None;
@@ -237,7 +237,7 @@ impl SlotState {
                 self.accepted_token = None;
                 self.token = lookup.token.clone();
                 self.token_exp = lookup.token_exp;
-                self.parsed_nbf = parsed_nbf(&lookup.key, self, lookup.facts.as_ref());
+                self.parsed_nbf = parsed_nbf(&lookup.key, self, lookup.facts.as_deref());
                 Ok(())
             }
         }
@@ -405,10 +405,10 @@ impl Cache {
                     if newer {
                         st.token = lookup.token;
                         st.token_exp = lookup.token_exp;
-                        st.parsed_nbf = parsed_nbf(&lookup.key, &st, lookup.facts.as_ref());
+                        st.parsed_nbf = parsed_nbf(&lookup.key, &st, lookup.facts.as_deref());
                     }
                 } else if unparsed {
-                    st.parsed_nbf = parsed_nbf(&lookup.key, &st, lookup.facts.as_ref());
+                    st.parsed_nbf = parsed_nbf(&lookup.key, &st, lookup.facts.as_deref());
                 }
             }
             if lookup.cgroup.is_some() {

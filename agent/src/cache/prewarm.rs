@@ -29,7 +29,7 @@ impl Cache {
             if st.token.is_empty() || lookup.token_exp > st.token_exp {
                 st.token = lookup.token;
                 st.token_exp = lookup.token_exp;
-                st.parsed_nbf = parsed_nbf(&lookup.key, &st, lookup.facts.as_ref());
+                st.parsed_nbf = parsed_nbf(&lookup.key, &st, lookup.facts.as_deref());
             }
             if st.cgroup.is_none() {
                 st.cgroup = lookup.cgroup;
@@ -83,19 +83,18 @@ impl Cache {
             return;
         };
         let now = (self.epoch_at_start + self.started.elapsed().as_secs_f64()) as i64;
-        let Ok(claims) = crate::token::parse(&token, now) else {
+        let Ok(facts) = crate::token::parse(&token, now) else {
             return;
         };
         let same_pod = match key {
-            Key::Pod { uid, .. } => claims.pod_uid() == Some(&**uid),
+            Key::Pod { uid, .. } => facts.pod_uid.as_deref() == Some(&**uid),
             // Fallback entries are keyed by their token: a new token is another entry.
             Key::Token(_) => false,
         };
-        if same_pod && claims.exp > st.token_exp {
+        if same_pod && facts.exp > st.token_exp {
             st.token = Arc::from(token);
-            st.token_exp = claims.exp;
-            // The next request presenting it says what it says (with the entry's subject).
-            st.parsed_nbf = None;
+            st.token_exp = facts.exp;
+            st.parsed_nbf = parsed_nbf(key, st, Some(&facts));
         }
     }
 }

@@ -14,8 +14,7 @@ use http::HeaderValue;
 
 use crate::attribution::PodCgroup;
 use crate::cache::{Key, Subject};
-pub use crate::token::Parsed;
-use crate::token::TokenError;
+use crate::token::{Parsed, TokenError};
 
 /// One connection's memo.
 #[derive(Debug, Default)]
