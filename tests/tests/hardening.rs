@@ -313,6 +313,14 @@ fn a_corpus_of_bad_requests_gets_exact_answers_while_a_healthy_pod_is_served() -
         )? > 0,
         "{text}"
     );
+    // The slow head was ended by the agent's head timeout, and counted as one.
+    assert!(
+        metric(
+            &text,
+            "pod_identity_connection_errors_total{kind=\"timeout\"}"
+        )? > 0,
+        "{text}"
+    );
     assert!(!agent.log_text().contains("panicked"), "the agent panicked");
     Ok(())
 }

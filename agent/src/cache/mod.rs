@@ -156,6 +156,51 @@ pub struct Lookup {
     pub facts: Option<Arc<Facts>>,
 }
 
+/// What [`Cache::find`] found.
+#[derive(Debug)]
+pub enum Found {
+    /// Credentials to answer with now.
+    Ready(Arc<Credentials>),
+    /// A call to EKS Auth to wait for.
+    Waiting(Waiting),
+}
+
+/// A call to EKS Auth a lookup waits for, within the response deadline.
+#[derive(Debug)]
+pub struct Waiting(Wait);
+
+#[derive(Debug)]
+enum Wait {
+    /// The entry's single-flight call.
+    Call {
+        rx: watch::Receiver<Outcome>,
+        deadline: Instant,
+    },
+    /// No caching (`--max-cache-size 0` or no retention): a call of the caller's own.
+    Uncached { cache: Arc<Cache>, token: Arc<str> },
+}
+
+impl Waiting {
+    /// The call's credentials, or [`CacheError::Pending`] once the response deadline has
+    /// passed (the call goes on and fills the entry).
+    pub async fn wait(self) -> Result<Arc<Credentials>, CacheError> {
+        match self.0 {
+            Wait::Uncached { cache, token } => {
+                Ok(Arc::new(cache.fetcher.fetch(token.to_string()).await?))
+            }
+            Wait::Call { mut rx, deadline } => loop {
+                if let Some(result) = rx.borrow_and_update().clone() {
+                    return result.map_err(CacheError::from);
+                }
+                match tokio::time::timeout_at(deadline, rx.changed()).await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(_)) | Err(_) => return Err(CacheError::Pending),
+                }
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Cached {
     creds: Arc<Credentials>,
@@ -382,17 +427,28 @@ impl Cache {
 
     /// Credentials for `lookup`, from memory when possible.
     pub async fn get(self: &Arc<Self>, lookup: Lookup) -> Result<Arc<Credentials>, CacheError> {
+        match self.find(lookup)? {
+            Found::Ready(creds) => Ok(creds),
+            Found::Waiting(waiting) => waiting.wait().await,
+        }
+    }
+
+    /// What the cache holds for `lookup`, without waiting: credentials (a hit, or stale ones
+    /// while a refresh runs), a refusal, or the call to EKS Auth to wait for (started here on
+    /// a miss). A hit is answered without a future: the request path's common case.
+    pub fn find(self: &Arc<Self>, lookup: Lookup) -> Result<Found, CacheError> {
         if self.disabled() {
             self.count_state("miss");
-            return Ok(Arc::new(
-                self.fetcher.fetch(lookup.token.to_string()).await?,
-            ));
+            return Ok(Found::Waiting(Waiting(Wait::Uncached {
+                cache: self.clone(),
+                token: lookup.token,
+            })));
         }
         let slot = self.slot(&lookup.key);
         // One clock read for the whole lookup.
         let now = Instant::now();
         slot.last_used.store(self.millis_at(now), Ordering::Relaxed);
-        let mut rx = {
+        let rx = {
             let mut st = slot.state.lock().expect("not poisoned");
             if let Err(e) = st.adopt_subject(&lookup) {
                 self.count_result("subject_changed");
@@ -420,7 +476,7 @@ impl Cache {
                 if std::mem::take(&mut st.prewarmed) {
                     self.metrics.prewarm_first_hits.inc();
                 }
-                return Ok(creds);
+                return Ok(Found::Ready(creds));
             }
             if let Some((err, _)) = st.negative.as_ref().filter(|(_, until)| now < *until) {
                 self.count_result("negative");
@@ -439,7 +495,7 @@ impl Cache {
                 }
                 self.count_state("hit");
                 self.count_result("stale");
-                return Ok(creds);
+                return Ok(Found::Ready(creds));
             }
             let joined = st.inflight.is_some();
             let rx = match &st.inflight {
@@ -459,16 +515,10 @@ impl Cache {
             self.count_result(if joined { "coalesced" } else { "miss" });
             rx
         };
-        let deadline = Instant::now() + self.config.response_deadline;
-        loop {
-            if let Some(result) = rx.borrow_and_update().clone() {
-                return result.map_err(CacheError::from);
-            }
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
-                Ok(Ok(())) => continue,
-                Ok(Err(_)) | Err(_) => return Err(CacheError::Pending),
-            }
-        }
+        Ok(Found::Waiting(Waiting(Wait::Call {
+            rx,
+            deadline: now + self.config.response_deadline,
+        })))
     }
 
     /// The entry for `key`, created if needed. Beyond the bound, entries holding no

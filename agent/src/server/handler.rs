@@ -4,15 +4,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
 use super::memo::ConnMemo;
 use super::State;
 use crate::attribution::{Caller, Identity, Outcome, UnattributedPolicy, RECHECK_AFTER};
-use crate::cache::{CacheError, Lookup};
+use crate::cache::{CacheError, Found, Lookup, Waiting};
 use crate::config::{CREDENTIAL_V4, CREDENTIAL_V6};
 use crate::credentials::error_json;
+use crate::credentials::Credentials;
 use crate::metrics::ListenerLabel;
 use crate::token::{self, TokenError};
 use crate::upstream::UpstreamError;
@@ -169,44 +170,114 @@ pub async fn handle<B>(
     memo: &ConnMemo,
     req: Request<B>,
 ) -> Response<Full<Bytes>> {
-    answer(state, caller, begin(state, caller, memo, req)).await
-}
-
-/// A request read and checked, its answer not yet produced.
-pub struct Begun {
-    started: Instant,
-    head_only: bool,
-    logged_path: Option<String>,
-    checked: Result<Checked, RequestError>,
-}
-
-/// The part of a request's handling that needs the request: every check, done at once and
-/// the request dropped here. The request is a view into hyper's read buffer, and hyper reads
-/// on (the next request, or the connection's end) before it polls the answer: dropped here,
-/// the buffer is hyper's alone again and is reused instead of reallocated (two allocations a
-/// request on a kept-alive connection, measured with callgrind: bench case 9).
-pub fn begin<B>(state: &State, caller: &Caller, memo: &ConnMemo, req: Request<B>) -> Begun {
-    let started = Instant::now();
-    Begun {
-        started,
-        head_only: req.method() == Method::HEAD,
-        logged_path: tracing::enabled!(tracing::Level::DEBUG).then(|| req.uri().path().to_owned()),
-        checked: check(state, caller, memo, &req, started),
+    match begin(state, caller, memo, req) {
+        Answer::Ready(resp, _) => resp,
+        Answer::Later(later) => later.answer(state, caller).await.0,
     }
 }
 
-/// The answer to a request [`begin`] checked.
-pub async fn answer(state: &State, caller: &Caller, begun: Begun) -> Response<Full<Bytes>> {
-    let Begun {
+/// A request's answer: ready at once (every refusal and every cache hit), or once EKS Auth
+/// has answered.
+pub enum Answer {
+    /// The answer, and when it was ready.
+    Ready(Response<Full<Bytes>>, Instant),
+    /// A checked request waiting for EKS Auth.
+    Later(Later),
+}
+
+/// A request checked and sent to wait for EKS Auth.
+pub struct Later {
+    request: Served,
+    calling_pod: Option<Arc<str>>,
+    waiting: Waiting,
+}
+
+/// What the answer's metrics and log line need of its request.
+struct Served {
+    started: Instant,
+    head_only: bool,
+    logged_path: Option<String>,
+}
+
+/// Everything that needs the request, done at once: every check, the cache lookup and, for a
+/// hit or a refusal, the answer. No future is made for those (bench case 9: a large future
+/// moved into hyper and polled there costs more than the lookup). The request is dropped
+/// here too: it is a view into hyper's read buffer, and hyper reads on (the next request, or
+/// the connection's end) before it polls an answer; dropped here, the buffer is hyper's alone
+/// again and is reused instead of reallocated (two allocations a kept-alive request).
+pub fn begin<B>(state: &State, caller: &Caller, memo: &ConnMemo, req: Request<B>) -> Answer {
+    let started = Instant::now();
+    let request = Served {
+        started,
+        head_only: req.method() == Method::HEAD,
+        logged_path: tracing::enabled!(tracing::Level::DEBUG).then(|| req.uri().path().to_owned()),
+    };
+    let result = match check(state, caller, memo, &req, started) {
+        Ok(Checked {
+            lookup,
+            calling_pod,
+        }) => match state.cache.find(lookup) {
+            Ok(Found::Waiting(waiting)) => {
+                return Answer::Later(Later {
+                    request,
+                    calling_pod,
+                    waiting,
+                })
+            }
+            Ok(Found::Ready(creds)) => settled(state, caller, calling_pod, Ok(creds)),
+            Err(e) => settled(state, caller, calling_pod, Err(e)),
+        },
+        Err(e) => Err(e),
+    };
+    let (resp, ready) = respond(state, caller, request, result);
+    Answer::Ready(resp, ready)
+}
+
+impl Later {
+    /// The answer once EKS Auth has answered (or the response deadline has passed), and when
+    /// it was ready.
+    pub async fn answer(self, state: &State, caller: &Caller) -> (Response<Full<Bytes>>, Instant) {
+        let result = self.waiting.wait().await;
+        let result = settled(state, caller, self.calling_pod, result);
+        respond(state, caller, self.request, result)
+    }
+}
+
+/// The cache's word on a checked request, counted for attribution.
+fn settled(
+    state: &State,
+    caller: &Caller,
+    calling_pod: Option<Arc<str>>,
+    result: Result<Arc<Credentials>, CacheError>,
+) -> Result<Bytes, RequestError> {
+    if caller.cgroup_id().is_some() {
+        let outcome = match &result {
+            Err(e @ CacheError::SubjectChanged { .. }) => {
+                tracing::warn!(
+                    calling_pod = calling_pod.as_deref().unwrap_or("none"),
+                    error = %e,
+                    "refused a token that names another service account than the pod's (TokenSubjectMismatch)"
+                );
+                Outcome::IdentityChanged
+            }
+            _ => Outcome::Attributed,
+        };
+        count_attribution(state, caller, outcome);
+    }
+    Ok(result?.to_json())
+}
+
+/// The response for `result`, counted, logged at debug, and when it was ready.
+fn respond(
+    state: &State,
+    caller: &Caller,
+    Served {
         started,
         head_only,
         logged_path,
-        checked,
-    } = begun;
-    let result = match checked {
-        Ok(lookup) => credentials(state, caller, lookup).await,
-        Err(e) => Err(e),
-    };
+    }: Served,
+    result: Result<Bytes, RequestError>,
+) -> (Response<Full<Bytes>>, Instant) {
     let (mut resp, outcome) = match result {
         Ok(body) => (json_response(StatusCode::OK, body), "success"),
         Err(e) => {
@@ -215,10 +286,12 @@ pub async fn answer(state: &State, caller: &Caller, begun: Begun) -> Response<Fu
             (e.into_response(), outcome)
         }
     };
+    // One clock read: the latency and the connection's idle start (`drain::Progress`).
+    let ready = Instant::now();
     state.metrics.record_response(
         resp.status().as_u16(),
         outcome,
-        started.elapsed().as_secs_f64(),
+        (ready - started).as_secs_f64(),
     );
     // `begin` kept the path only when the line is written.
     if let Some(path) = logged_path {
@@ -234,14 +307,14 @@ pub async fn answer(state: &State, caller: &Caller, begun: Begun) -> Response<Fu
             cgroup_id = caller.cgroup_id(),
             cgroup_path = pod.as_ref().map(|p| p.path.display().to_string()),
             pod_uid = pod.as_ref().and_then(|p| p.pod_uid.as_deref()),
-            micros = started.elapsed().as_micros() as u64,
+            micros = (ready - started).as_micros() as u64,
             "request served"
         );
     }
     if head_only {
         *resp.body_mut() = Full::new(Bytes::new());
     }
-    resp
+    (resp, ready)
 }
 
 /// What the cache is asked once a request has passed every check, and the pod it is for.
@@ -266,7 +339,8 @@ fn check<B>(
     if req.uri().path() != CREDENTIALS_PATH {
         return Err(RequestError::NotFound);
     }
-    check_host(req)?;
+    let (host, authorization) = host_and_authorization(req.headers());
+    check_host(req, host)?;
     // Who is calling, per the kernel, before the token is even looked at.
     let identity = identify(state, caller, memo, started)?;
     let admitted = match &identity {
@@ -291,11 +365,7 @@ fn check<B>(
         Identity::Pod { uid, .. } => state.cache.recall(uid, bytes),
         Identity::Peer(_) => None,
     };
-    let parsed = memo.token(
-        req.headers().get(header::AUTHORIZATION),
-        token::epoch_secs() as i64,
-        recall,
-    )?;
+    let parsed = memo.token(authorization, token::epoch_secs() as i64, recall)?;
     let ((key, subject), cgroup, calling_pod) = match identity {
         Identity::Pod { uid, cgroup } => {
             if parsed.facts.pod_uid.as_deref() != Some(&*uid) {
@@ -326,33 +396,6 @@ fn check<B>(
         },
         calling_pod,
     })
-}
-
-/// The credentials for a checked request, from the cache (which calls EKS Auth on a miss).
-async fn credentials(
-    state: &State,
-    caller: &Caller,
-    Checked {
-        lookup,
-        calling_pod,
-    }: Checked,
-) -> Result<Bytes, RequestError> {
-    let result = state.cache.get(lookup).await;
-    if caller.cgroup_id().is_some() {
-        let outcome = match &result {
-            Err(e @ CacheError::SubjectChanged { .. }) => {
-                tracing::warn!(
-                    calling_pod = calling_pod.as_deref().unwrap_or("none"),
-                    error = %e,
-                    "refused a token that names another service account than the pod's (TokenSubjectMismatch)"
-                );
-                Outcome::IdentityChanged
-            }
-            _ => Outcome::Attributed,
-        };
-        count_attribution(state, caller, outcome);
-    }
-    Ok(result?.to_json())
 }
 
 /// Who is calling: the pod the kernel attributed the connection to, or the address of a
@@ -405,9 +448,23 @@ fn count_attribution(state: &State, caller: &Caller, outcome: Outcome) {
         .count_attribution(caller.listener(), outcome.label());
 }
 
-/// Accepts the two credential addresses, with or without a port, as the reference agent does.
-fn check_host<B>(req: &Request<B>) -> Result<(), RequestError> {
-    let host = req.headers().get(header::HOST);
+/// The first `Host` and `Authorization` values, in one pass over the few headers a request
+/// has (two hashed lookups cost twice as much: bench case 9).
+fn host_and_authorization(headers: &HeaderMap) -> (Option<&HeaderValue>, Option<&HeaderValue>) {
+    let (mut host, mut authorization) = (None, None);
+    for (name, value) in headers {
+        if name == header::HOST {
+            host.get_or_insert(value);
+        } else if name == header::AUTHORIZATION {
+            authorization.get_or_insert(value);
+        }
+    }
+    (host, authorization)
+}
+
+/// Accepts the two credential addresses, with or without a port, as the reference agent does;
+/// `host` is the request's `Host` header.
+fn check_host<B>(req: &Request<B>, host: Option<&HeaderValue>) -> Result<(), RequestError> {
     // What every SDK sends, compared as bytes: parsing an address (or even checking the
     // header's text, or splitting off a port) on every request showed in the profiles.
     if host.is_some_and(|h| h.as_bytes() == CANONICAL_V4.as_bytes()) {

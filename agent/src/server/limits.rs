@@ -2,11 +2,10 @@
 //! flooding the metrics port with unfinished requests, say) can take the file descriptors the
 //! credential listeners need.
 
-use std::collections::HashMap;
+use std::collections::hash_map::{Entry, HashMap};
+use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
-
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Descriptors kept back from the credential listeners: the admin listeners' cap, EKS Auth
 /// connections, BPF maps and links, logs.
@@ -48,28 +47,79 @@ impl Refusal {
 /// The caps of one group of listeners.
 #[derive(Debug)]
 pub struct ConnLimits {
-    total: Arc<Semaphore>,
+    total: usize,
     per_peer: usize,
-    peers: Mutex<HashMap<Peer, usize>>,
+    open: Mutex<Open>,
+}
+
+/// The connections open now: in all and per peer (one lock for all, taken once at accept
+/// and once at close). Pods' cgroup ids are the kernel's numbers and hash with foldhash;
+/// addresses keep SipHash: a peer's address is partly the caller's choice.
+#[derive(Debug, Default)]
+struct Open {
+    all: usize,
+    pods: HashMap<u64, usize, foldhash::fast::RandomState>,
+    ips: HashMap<IpAddr, usize>,
+}
+
+impl Open {
+    /// One more connection of `peer`, unless it has `cap` open.
+    fn take(&mut self, peer: Peer, cap: usize) -> bool {
+        fn take<K: Hash + Eq, S: BuildHasher>(
+            m: &mut HashMap<K, usize, S>,
+            k: K,
+            cap: usize,
+        ) -> bool {
+            let n = m.entry(k).or_insert(0);
+            let admitted = *n < cap;
+            *n += usize::from(admitted);
+            admitted
+        }
+        match peer {
+            Peer::Pod(id) => take(&mut self.pods, id, cap),
+            Peer::Ip(ip) => take(&mut self.ips, ip, cap),
+        }
+    }
+
+    /// One connection of `peer` fewer; a peer with none open is forgotten.
+    fn give_back(&mut self, peer: Peer) {
+        fn give_back<K: Hash + Eq, S: BuildHasher>(m: &mut HashMap<K, usize, S>, k: K) {
+            // One hash for the decrement and the removal.
+            if let Entry::Occupied(mut n) = m.entry(k) {
+                *n.get_mut() -= 1;
+                if *n.get() == 0 {
+                    n.remove();
+                }
+            }
+        }
+        match peer {
+            Peer::Pod(id) => give_back(&mut self.pods, id),
+            Peer::Ip(ip) => give_back(&mut self.ips, ip),
+        }
+    }
+
+    /// Connections `peer` has open.
+    #[cfg(test)]
+    fn of(&self, peer: Peer) -> Option<usize> {
+        match peer {
+            Peer::Pod(id) => self.pods.get(&id).copied(),
+            Peer::Ip(ip) => self.ips.get(&ip).copied(),
+        }
+    }
 }
 
 /// An admitted connection's place; given back on drop.
 #[derive(Debug)]
 pub struct ConnGuard {
-    _permit: OwnedSemaphorePermit,
     limits: Arc<ConnLimits>,
     peer: Peer,
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        let mut peers = self.limits.peers.lock().expect("not poisoned");
-        if let Some(n) = peers.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
-                peers.remove(&self.peer);
-            }
-        }
+        let mut open = self.limits.open();
+        open.all -= 1;
+        open.give_back(self.peer);
     }
 }
 
@@ -77,10 +127,14 @@ impl ConnLimits {
     /// At most `total` connections, `per_peer` of them from one peer.
     pub fn new(total: usize, per_peer: usize) -> Arc<Self> {
         Arc::new(Self {
-            total: Arc::new(Semaphore::new(total)),
+            total,
             per_peer,
-            peers: Mutex::new(HashMap::new()),
+            open: Mutex::default(),
         })
+    }
+
+    fn open(&self) -> MutexGuard<'_, Open> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The credential listeners' caps for a process allowed `fds` descriptors.
@@ -96,19 +150,15 @@ impl ConnLimits {
 
     /// A place for a connection from `peer`, or why there is none.
     pub fn admit(self: &Arc<Self>, peer: Peer) -> Result<ConnGuard, Refusal> {
-        let permit = self
-            .total
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Refusal::Total)?;
-        let mut peers = self.peers.lock().expect("not poisoned");
-        let n = peers.entry(peer).or_insert(0);
-        if *n >= self.per_peer {
+        let mut open = self.open();
+        if open.all >= self.total {
+            return Err(Refusal::Total);
+        }
+        if !open.take(peer, self.per_peer) {
             return Err(Refusal::PerPeer);
         }
-        *n += 1;
+        open.all += 1;
         Ok(ConnGuard {
-            _permit: permit,
             limits: self.clone(),
             peer,
         })
@@ -155,17 +205,27 @@ mod tests {
         let _b1 = limits.admit(b).unwrap();
         assert_eq!(limits.admit(b).unwrap_err(), Refusal::Total);
         drop(a1);
+        let _a3 = limits
+            .admit(a)
+            .expect("a closed connection gives its place back");
+        // Refusals take no place; the counts are exactly what is open.
+        assert_eq!(limits.admit(b).unwrap_err(), Refusal::Total);
+        {
+            let open = limits.open();
+            assert_eq!((open.all, open.of(a), open.of(b)), (3, Some(2), Some(1)));
+        }
+        drop(_b1);
         assert!(
-            limits.admit(a).is_ok(),
-            "a closed connection gives its place back"
+            limits.open().of(b).is_none(),
+            "a peer with nothing open is forgotten"
         );
     }
 
     #[test]
     fn credential_caps_keep_descriptors_in_reserve() {
         let l = ConnLimits::credentials(4096);
-        assert_eq!(l.total.available_permits(), 4096 - RESERVED_FDS);
+        assert_eq!(l.total, 4096 - RESERVED_FDS);
         assert_eq!(l.per_peer, CREDENTIAL_PER_PEER);
-        assert_eq!(ConnLimits::credentials(100).total.available_permits(), 64);
+        assert_eq!(ConnLimits::credentials(100).total, 64);
     }
 }

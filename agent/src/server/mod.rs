@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::{self, Either};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -26,8 +27,9 @@ use crate::attribution::{Caller, NodeAddresses, Resolver};
 use crate::ebpf::Steering;
 use limits::{ConnGuard, ConnLimits, Peer};
 
-/// Bound on reading a request's head, so slow clients cannot hold connections.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on reading a request's head (from a connection's start or its last answer), so slow
+/// or idle clients cannot hold connections.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request head buffered (the token is at most 16 KiB).
 const MAX_HEAD_BYTES: usize = 32 * 1024;
 /// How long in-flight requests (and the first requests of connections accepted last) may
@@ -290,7 +292,7 @@ struct Conn {
     state: Arc<State>,
     caller: Caller,
     memo: memo::ConnMemo,
-    first: drain::FirstRequest,
+    progress: drain::Progress,
 }
 
 async fn serve_connection(
@@ -308,30 +310,41 @@ async fn serve_connection(
         state: state.clone(),
         caller,
         memo: memo::ConnMemo::default(),
-        first: drain::FirstRequest::default(),
+        progress: drain::Progress::default(),
     });
     let service = service_fn({
         let shared = shared.clone();
         move |req| {
-            let c = shared.clone();
-            c.first.seen();
+            let c = &shared;
+            c.progress.begun();
             // Checked (and the request dropped) before hyper reads on: see `handler::begin`.
-            let begun = handler::begin(&c.state, &c.caller, &c.memo, req);
-            async move { Ok::<_, Infallible>(handler::answer(&c.state, &c.caller, begun).await) }
+            match handler::begin(&c.state, &c.caller, &c.memo, req) {
+                handler::Answer::Ready(resp, at) => {
+                    c.progress.answered(at);
+                    Either::Left(future::ready(Ok::<_, Infallible>(resp)))
+                }
+                handler::Answer::Later(later) => {
+                    let c = c.clone();
+                    Either::Right(Box::pin(async move {
+                        let (resp, at) = later.answer(&c.state, &c.caller).await;
+                        c.progress.answered(at);
+                        Ok(resp)
+                    }))
+                }
+            }
         }
     });
     let conn = http1()
         .max_header_size(MAX_HEAD_BYTES)
+        // Bounded by the connection's own timer instead (`drain::Progress`): hyper's is armed
+        // for every request.
+        .header_read_timeout(None)
         .serve_connection(TokioIo::new(stream), service);
-    if let Err(e) = drain::serve_until_stopped(conn, &shared.first, stop).await {
-        let kind = if e.is_parse() || e.is_parse_too_large() || e.is_parse_status() {
-            "parse"
-        } else if e.is_timeout() {
-            "timeout"
-        } else if e.is_incomplete_message() {
-            "incomplete"
-        } else {
-            "io"
+    let ended = drain::serve_until_stopped(conn, &shared.progress, HEADER_READ_TIMEOUT, stop).await;
+    if let Err(e) = ended {
+        let kind = match &e {
+            drain::Ended::HeadTimeout(_) => "timeout",
+            drain::Ended::Http(e) => hyper_error_kind(e),
         };
         state
             .metrics
@@ -339,5 +352,18 @@ async fn serve_connection(
             .get_or_create(&crate::metrics::KindLabel { kind })
             .inc();
         tracing::debug!(%peer, kind, error = %e, "connection ended with an error");
+    }
+}
+
+/// The metric label of a connection's error.
+fn hyper_error_kind(e: &hyper::Error) -> &'static str {
+    if e.is_parse() || e.is_parse_too_large() || e.is_parse_status() {
+        "parse"
+    } else if e.is_timeout() {
+        "timeout"
+    } else if e.is_incomplete_message() {
+        "incomplete"
+    } else {
+        "io"
     }
 }

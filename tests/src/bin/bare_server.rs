@@ -27,8 +27,9 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let body = Bytes::from(std::fs::read(mode)?);
-    // BARE_AS_AGENT=timer,drain: the agent's connection settings (its HTTP/1 builder with the
-    // header read timer; its stop handling), to measure what each costs (`cargo xtask bench`
+    // BARE_AS_AGENT=timer,drain: connection settings, to measure what each costs: hyper's
+    // header read timer (what the admin listeners use); the agent's stop handling and head
+    // timer (`drain`) (`cargo xtask bench`
     // with BENCH_CANDIDATE_BARE).
     let like = std::env::var("BARE_AS_AGENT").unwrap_or_default();
     let (timer, drain) = (like.contains("timer"), like.contains("drain"));
@@ -39,13 +40,25 @@ async fn main() -> anyhow::Result<()> {
         let body = body.clone();
         let stop = drain.then(|| stopper.register());
         tokio::spawn(async move {
-            let svc = service_fn(move |_req| {
-                let body = body.clone();
-                async move {
-                    let mut resp = hyper::Response::new(Full::new(body));
-                    resp.headers_mut()
-                        .insert("content-type", "application/json".parse().expect("valid"));
-                    Ok::<_, Infallible>(resp)
+            // With `drain`, the requests are counted for the head timer as the agent's are.
+            let progress = std::sync::Arc::new(agent::server::drain::Progress::default());
+            let svc = service_fn({
+                let progress = progress.clone();
+                move |_req| {
+                    let body = body.clone();
+                    let progress = drain.then(|| progress.clone());
+                    if let Some(p) = &progress {
+                        p.begun();
+                    }
+                    async move {
+                        let mut resp = hyper::Response::new(Full::new(body));
+                        resp.headers_mut()
+                            .insert("content-type", "application/json".parse().expect("valid"));
+                        if let Some(p) = progress {
+                            p.answered(std::time::Instant::now());
+                        }
+                        Ok::<_, Infallible>(resp)
+                    }
                 }
             });
             let builder = if timer {
@@ -55,8 +68,9 @@ async fn main() -> anyhow::Result<()> {
             };
             let conn = builder.serve_connection(TokioIo::new(stream), svc);
             if let Some(stop) = stop {
-                let first = agent::server::drain::FirstRequest::default();
-                let _ = agent::server::drain::serve_until_stopped(conn, &first, stop).await;
+                let timeout = agent::server::HEADER_READ_TIMEOUT;
+                let _ =
+                    agent::server::drain::serve_until_stopped(conn, &progress, timeout, stop).await;
             } else {
                 let _ = conn.await;
             }

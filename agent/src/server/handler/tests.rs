@@ -320,7 +320,10 @@ async fn eks_auth_errors_keep_their_code_and_map_to_a_status() {
 
 #[test]
 fn every_spelling_of_the_credential_addresses_is_a_host_and_nothing_near_them_is() {
-    let host = |h: &str| check_host(&request("GET", CREDENTIALS_PATH, Some(h), None));
+    let host = |h: &str| {
+        let req = request("GET", CREDENTIALS_PATH, Some(h), None);
+        check_host(&req, host_and_authorization(req.headers()).0)
+    };
     for ok in [
         "169.254.170.23",
         "169.254.170.23:80",
@@ -343,4 +346,29 @@ fn every_spelling_of_the_credential_addresses_is_a_host_and_nothing_near_them_is
             "{bad}"
         );
     }
+}
+
+#[test]
+fn the_first_host_and_authorization_are_taken_as_a_lookup_would() {
+    let req = Request::builder()
+        .header("x-other", "1")
+        .header("authorization", "first-token")
+        .header("HOST", "169.254.170.23")
+        .header("Authorization", "second-token")
+        .header("host", "evil.example")
+        .body(())
+        .expect("valid request");
+    let (host, authorization) = host_and_authorization(req.headers());
+    assert_eq!(host, req.headers().get(header::HOST));
+    assert_eq!(authorization, req.headers().get(header::AUTHORIZATION));
+    assert_eq!(host.map(|h| h.as_bytes()), Some(&b"169.254.170.23"[..]));
+    assert_eq!(
+        authorization.map(|h| h.as_bytes()),
+        Some(&b"first-token"[..])
+    );
+    assert_eq!(
+        host_and_authorization(&HeaderMap::new()),
+        (None, None),
+        "none of either"
+    );
 }
