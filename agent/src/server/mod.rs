@@ -232,9 +232,14 @@ pub(crate) async fn accept_until(
     mut stop: watch::Receiver<bool>,
     mut dispatch: impl FnMut(TcpStream, SocketAddr),
 ) {
+    // One wait for the stop across all accepts: a wait made per accept joins and leaves the
+    // channel's waiter list (a lock each) for every connection.
+    let stopped = stop.changed();
+    tokio::pin!(stopped);
     loop {
         tokio::select! {
-            _ = stop.changed() => {
+            biased;
+            _ = &mut stopped => {
                 use std::os::fd::AsFd as _;
                 while let Some(fd) = listen::waiting(listener.as_fd()) {
                     let stream = std::net::TcpStream::from(fd);
