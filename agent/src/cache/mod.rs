@@ -447,7 +447,12 @@ impl Cache {
         let slot = self.slot(&lookup.key);
         // One clock read for the whole lookup.
         let now = Instant::now();
-        slot.last_used.store(self.millis_at(now), Ordering::Relaxed);
+        // Written only when it changes: the line is shared by every connection of the pod,
+        // and a write moves it away from the other CPUs (most hits fall in the same ms).
+        let used = self.millis_at(now);
+        if slot.last_used.load(Ordering::Relaxed) != used {
+            slot.last_used.store(used, Ordering::Relaxed);
+        }
         let rx = {
             let mut st = slot.state.lock().expect("not poisoned");
             if let Err(e) = st.adopt_subject(&lookup) {
@@ -467,8 +472,11 @@ impl Cache {
                     st.parsed_nbf = parsed_nbf(&lookup.key, &st, lookup.facts.as_deref());
                 }
             }
-            if lookup.cgroup.is_some() {
-                st.cgroup = lookup.cgroup;
+            // The same directory as before (the common case): no write, no count dropped.
+            if let Some(cgroup) = lookup.cgroup {
+                if !st.cgroup.as_ref().is_some_and(|c| Arc::ptr_eq(c, &cgroup)) {
+                    st.cgroup = Some(cgroup);
+                }
             }
             if let Some(c) = st.creds.as_ref().filter(|c| self.fresh(c, now)) {
                 self.metrics.count_cache_hit();
