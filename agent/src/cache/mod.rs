@@ -260,6 +260,15 @@ fn parsed_nbf(key: &Key, st: &SlotState, facts: Option<&Facts>) -> Option<Option
 }
 
 impl SlotState {
+    /// Makes `token` (expiring at `exp`) the entry's token, with what it says when the caller
+    /// parsed it (`facts`): the one place the three are written, so the recalled facts are
+    /// always the held token's.
+    fn hold_token(&mut self, key: &Key, token: Arc<str>, exp: Option<i64>, facts: Option<&Facts>) {
+        self.token = token;
+        self.token_exp = exp;
+        self.parsed_nbf = parsed_nbf(key, self, facts);
+    }
+
     /// Adopts `lookup`'s subject, or says why not: a pod's entry holding credentials, or with
     /// a call in flight, keeps its subject; one holding nothing or only an error is replaced
     /// (its error and tokens belonged to the old subject).
@@ -280,9 +289,12 @@ impl SlotState {
                 self.negative = None;
                 self.last_error = None;
                 self.accepted_token = None;
-                self.token = lookup.token.clone();
-                self.token_exp = lookup.token_exp;
-                self.parsed_nbf = parsed_nbf(&lookup.key, self, lookup.facts.as_deref());
+                self.hold_token(
+                    &lookup.key,
+                    lookup.token.clone(),
+                    lookup.token_exp,
+                    lookup.facts.as_deref(),
+                );
                 Ok(())
             }
         }
@@ -464,9 +476,12 @@ impl Cache {
             if (newer || unparsed) && !Arc::ptr_eq(&st.token, &lookup.token) {
                 if *st.token != *lookup.token {
                     if newer {
-                        st.token = lookup.token;
-                        st.token_exp = lookup.token_exp;
-                        st.parsed_nbf = parsed_nbf(&lookup.key, &st, lookup.facts.as_deref());
+                        st.hold_token(
+                            &lookup.key,
+                            lookup.token,
+                            lookup.token_exp,
+                            lookup.facts.as_deref(),
+                        );
                     }
                 } else if unparsed {
                     st.parsed_nbf = parsed_nbf(&lookup.key, &st, lookup.facts.as_deref());

@@ -27,9 +27,12 @@ impl Cache {
             }
             st.token_file = Some(token_file);
             if st.token.is_empty() || lookup.token_exp > st.token_exp {
-                st.token = lookup.token;
-                st.token_exp = lookup.token_exp;
-                st.parsed_nbf = parsed_nbf(&lookup.key, &st, lookup.facts.as_deref());
+                st.hold_token(
+                    &lookup.key,
+                    lookup.token,
+                    lookup.token_exp,
+                    lookup.facts.as_deref(),
+                );
             }
             if st.cgroup.is_none() {
                 st.cgroup = lookup.cgroup;
@@ -92,9 +95,7 @@ impl Cache {
             Key::Token(_) => false,
         };
         if same_pod && facts.exp > st.token_exp {
-            st.token = Arc::from(token);
-            st.token_exp = facts.exp;
-            st.parsed_nbf = parsed_nbf(key, st, Some(&facts));
+            st.hold_token(key, Arc::from(token), facts.exp, Some(&facts));
         }
     }
 }
