@@ -118,6 +118,7 @@ impl Cache {
                 let cached = self.cached(creds.clone(), now);
                 let due = self.refresh_due(&cached);
                 st.creds = Some(cached);
+                slot.moved_on();
                 st.accepted_token = Some(token);
                 st.negative = None;
                 st.last_error = None;
@@ -132,6 +133,7 @@ impl Cache {
             Err(e) if e.is_permanent() => {
                 // The identity has no (valid) association: forget its credentials, remember why.
                 st.creds = None;
+                slot.moved_on();
                 st.next_refresh = None;
                 st.negative = Some((e.clone(), now + self.config.negative_ttl));
                 self.metrics

@@ -187,6 +187,7 @@ impl Cache {
                 next_refresh: Some(due),
                 ..st
             };
+            slot.moved_on();
             self.queue.push(key, due);
             adopted += 1;
         }

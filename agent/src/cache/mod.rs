@@ -159,10 +159,29 @@ pub struct Lookup {
 /// What [`Cache::find`] found.
 #[derive(Debug)]
 pub enum Found {
-    /// Credentials to answer with now.
-    Ready(Arc<Credentials>),
+    /// Credentials to answer with now and, for fresh ones, what lets the same caller be
+    /// answered again without the cache's locks while they stay the entry's.
+    Ready(Arc<Credentials>, Option<Held>),
     /// A call to EKS Auth to wait for.
     Waiting(Waiting),
+}
+
+/// A fresh hit, kept by a connection so its next requests need neither the cache's map nor
+/// the entry's lock (bench case 9: those locks and counts are lines every connection of the
+/// pod writes). It holds while the entry keeps the same credentials and they are fresh.
+#[derive(Debug)]
+pub struct Held {
+    slot: Arc<Slot>,
+    generation: u64,
+    fresh_until: Instant,
+}
+
+impl Held {
+    /// Whether the entry still holds these credentials, fresh, at `now` (the request's clock
+    /// read): two reads, no write.
+    pub fn holds(&self, now: Instant) -> bool {
+        now < self.fresh_until && self.slot.generation.load(Ordering::Acquire) == self.generation
+    }
 }
 
 /// A call to EKS Auth a lookup waits for, within the response deadline.
@@ -306,8 +325,18 @@ struct Slot {
     state: Mutex<SlotState>,
     /// Milliseconds since the cache started, for LRU.
     last_used: AtomicU64,
+    /// Moved on (under `state`'s lock) whenever the entry's credentials change and when the
+    /// entry leaves the cache: a [`Held`] hit holds while it has not moved.
+    generation: AtomicU64,
     /// Calls this entry may start from requests (refreshes have the node's budget).
     calls: Option<TokenBucket>,
+}
+
+impl Slot {
+    /// Ends every [`Held`] hit of this entry.
+    fn moved_on(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
+    }
 }
 
 /// Why an upstream call is made.
@@ -440,7 +469,7 @@ impl Cache {
     /// Credentials for `lookup`, from memory when possible.
     pub async fn get(self: &Arc<Self>, lookup: Lookup) -> Result<Arc<Credentials>, CacheError> {
         match self.find(lookup)? {
-            Found::Ready(creds) => Ok(creds),
+            Found::Ready(creds, _) => Ok(creds),
             Found::Waiting(waiting) => waiting.wait().await,
         }
     }
@@ -459,12 +488,7 @@ impl Cache {
         let slot = self.slot(&lookup.key);
         // One clock read for the whole lookup.
         let now = Instant::now();
-        // Written only when it changes: the line is shared by every connection of the pod,
-        // and a write moves it away from the other CPUs (most hits fall in the same ms).
-        let used = self.millis_at(now);
-        if slot.last_used.load(Ordering::Relaxed) != used {
-            slot.last_used.store(used, Ordering::Relaxed);
-        }
+        self.stamp(&slot, now);
         let rx = {
             let mut st = slot.state.lock().expect("not poisoned");
             if let Err(e) = st.adopt_subject(&lookup) {
@@ -496,10 +520,15 @@ impl Cache {
             if let Some(c) = st.creds.as_ref().filter(|c| self.fresh(c, now)) {
                 self.metrics.count_cache_hit();
                 let creds = c.creds.clone();
+                let held = Held {
+                    generation: slot.generation.load(Ordering::Relaxed),
+                    fresh_until: c.fresh_until,
+                    slot: slot.clone(),
+                };
                 if std::mem::take(&mut st.prewarmed) {
                     self.metrics.prewarm_first_hits.inc();
                 }
-                return Ok(Found::Ready(creds));
+                return Ok(Found::Ready(creds, Some(held)));
             }
             if let Some((err, _)) = st.negative.as_ref().filter(|(_, until)| now < *until) {
                 self.count_result("negative");
@@ -518,7 +547,7 @@ impl Cache {
                 }
                 self.count_state("hit");
                 self.count_result("stale");
-                return Ok(Found::Ready(creds));
+                return Ok(Found::Ready(creds, None));
             }
             let joined = st.inflight.is_some();
             let rx = match &st.inflight {
@@ -544,6 +573,22 @@ impl Cache {
         })))
     }
 
+    /// A [`Held`] hit answered again at `now`: counted, and the entry's use stamped.
+    pub fn reused(&self, held: &Held, now: Instant) {
+        self.stamp(&held.slot, now);
+        self.metrics.count_cache_hit();
+    }
+
+    /// Stamps `slot`'s last use (the LRU's clock). Written only when it changes: the line is
+    /// shared by every connection of the pod, and a write moves it away from the other CPUs
+    /// (most hits fall in the same ms).
+    fn stamp(&self, slot: &Slot, now: Instant) {
+        let used = self.millis_at(now);
+        if slot.last_used.load(Ordering::Relaxed) != used {
+            slot.last_used.store(used, Ordering::Relaxed);
+        }
+    }
+
     /// The entry for `key`, created if needed. Beyond the bound, entries holding no
     /// credentials (errors, nothing yet) go first, least recently used first; an entry holding
     /// credentials is evicted only by another one's credentials ([`Cache::trim`]), never by an
@@ -559,6 +604,7 @@ impl Cache {
                 Arc::new(Slot {
                     state: Mutex::default(),
                     last_used: AtomicU64::new(self.millis_at(Instant::now())),
+                    generation: AtomicU64::new(0),
                     calls: self
                         .config
                         .entry_call_rate
@@ -602,7 +648,9 @@ impl Cache {
     }
 
     fn evict(&self, key: &Key, reason: &'static str) {
-        if self.entries.remove(key).is_some() {
+        if let Some((_, slot)) = self.entries.remove(key) {
+            // A connection holding a hit of this entry looks it up again.
+            slot.moved_on();
             self.metrics
                 .cache_evictions
                 .get_or_create(&EvictionLabel { reason })

@@ -734,3 +734,65 @@ async fn a_pods_entry_recalls_only_its_own_last_token_and_only_what_was_parsed_f
     assert!(c.recall(&Arc::from("d"), e.as_bytes()).is_none());
     assert_eq!(up.calls(), 4, "one call per pod");
 }
+
+/// A fresh hit and what the cache handed out with it.
+async fn held(c: &Arc<Cache>, l: Lookup) -> (Arc<Credentials>, Held) {
+    c.get(l.clone()).await.unwrap();
+    match c.find(l).unwrap() {
+        Found::Ready(creds, Some(held)) => (creds, held),
+        other => panic!("a fresh hit is held: {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_hit_ends_when_its_credentials_are_replaced_stale_or_evicted() {
+    let (up, c) = bounded(1);
+    // Replaced by the refresh ahead of expiry; stale (past the refresh point) before that.
+    let (first, h) = held(&c, lookup(pod("a"), "tok")).await;
+    assert!(h.holds(Instant::now()));
+    let fresh_until = c
+        .entries
+        .get(&pod("a"))
+        .unwrap()
+        .state
+        .lock()
+        .unwrap()
+        .creds
+        .as_ref()
+        .unwrap()
+        .fresh_until;
+    assert!(
+        !h.holds(fresh_until),
+        "not past the point the full path would refresh"
+    );
+    tokio::time::sleep(31 * MIN).await;
+    assert_eq!(up.calls(), 2, "refreshed");
+    assert!(!h.holds(Instant::now()), "the refresh ends it");
+    let (second, h) = held(&c, lookup(pod("a"), "tok")).await;
+    assert_ne!(first, second);
+    assert!(
+        h.holds(Instant::now()),
+        "the new credentials are held again"
+    );
+    // Evicted: another pod's credentials push this entry out (the bound is 1).
+    c.get(lookup(pod("b"), "b")).await.unwrap();
+    assert!(!c.entries.contains_key(&pod("a")));
+    assert!(!h.holds(Instant::now()), "an evicted entry is not held");
+    // Cleared: EKS Auth says the association is gone.
+    let (_, h) = held(&c, lookup(pod("b"), "b")).await;
+    up.set(Behaviour::Fail(not_found()));
+    tokio::time::sleep(31 * MIN).await;
+    assert!(
+        !h.holds(Instant::now()),
+        "credentials EKS Auth took back are not held"
+    );
+    // A stale answer (served while a refresh runs) is never held.
+    let (up, c) = bounded(4);
+    c.get(lookup(pod("a"), "tok")).await.unwrap();
+    *up.delay.lock().unwrap() = HOUR;
+    tokio::time::sleep(31 * MIN).await;
+    assert!(matches!(
+        c.find(lookup(pod("a"), "tok")).unwrap(),
+        Found::Ready(_, None)
+    ));
+}

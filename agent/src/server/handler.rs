@@ -7,15 +7,15 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
-use super::memo::ConnMemo;
+use super::memo::{ConnMemo, Repeat, Repeated};
 use super::State;
 use crate::attribution::{Caller, Identity, Outcome, UnattributedPolicy, RECHECK_AFTER};
-use crate::cache::{CacheError, Found, Lookup, Waiting};
+use crate::cache::{CacheError, Found, Held, Lookup, Waiting};
 use crate::config::{CREDENTIAL_V4, CREDENTIAL_V6};
 use crate::credentials::error_json;
 use crate::credentials::Credentials;
 use crate::metrics::ListenerLabel;
-use crate::token::{self, TokenError};
+use crate::token::{self, Parsed, TokenError};
 use crate::upstream::UpstreamError;
 
 /// The credentials path every SDK requests.
@@ -212,25 +212,110 @@ pub fn begin<B>(state: &State, caller: &Caller, memo: &ConnMemo, req: Request<B>
         head_only: req.method() == Method::HEAD,
         logged_path: tracing::enabled!(tracing::Level::DEBUG).then(|| req.uri().path().to_owned()),
     };
-    let result = match check(state, caller, memo, &req, started) {
-        Ok(Checked {
-            lookup,
+    match source(state, caller, memo, &req, started) {
+        Source::Now(result) => {
+            let (resp, ready) = respond(state, caller, request, result);
+            Answer::Ready(resp, ready)
+        }
+        Source::Call {
             calling_pod,
-        }) => match state.cache.find(lookup) {
-            Ok(Found::Waiting(waiting)) => {
-                return Answer::Later(Later {
-                    request,
-                    calling_pod,
-                    waiting,
-                })
+            waiting,
+        } => Answer::Later(Later {
+            request,
+            calling_pod,
+            waiting,
+        }),
+    }
+}
+
+/// Where a request's answer comes from.
+enum Source {
+    /// A refusal or credentials, now.
+    Now(Result<Bytes, RequestError>),
+    /// The EKS Auth call to wait for, for this pod.
+    Call {
+        calling_pod: Option<Arc<str>>,
+        waiting: Waiting,
+    },
+}
+
+/// The request's checks and the cache's word, in order: a repeat of the connection's last
+/// hit, else every check and the lookup (whose fresh hit the connection keeps).
+fn source<B>(
+    state: &State,
+    caller: &Caller,
+    memo: &ConnMemo,
+    req: &Request<B>,
+    started: Instant,
+) -> Source {
+    let authorization = match preflight(req) {
+        Ok(authorization) => authorization,
+        Err(e) => return Source::Now(Err(e)),
+    };
+    if let Some(result) = repeat(state, caller, memo, authorization, started) {
+        return Source::Now(result);
+    }
+    let Checked {
+        lookup,
+        parsed,
+        calling_pod,
+    } = match check(state, caller, memo, authorization, started) {
+        Ok(checked) => checked,
+        Err(e) => return Source::Now(Err(e)),
+    };
+    let result = match state.cache.find(lookup) {
+        Ok(Found::Waiting(waiting)) => {
+            return Source::Call {
+                calling_pod,
+                waiting,
             }
-            Ok(Found::Ready(creds)) => settled(state, caller, calling_pod, Ok(creds)),
-            Err(e) => settled(state, caller, calling_pod, Err(e)),
-        },
+        }
+        Ok(Found::Ready(creds, held)) => {
+            if let (Some(held), Some(uid)) = (held, &calling_pod) {
+                memo.remember(Repeat {
+                    parsed,
+                    uid: uid.clone(),
+                    held,
+                    body: Bytes::copy_from_slice(&creds.to_json()),
+                });
+            }
+            Ok(creds)
+        }
         Err(e) => Err(e),
     };
-    let (resp, ready) = respond(state, caller, request, result);
-    Answer::Ready(resp, ready)
+    Source::Now(settled(state, caller, calling_pod, result))
+}
+
+/// A request repeating the connection's last fresh hit (same pod, same token, the cache's
+/// credentials unchanged): answered from the memo, with none of the node-wide locks and
+/// shared counts the full path takes; `None` when anything it checks may have changed.
+fn repeat(
+    state: &State,
+    caller: &Caller,
+    memo: &ConnMemo,
+    authorization: Option<&HeaderValue>,
+    now: Instant,
+) -> Option<Result<Bytes, RequestError>> {
+    let Caller::Pod(_) = caller else {
+        return None;
+    };
+    let admit = |uid: &str, held: &Held| {
+        let admitted = state.admission.admit(uid);
+        if admitted {
+            state
+                .cache
+                .reused(held, tokio::time::Instant::from_std(now));
+        }
+        admitted
+    };
+    let result = match memo.repeat(authorization, now, token::epoch_secs() as i64, admit)? {
+        Repeated::Answer(body) => Ok(body),
+        Repeated::OverBudget => Err(over_budget(state, caller)),
+    };
+    if result.is_ok() {
+        count_attribution(state, caller, Outcome::Attributed);
+    }
+    Some(result)
 }
 
 impl Later {
@@ -317,21 +402,16 @@ fn respond(
     (resp, ready)
 }
 
-/// What the cache is asked once a request has passed every check, and the pod it is for.
+/// What the cache is asked once a request has passed every check, the token it presented,
+/// and the pod it is for.
 struct Checked {
     lookup: Lookup,
+    parsed: Parsed,
     calling_pod: Option<Arc<str>>,
 }
 
-/// Everything about a request that needs the request itself, in order: method, path, Host,
-/// the kernel's caller, admission, the token and the cross-check.
-fn check<B>(
-    state: &State,
-    caller: &Caller,
-    memo: &ConnMemo,
-    req: &Request<B>,
-    started: Instant,
-) -> Result<Checked, RequestError> {
+/// What needs only the request, in order: method, path and Host; then its `Authorization`.
+fn preflight<B>(req: &Request<B>) -> Result<Option<&HeaderValue>, RequestError> {
     // The method first: CONNECT and friends have no path to match.
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Err(RequestError::MethodNotAllowed);
@@ -341,6 +421,18 @@ fn check<B>(
     }
     let (host, authorization) = host_and_authorization(req.headers());
     check_host(req, host)?;
+    Ok(authorization)
+}
+
+/// The rest of the checks, in order: the kernel's caller, admission, the token
+/// (`authorization`) and the cross-check.
+fn check(
+    state: &State,
+    caller: &Caller,
+    memo: &ConnMemo,
+    authorization: Option<&HeaderValue>,
+    started: Instant,
+) -> Result<Checked, RequestError> {
     // Who is calling, per the kernel, before the token is even looked at.
     let identity = identify(state, caller, memo, started)?;
     let admitted = match &identity {
@@ -348,16 +440,7 @@ fn check<B>(
         Identity::Peer(ip) => state.admission.admit(&ip.to_string()),
     };
     if !admitted {
-        state
-            .metrics
-            .admission_rejected
-            .get_or_create(&ListenerLabel {
-                listener: caller.listener(),
-            })
-            .inc();
-        return Err(RequestError::OverBudget {
-            rate: state.admission.rate(),
-        });
+        return Err(over_budget(state, caller));
     }
     // A pod's new connection presenting the pod's last token finds it parsed in the pod's
     // cache entry; a pod presenting another pod's token finds its own there, and parses.
@@ -389,13 +472,28 @@ fn check<B>(
         lookup: Lookup {
             key,
             token_exp: parsed.facts.exp,
-            token: parsed.token,
-            facts: Some(parsed.facts),
+            token: parsed.token.clone(),
+            facts: Some(parsed.facts.clone()),
             cgroup,
             subject,
         },
+        parsed,
         calling_pod,
     })
+}
+
+/// A request over its caller's budget, counted.
+fn over_budget(state: &State, caller: &Caller) -> RequestError {
+    state
+        .metrics
+        .admission_rejected
+        .get_or_create(&ListenerLabel {
+            listener: caller.listener(),
+        })
+        .inc();
+    RequestError::OverBudget {
+        rate: state.admission.rate(),
+    }
 }
 
 /// Who is calling: the pod the kernel attributed the connection to, or the address of a

@@ -10,10 +10,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::HeaderValue;
 
 use crate::attribution::PodCgroup;
-use crate::cache::{Key, Subject};
+use crate::cache::{Held, Key, Subject};
 use crate::token::{Parsed, TokenError};
 
 /// One connection's memo.
@@ -27,6 +28,31 @@ struct Memo {
     pod: Option<(Arc<PodCgroup>, Instant)>,
     token: Option<Parsed>,
     key: Option<MadeKey>,
+    repeat: Option<Repeat>,
+}
+
+/// The connection's last fresh hit: what its next requests, presenting the same token, are
+/// answered with while the cache holds the same credentials (see [`ConnMemo::repeat`]).
+#[derive(Debug)]
+pub struct Repeat {
+    /// The token that was answered (its window is checked again on each repeat).
+    pub parsed: Parsed,
+    /// The pod it was answered for: its request budget is charged on each repeat.
+    pub uid: Arc<str>,
+    /// The cache's word that the credentials are still the entry's, and fresh.
+    pub held: Held,
+    /// The answer, this connection's own copy: a clone of the cache's shared document is a
+    /// count every connection of the pod writes.
+    pub body: Bytes,
+}
+
+/// What a repeated request gets.
+#[derive(Debug, PartialEq)]
+pub enum Repeated {
+    /// The last answer again.
+    Answer(Bytes),
+    /// Nothing: the pod is over its request budget.
+    OverBudget,
 }
 
 /// A cache key and what it was made from: (token, the pod's uid for a pod's key), the key and
@@ -98,6 +124,41 @@ impl ConnMemo {
         };
         parsed.facts.check_window(now)?;
         Ok(parsed)
+    }
+
+    /// Keeps `repeat` to answer this connection's next requests with.
+    pub fn remember(&self, repeat: Repeat) {
+        self.lock().repeat = Some(repeat);
+    }
+
+    /// The last answer again, for a request presenting the same token (`header`) while
+    /// everything the full path would check still says what it said then: the pod's cgroup
+    /// is within its recheck, the token within its window at `epoch`, the cache's credentials
+    /// the same and fresh at `now`. Then `admit` charges the pod's budget (with the hit, so
+    /// the cache can count it) and decides; `None` (nothing charged) sends the request down
+    /// the full path, which gives each refusal its own answer.
+    pub fn repeat(
+        &self,
+        header: Option<&HeaderValue>,
+        now: Instant,
+        epoch: i64,
+        admit: impl FnOnce(&str, &Held) -> bool,
+    ) -> Option<Repeated> {
+        let memo = self.lock();
+        let repeat = memo.repeat.as_ref()?;
+        let pod_checked = memo.pod.as_ref().is_some_and(|(_, until)| now < *until);
+        let same_token = header.is_some_and(|h| h.as_bytes() == repeat.parsed.token.as_bytes());
+        if !(pod_checked && same_token)
+            || repeat.parsed.facts.check_window(epoch).is_err()
+            || !repeat.held.holds(tokio::time::Instant::from_std(now))
+        {
+            return None;
+        }
+        Some(if admit(&repeat.uid, &repeat.held) {
+            Repeated::Answer(repeat.body.clone())
+        } else {
+            Repeated::OverBudget
+        })
     }
 
     /// The cache key for `parsed` from pod `uid` (or, without one, the token's own key).

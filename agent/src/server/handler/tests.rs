@@ -130,7 +130,17 @@ type Case<'a> = (&'a str, &'a Caller, Request<()>, (u16, &'a str));
 
 /// (status, body code) of one request.
 async fn ask(state: &State, caller: &Caller, req: Request<()>) -> (u16, String) {
-    let resp = handle(state, caller, &ConnMemo::default(), req).await;
+    ask_on(state, caller, &ConnMemo::default(), req).await
+}
+
+/// (status, body code) of one request on the connection whose memo is `memo`.
+async fn ask_on(
+    state: &State,
+    caller: &Caller,
+    memo: &ConnMemo,
+    req: Request<()>,
+) -> (u16, String) {
+    let resp = handle(state, caller, memo, req).await;
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -370,5 +380,130 @@ fn the_first_host_and_authorization_are_taken_as_a_lookup_would() {
         host_and_authorization(&HeaderMap::new()),
         (None, None),
         "none of either"
+    );
+}
+
+#[tokio::test]
+async fn a_connections_repeated_requests_get_what_the_full_path_would_give() {
+    let tree = Tree::new("repeat");
+    let mut st = state(&tree, Ok(creds()), UnattributedPolicy::Deny);
+    let upstream = Arc::new(Upstream(Mutex::new(Ok(creds()))));
+    let config = CacheConfig {
+        request_retry_window: Duration::ZERO,
+        // Fresh for 300 ms: the test sees a refresh.
+        max_retention: Duration::from_millis(300),
+        ..CacheConfig::default()
+    };
+    st.cache = Cache::new(upstream.clone(), config, st.metrics.clone());
+    let (pod, memo, host) = (
+        Caller::Pod(tree.pod),
+        ConnMemo::default(),
+        Some("169.254.170.23"),
+    );
+    let own = test_token(UID, now() + 3600);
+    let good = || request("GET", CREDENTIALS_PATH, host, Some(&own));
+    let hits = || {
+        st.metrics
+            .cache_requests
+            .get_or_create(&crate::metrics::ResultLabel { result: "hit" })
+            .get()
+    };
+    assert_eq!(
+        ask_on(&st, &pod, &memo, good()).await,
+        (200, "ASIAHANDLER".into())
+    );
+    let hits_before = hits();
+    // Every refusal between repeats is the full path's, and leaves the repeat intact.
+    let other = test_token(OTHER, now() + 3600);
+    let expired = test_token(UID, now() - 60);
+    let refusals = [
+        (
+            request("GET", CREDENTIALS_PATH, host, Some(&other)),
+            (403, "TokenPodMismatch"),
+        ),
+        (
+            request("GET", CREDENTIALS_PATH, host, Some(&expired)),
+            (400, "InvalidToken"),
+        ),
+        (
+            request("GET", CREDENTIALS_PATH, host, None),
+            (400, "InvalidToken"),
+        ),
+        (
+            request("GET", CREDENTIALS_PATH, Some("evil.example"), Some(&own)),
+            (403, "AccessDenied"),
+        ),
+        (request("GET", "/v2/x", host, Some(&own)), (404, "NotFound")),
+    ];
+    for (req, (status, code)) in refusals {
+        assert_eq!(ask_on(&st, &pod, &memo, req).await, (status, code.into()));
+        assert_eq!(
+            ask_on(&st, &pod, &memo, good()).await,
+            (200, "ASIAHANDLER".into())
+        );
+    }
+    assert_eq!(hits() - hits_before, 5, "each repeat is counted as a hit");
+
+    // New credentials: once the entry holds them, the connection is answered with them.
+    *upstream.0.lock().unwrap() = Ok(Credentials::new(
+        "ASIANEW".into(),
+        "secret".into(),
+        "session".into(),
+        "123456789012".into(),
+        (now() + 3600) as u64,
+    ));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut seen = Vec::new();
+    for _ in 0..50 {
+        let (status, code) = ask_on(&st, &pod, &memo, good()).await;
+        assert_eq!(status, 200);
+        seen.push(code);
+        if seen.last().is_some_and(|c| c == "ASIANEW") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen.last().map(String::as_str), Some("ASIANEW"), "{seen:?}");
+
+    // The pod's budget is charged on every repeat.
+    st.admission = Admission::new(0.001, 2.0);
+    for _ in 0..2 {
+        assert_eq!(
+            ask_on(&st, &pod, &memo, good()).await,
+            (200, "ASIANEW".into())
+        );
+    }
+    assert_eq!(
+        ask_on(&st, &pod, &memo, good()).await,
+        (503, "TooManyRequests".into())
+    );
+    let rejected = st
+        .metrics
+        .admission_rejected
+        .get_or_create(&crate::metrics::ListenerLabel {
+            listener: "attributed",
+        })
+        .get();
+    assert_eq!(rejected, 1);
+    st.admission = Admission::unlimited();
+
+    // A token that expires on a live connection is refused there, repeat or not.
+    let (short, memo2) = (test_token(UID, now() + 2), ConnMemo::default());
+    let short_lived = || request("GET", CREDENTIALS_PATH, host, Some(&short));
+    for _ in 0..2 {
+        assert_eq!(ask_on(&st, &pod, &memo2, short_lived()).await.0, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        ask_on(&st, &pod, &memo2, short_lived()).await,
+        (400, "InvalidToken".into())
+    );
+
+    // A pod whose cgroup is gone is refused on its live connection within the recheck.
+    std::fs::remove_dir_all(tree.root.join(format!("kubepods/besteffort/pod{UID}"))).unwrap();
+    tokio::time::sleep(RECHECK_AFTER + Duration::from_millis(100)).await;
+    assert_eq!(
+        ask_on(&st, &pod, &memo, good()).await,
+        (403, "NotAPod".into())
     );
 }
