@@ -166,6 +166,18 @@ pub enum Found {
     Waiting(Waiting),
 }
 
+/// Where a lookup ends once the entry's lock is given back.
+enum Step {
+    /// Fresh credentials, and the entry's generation and their freshness for [`Held`].
+    Fresh {
+        creds: Arc<Credentials>,
+        generation: u64,
+        fresh_until: Instant,
+    },
+    /// The entry's call to EKS Auth.
+    Wait(watch::Receiver<Outcome>),
+}
+
 /// A fresh hit, kept by a connection so its next requests need neither the cache's map nor
 /// the entry's lock (bench case 9: those locks and counts are lines every connection of the
 /// pod writes). It holds while the entry keeps the same credentials and they are fresh.
@@ -489,7 +501,7 @@ impl Cache {
         // One clock read for the whole lookup.
         let now = Instant::now();
         self.stamp(&slot, now);
-        let rx = {
+        let step = 'locked: {
             let mut st = slot.state.lock().expect("not poisoned");
             if let Err(e) = st.adopt_subject(&lookup) {
                 self.count_result("subject_changed");
@@ -519,16 +531,15 @@ impl Cache {
             }
             if let Some(c) = st.creds.as_ref().filter(|c| self.fresh(c, now)) {
                 self.metrics.count_cache_hit();
-                let creds = c.creds.clone();
-                let held = Held {
+                let fresh = Step::Fresh {
+                    creds: c.creds.clone(),
                     generation: slot.generation.load(Ordering::Relaxed),
                     fresh_until: c.fresh_until,
-                    slot: slot.clone(),
                 };
                 if std::mem::take(&mut st.prewarmed) {
                     self.metrics.prewarm_first_hits.inc();
                 }
-                return Ok(Found::Ready(creds, Some(held)));
+                break 'locked fresh;
             }
             if let Some((err, _)) = st.negative.as_ref().filter(|(_, until)| now < *until) {
                 self.count_result("negative");
@@ -565,12 +576,27 @@ impl Cache {
             };
             self.count_state("miss");
             self.count_result(if joined { "coalesced" } else { "miss" });
-            rx
+            Step::Wait(rx)
         };
-        Ok(Found::Waiting(Waiting(Wait::Call {
-            rx,
-            deadline: now + self.config.response_deadline,
-        })))
+        Ok(match step {
+            // The lookup's own count of the entry goes to the hit: no count taken for it.
+            Step::Fresh {
+                creds,
+                generation,
+                fresh_until,
+            } => Found::Ready(
+                creds,
+                Some(Held {
+                    slot,
+                    generation,
+                    fresh_until,
+                }),
+            ),
+            Step::Wait(rx) => Found::Waiting(Waiting(Wait::Call {
+                rx,
+                deadline: now + self.config.response_deadline,
+            })),
+        })
     }
 
     /// A [`Held`] hit answered again at `now`: counted, and the entry's use stamped.

@@ -7,15 +7,14 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
-use super::memo::{ConnMemo, Repeat, Repeated};
+use super::memo::{ConnMemo, Repeated};
 use super::State;
 use crate::attribution::{Caller, Identity, Outcome, UnattributedPolicy, RECHECK_AFTER};
 use crate::cache::{CacheError, Found, Held, Lookup, Waiting};
 use crate::config::{CREDENTIAL_V4, CREDENTIAL_V6};
 use crate::credentials::error_json;
-use crate::credentials::Credentials;
 use crate::metrics::ListenerLabel;
-use crate::token::{self, Parsed, TokenError};
+use crate::token::{self, TokenError};
 use crate::upstream::UpstreamError;
 
 /// The credentials path every SDK requests.
@@ -257,7 +256,6 @@ fn source<B>(
     }
     let Checked {
         lookup,
-        parsed,
         calling_pod,
     } = match check(state, caller, memo, authorization, started) {
         Ok(checked) => checked,
@@ -271,15 +269,11 @@ fn source<B>(
             }
         }
         Ok(Found::Ready(creds, held)) => {
-            if let (Some(held), Some(uid)) = (held, &calling_pod) {
-                memo.remember(Repeat {
-                    parsed,
-                    uid: uid.clone(),
-                    held,
-                    body: Bytes::copy_from_slice(&creds.to_json()),
-                });
+            let body = creds.to_json();
+            if let (Some(held), Some(_)) = (held, &calling_pod) {
+                memo.remember(held, creds);
             }
-            Ok(creds)
+            Ok(body)
         }
         Err(e) => Err(e),
     };
@@ -322,7 +316,7 @@ impl Later {
     /// The answer once EKS Auth has answered (or the response deadline has passed), and when
     /// it was ready.
     pub async fn answer(self, state: &State, caller: &Caller) -> (Response<Full<Bytes>>, Instant) {
-        let result = self.waiting.wait().await;
+        let result = self.waiting.wait().await.map(|creds| creds.to_json());
         let result = settled(state, caller, self.calling_pod, result);
         respond(state, caller, self.request, result)
     }
@@ -333,7 +327,7 @@ fn settled(
     state: &State,
     caller: &Caller,
     calling_pod: Option<Arc<str>>,
-    result: Result<Arc<Credentials>, CacheError>,
+    result: Result<Bytes, CacheError>,
 ) -> Result<Bytes, RequestError> {
     if caller.cgroup_id().is_some() {
         let outcome = match &result {
@@ -349,7 +343,7 @@ fn settled(
         };
         count_attribution(state, caller, outcome);
     }
-    Ok(result?.to_json())
+    Ok(result?)
 }
 
 /// The response for `result`, counted, logged at debug, and when it was ready.
@@ -402,11 +396,9 @@ fn respond(
     (resp, ready)
 }
 
-/// What the cache is asked once a request has passed every check, the token it presented,
-/// and the pod it is for.
+/// What the cache is asked once a request has passed every check, and the pod it is for.
 struct Checked {
     lookup: Lookup,
-    parsed: Parsed,
     calling_pod: Option<Arc<str>>,
 }
 
@@ -472,12 +464,11 @@ fn check(
         lookup: Lookup {
             key,
             token_exp: parsed.facts.exp,
-            token: parsed.token.clone(),
-            facts: Some(parsed.facts.clone()),
+            token: parsed.token,
+            facts: Some(parsed.facts),
             cgroup,
             subject,
         },
-        parsed,
         calling_pod,
     })
 }

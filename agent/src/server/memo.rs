@@ -15,6 +15,7 @@ use http::HeaderValue;
 
 use crate::attribution::PodCgroup;
 use crate::cache::{Held, Key, Subject};
+use crate::credentials::Credentials;
 use crate::token::{Parsed, TokenError};
 
 /// One connection's memo.
@@ -31,19 +32,18 @@ struct Memo {
     repeat: Option<Repeat>,
 }
 
-/// The connection's last fresh hit: what its next requests, presenting the same token, are
-/// answered with while the cache holds the same credentials (see [`ConnMemo::repeat`]).
+/// The connection's last fresh hit, for the token the memo holds: what its next requests,
+/// presenting that token, are answered with while the cache holds the same credentials (see
+/// [`ConnMemo::repeat`]). Dropped when the memo takes another token.
 #[derive(Debug)]
-pub struct Repeat {
-    /// The token that was answered (its window is checked again on each repeat).
-    pub parsed: Parsed,
-    /// The pod it was answered for: its request budget is charged on each repeat.
-    pub uid: Arc<str>,
+struct Repeat {
     /// The cache's word that the credentials are still the entry's, and fresh.
-    pub held: Held,
-    /// The answer, this connection's own copy: a clone of the cache's shared document is a
-    /// count every connection of the pod writes.
-    pub body: Bytes,
+    held: Held,
+    /// The credentials answered.
+    creds: Arc<Credentials>,
+    /// Their JSON, this connection's own copy, made on the first repeat: a clone of the
+    /// cache's shared document is a count every connection of the pod writes.
+    body: Option<Bytes>,
 }
 
 /// What a repeated request gets.
@@ -118,7 +118,10 @@ impl ConnMemo {
                         Parsed::new(token)?
                     }
                 };
-                self.lock().token = Some(p.clone());
+                let mut memo = self.lock();
+                memo.token = Some(p.clone());
+                // A hit is repeated only for the token it answered.
+                memo.repeat = None;
                 p
             }
         };
@@ -126,17 +129,22 @@ impl ConnMemo {
         Ok(parsed)
     }
 
-    /// Keeps `repeat` to answer this connection's next requests with.
-    pub fn remember(&self, repeat: Repeat) {
-        self.lock().repeat = Some(repeat);
+    /// Keeps a fresh hit of the memo's token (`held`, `creds`) to answer the connection's
+    /// next requests with.
+    pub fn remember(&self, held: Held, creds: Arc<Credentials>) {
+        self.lock().repeat = Some(Repeat {
+            held,
+            creds,
+            body: None,
+        });
     }
 
     /// The last answer again, for a request presenting the same token (`header`) while
     /// everything the full path would check still says what it said then: the pod's cgroup
     /// is within its recheck, the token within its window at `epoch`, the cache's credentials
-    /// the same and fresh at `now`. Then `admit` charges the pod's budget (with the hit, so
-    /// the cache can count it) and decides; `None` (nothing charged) sends the request down
-    /// the full path, which gives each refusal its own answer.
+    /// the same and fresh at `now`. Then `admit` charges the pod's budget (by its uid; with
+    /// the hit, so the cache can count it) and decides; `None` (nothing charged) sends the
+    /// request down the full path, which gives each refusal its own answer.
     pub fn repeat(
         &self,
         header: Option<&HeaderValue>,
@@ -144,21 +152,30 @@ impl ConnMemo {
         epoch: i64,
         admit: impl FnOnce(&str, &Held) -> bool,
     ) -> Option<Repeated> {
-        let memo = self.lock();
-        let repeat = memo.repeat.as_ref()?;
-        let pod_checked = memo.pod.as_ref().is_some_and(|(_, until)| now < *until);
-        let same_token = header.is_some_and(|h| h.as_bytes() == repeat.parsed.token.as_bytes());
-        if !(pod_checked && same_token)
-            || repeat.parsed.facts.check_window(epoch).is_err()
+        let mut memo = self.lock();
+        let Memo {
+            pod, token, repeat, ..
+        } = &mut *memo;
+        let (repeat, parsed) = (repeat.as_mut()?, token.as_ref()?);
+        let uid = match pod {
+            Some((pod, until)) if now < *until => pod.pod_uid.as_deref()?,
+            _ => return None,
+        };
+        let same_token = header.is_some_and(|h| h.as_bytes() == parsed.token.as_bytes());
+        if !same_token
+            || parsed.facts.check_window(epoch).is_err()
             || !repeat.held.holds(tokio::time::Instant::from_std(now))
         {
             return None;
         }
-        Some(if admit(&repeat.uid, &repeat.held) {
-            Repeated::Answer(repeat.body.clone())
-        } else {
-            Repeated::OverBudget
-        })
+        if !admit(uid, &repeat.held) {
+            return Some(Repeated::OverBudget);
+        }
+        let creds = &repeat.creds;
+        let body = repeat
+            .body
+            .get_or_insert_with(|| Bytes::copy_from_slice(&creds.to_json()));
+        Some(Repeated::Answer(body.clone()))
     }
 
     /// The cache key for `parsed` from pod `uid` (or, without one, the token's own key).
