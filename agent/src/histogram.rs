@@ -1,14 +1,18 @@
-//! A Prometheus histogram whose `observe` takes no lock. prometheus-client's `Histogram`
-//! keeps its buckets behind a mutex; every credential request observes its latency, from
-//! every worker thread, and on the keep-alive path that lock was one of the few things the
-//! agent did per request that a bare server does not. Buckets, count and sum are atomics
-//! here; the exposition is prometheus-client's own (`encode_histogram`).
+//! A Prometheus histogram whose `observe` takes no lock and writes no line another thread
+//! writes. prometheus-client's `Histogram` keeps its buckets behind a mutex; every credential
+//! request observes its latency, from every worker thread, and on the keep-alive path that
+//! lock, and then the shared atomics that replaced it, were among the few things the agent
+//! did per request that a bare server does not. Buckets, count and sum are per-thread
+//! [`Cells`] here, added up at scrape; the exposition is prometheus-client's own
+//! (`encode_histogram`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::{MetricType, TypedMetric};
+
+use crate::striped::Cells;
 
 /// A histogram over fixed upper bounds, plus `+Inf`; clones share their counts.
 #[derive(Debug, Clone)]
@@ -18,24 +22,24 @@ pub struct AtomicHistogram(Arc<Inner>);
 struct Inner {
     /// Upper bounds, ascending; the last is `+Inf`.
     bounds: Vec<f64>,
-    /// Observations per bucket (not cumulative).
-    counts: Vec<AtomicU64>,
-    count: AtomicU64,
-    /// The sum's `f64` bits.
-    sum: AtomicU64,
+    /// Observations per bucket (not cumulative), then the count, then the sum's `f64` bits.
+    cells: Cells,
 }
 
 impl AtomicHistogram {
     /// A histogram with these upper bounds (ascending) and `+Inf`.
     pub fn new(bounds: impl IntoIterator<Item = f64>) -> Self {
         let bounds: Vec<f64> = bounds.into_iter().chain([f64::INFINITY]).collect();
-        let counts = bounds.iter().map(|_| AtomicU64::new(0)).collect();
-        Self(Arc::new(Inner {
-            bounds,
-            counts,
-            count: AtomicU64::new(0),
-            sum: AtomicU64::new(0f64.to_bits()),
-        }))
+        let cells = Cells::new(bounds.len() + 2);
+        Self(Arc::new(Inner { bounds, cells }))
+    }
+
+    fn count_cell(&self) -> usize {
+        self.0.bounds.len()
+    }
+
+    fn sum_cell(&self) -> usize {
+        self.0.bounds.len() + 1
     }
 
     /// Counts `v` in the first bucket whose bound is at least `v` (NaN in `+Inf`).
@@ -46,31 +50,30 @@ impl AtomicHistogram {
             .iter()
             .position(|b| v <= *b)
             .unwrap_or(self.0.bounds.len() - 1);
-        self.0.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.0.count.fetch_add(1, Ordering::Relaxed);
-        let _ = self
-            .0
-            .sum
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
-                Some((f64::from_bits(bits) + v).to_bits())
-            });
+        let cells = &self.0.cells;
+        cells.add(i, 1);
+        cells.add(self.count_cell(), 1);
+        // Only this thread writes its stripe's sum: the update never retries in practice.
+        let _ = cells.mine(self.sum_cell()).fetch_update(
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+            |bits| Some((f64::from_bits(bits) + v).to_bits()),
+        );
     }
 
     /// (sum, count, buckets) as read now; a scrape racing observations may see a count one
     /// ahead of the buckets, as any lock-free exposition can.
     fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let cells = &self.0.cells;
         let buckets = self
             .0
             .bounds
             .iter()
-            .zip(&self.0.counts)
-            .map(|(b, c)| (*b, c.load(Ordering::Relaxed)))
+            .enumerate()
+            .map(|(i, b)| (*b, cells.sum(i)))
             .collect();
-        (
-            f64::from_bits(self.0.sum.load(Ordering::Relaxed)),
-            self.0.count.load(Ordering::Relaxed),
-            buckets,
-        )
+        let sum = cells.fold(self.sum_cell(), 0.0, |acc, bits| acc + f64::from_bits(bits));
+        (sum, cells.sum(self.count_cell()), buckets)
     }
 }
 

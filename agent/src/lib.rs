@@ -20,6 +20,7 @@ pub mod prewarm;
 #[cfg(test)]
 mod proptests;
 pub mod server;
+pub mod striped;
 pub mod token;
 pub mod upstream;
 

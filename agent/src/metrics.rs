@@ -18,7 +18,7 @@ use crate::histogram::AtomicHistogram;
 /// counters (`pod_identity_http_response`, not `..._total`): OpenMetrics counters must end in
 /// `_total`, so it is typed `unknown`, which keeps the name. PromQL's `rate()` works the same.
 #[derive(Debug, Default, Clone)]
-pub struct ReferenceCounter(Counter);
+pub struct ReferenceCounter(crate::striped::Counter);
 
 impl ReferenceCounter {
     /// Adds one.
@@ -190,7 +190,7 @@ pub struct Metrics {
     /// 1 for the active mode.
     pub mode: Family<ModeLabel, Gauge>,
     /// Requests by listener and kernel attribution outcome.
-    pub attribution: Family<AttributionLabels, Counter>,
+    pub attribution: Family<AttributionLabels, crate::striped::Counter>,
     /// Requests refused because their pod was over its budget.
     pub admission_rejected: Family<ListenerLabel, Counter>,
     /// Connections that ended without a well-formed exchange, by kind.
@@ -200,7 +200,7 @@ pub struct Metrics {
     /// Cache entries (set at scrape time).
     pub cache_entries: Gauge<u64, AtomicU64>,
     /// Request-path cache results.
-    pub cache_requests: Family<ResultLabel, Counter>,
+    pub cache_requests: Family<ResultLabel, crate::striped::Counter>,
     /// Evictions by reason.
     pub cache_evictions: Family<EvictionLabel, Counter>,
     /// EKS Auth calls by purpose, outcome and code.
@@ -242,8 +242,8 @@ pub struct Metrics {
 #[derive(Debug, Default)]
 struct Hot {
     ok: OnceLock<(ReferenceCounter, AtomicHistogram)>,
-    hit: OnceLock<(ReferenceCounter, Counter)>,
-    attributed: OnceLock<Counter>,
+    hit: OnceLock<(ReferenceCounter, crate::striped::Counter)>,
+    attributed: OnceLock<crate::striped::Counter>,
 }
 
 fn register<M: prometheus_client::registry::Metric + TypedMetric>(

@@ -302,7 +302,7 @@ fn repeat(
         }
         admitted
     };
-    let result = match memo.repeat(authorization, now, token::epoch_secs() as i64, admit)? {
+    let result = match memo.repeat(authorization, now, || token::epoch_secs() as i64, admit)? {
         Repeated::Answer(body) => Ok(body),
         Repeated::OverBudget => Err(over_budget(state, caller)),
     };

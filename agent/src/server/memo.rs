@@ -141,15 +141,16 @@ impl ConnMemo {
 
     /// The last answer again, for a request presenting the same token (`header`) while
     /// everything the full path would check still says what it said then: the pod's cgroup
-    /// is within its recheck, the token within its window at `epoch`, the cache's credentials
-    /// the same and fresh at `now`. Then `admit` charges the pod's budget (by its uid; with
+    /// is within its recheck, the token within its window, the cache's credentials
+    /// the same and fresh at `now` (`epoch` reads the wall clock, only when it is needed).
+    /// Then `admit` charges the pod's budget (by its uid; with
     /// the hit, so the cache can count it) and decides; `None` (nothing charged) sends the
     /// request down the full path, which gives each refusal its own answer.
     pub fn repeat(
         &self,
         header: Option<&HeaderValue>,
         now: Instant,
-        epoch: i64,
+        epoch: impl FnOnce() -> i64,
         admit: impl FnOnce(&str, &Held) -> bool,
     ) -> Option<Repeated> {
         let mut memo = self.lock();
@@ -163,7 +164,7 @@ impl ConnMemo {
         };
         let same_token = header.is_some_and(|h| h.as_bytes() == parsed.token.as_bytes());
         if !same_token
-            || parsed.facts.check_window(epoch).is_err()
+            || parsed.facts.check_window(epoch()).is_err()
             || !repeat.held.holds(tokio::time::Instant::from_std(now))
         {
             return None;
