@@ -9,6 +9,7 @@ use http_body_util::Full;
 
 use super::memo::{ConnMemo, Repeated};
 use super::State;
+use crate::admission::Kept;
 use crate::attribution::{Caller, Identity, Outcome, UnattributedPolicy, RECHECK_AFTER};
 use crate::cache::{CacheError, Found, Held, Lookup, Waiting};
 use crate::config::{CREDENTIAL_V4, CREDENTIAL_V6};
@@ -293,8 +294,8 @@ fn repeat(
     let Caller::Pod(_) = caller else {
         return None;
     };
-    let admit = |uid: &str, held: &Held| {
-        let admitted = state.admission.admit(uid);
+    let admit = |uid: &str, kept: &mut Kept, held: &Held| {
+        let admitted = state.admission.admit_kept(|| uid, kept);
         if admitted {
             state
                 .cache
@@ -427,10 +428,10 @@ fn check(
 ) -> Result<Checked, RequestError> {
     // Who is calling, per the kernel, before the token is even looked at.
     let identity = identify(state, caller, memo, started)?;
-    let admitted = match &identity {
-        Identity::Pod { uid, .. } => state.admission.admit(uid),
-        Identity::Peer(ip) => state.admission.admit(&ip.to_string()),
-    };
+    let admitted = memo.admit(|kept| match &identity {
+        Identity::Pod { uid, .. } => state.admission.admit_kept(|| uid.clone(), kept),
+        Identity::Peer(ip) => state.admission.admit_kept(|| ip.to_string(), kept),
+    });
     if !admitted {
         return Err(over_budget(state, caller));
     }

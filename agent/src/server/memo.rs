@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::HeaderValue;
 
+use crate::admission::Kept;
 use crate::attribution::PodCgroup;
 use crate::cache::{Held, Key, Subject};
 use crate::credentials::Credentials;
@@ -30,6 +31,8 @@ struct Memo {
     token: Option<Parsed>,
     key: Option<MadeKey>,
     repeat: Option<Repeat>,
+    /// The caller's request budget.
+    budget: Kept,
 }
 
 /// The connection's last fresh hit, for the token the memo holds: what its next requests,
@@ -129,6 +132,11 @@ impl ConnMemo {
         Ok(parsed)
     }
 
+    /// `admit` with the caller's budget as the connection keeps it.
+    pub fn admit(&self, admit: impl FnOnce(&mut Kept) -> bool) -> bool {
+        admit(&mut self.lock().budget)
+    }
+
     /// Keeps a fresh hit of the memo's token (`held`, `creds`) to answer the connection's
     /// next requests with.
     pub fn remember(&self, held: Held, creds: Arc<Credentials>) {
@@ -143,19 +151,23 @@ impl ConnMemo {
     /// everything the full path would check still says what it said then: the pod's cgroup
     /// is within its recheck, the token within its window, the cache's credentials
     /// the same and fresh at `now` (`epoch` reads the wall clock, only when it is needed).
-    /// Then `admit` charges the pod's budget (by its uid; with
-    /// the hit, so the cache can count it) and decides; `None` (nothing charged) sends the
+    /// Then `admit` charges the pod's budget (its uid, the kept
+    /// bucket; with the hit, so the cache can count it) and decides; `None` (nothing charged) sends the
     /// request down the full path, which gives each refusal its own answer.
     pub fn repeat(
         &self,
         header: Option<&HeaderValue>,
         now: Instant,
         epoch: impl FnOnce() -> i64,
-        admit: impl FnOnce(&str, &Held) -> bool,
+        admit: impl FnOnce(&str, &mut Kept, &Held) -> bool,
     ) -> Option<Repeated> {
         let mut memo = self.lock();
         let Memo {
-            pod, token, repeat, ..
+            pod,
+            token,
+            repeat,
+            budget,
+            ..
         } = &mut *memo;
         let (repeat, parsed) = (repeat.as_mut()?, token.as_ref()?);
         let uid = match pod {
@@ -169,7 +181,7 @@ impl ConnMemo {
         {
             return None;
         }
-        if !admit(uid, &repeat.held) {
+        if !admit(uid, budget, &repeat.held) {
             return Some(Repeated::OverBudget);
         }
         let creds = &repeat.creds;
