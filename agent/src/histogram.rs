@@ -22,7 +22,8 @@ pub struct AtomicHistogram(Arc<Inner>);
 struct Inner {
     /// Upper bounds, ascending; the last is `+Inf`.
     bounds: Vec<f64>,
-    /// Observations per bucket (not cumulative), then the count, then the sum's `f64` bits.
+    /// Observations per bucket (not cumulative; the count is their sum), then the sum's
+    /// `f64` bits.
     cells: Cells,
 }
 
@@ -30,16 +31,12 @@ impl AtomicHistogram {
     /// A histogram with these upper bounds (ascending) and `+Inf`.
     pub fn new(bounds: impl IntoIterator<Item = f64>) -> Self {
         let bounds: Vec<f64> = bounds.into_iter().chain([f64::INFINITY]).collect();
-        let cells = Cells::new(bounds.len() + 2);
+        let cells = Cells::new(bounds.len() + 1);
         Self(Arc::new(Inner { bounds, cells }))
     }
 
-    fn count_cell(&self) -> usize {
-        self.0.bounds.len()
-    }
-
     fn sum_cell(&self) -> usize {
-        self.0.bounds.len() + 1
+        self.0.bounds.len()
     }
 
     /// Counts `v` in the first bucket whose bound is at least `v` (NaN in `+Inf`).
@@ -52,7 +49,6 @@ impl AtomicHistogram {
             .unwrap_or(self.0.bounds.len() - 1);
         let cells = &self.0.cells;
         cells.add(i, 1);
-        cells.add(self.count_cell(), 1);
         // Only this thread writes its stripe's sum: the update never retries in practice.
         let _ = cells.mine(self.sum_cell()).fetch_update(
             Ordering::Relaxed,
@@ -61,19 +57,20 @@ impl AtomicHistogram {
         );
     }
 
-    /// (sum, count, buckets) as read now; a scrape racing observations may see a count one
-    /// ahead of the buckets, as any lock-free exposition can.
+    /// (sum, count, buckets) as read now; a scrape racing observations may see a sum one
+    /// observation ahead of the buckets, as any lock-free exposition can.
     fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
         let cells = &self.0.cells;
-        let buckets = self
+        let buckets: Vec<(f64, u64)> = self
             .0
             .bounds
             .iter()
             .enumerate()
             .map(|(i, b)| (*b, cells.sum(i)))
             .collect();
+        let count = buckets.iter().map(|(_, n)| n).sum();
         let sum = cells.fold(self.sum_cell(), 0.0, |acc, bits| acc + f64::from_bits(bits));
-        (sum, cells.sum(self.count_cell()), buckets)
+        (sum, count, buckets)
     }
 }
 

@@ -5,6 +5,7 @@
 //! thread adds to its own stripe, a cache line no other running thread writes, and a scrape
 //! adds the stripes up.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 
@@ -26,13 +27,21 @@ static STRIPES: LazyLock<usize> = LazyLock::new(|| {
     (2 * cpus).next_power_of_two().clamp(4, 256)
 });
 
-/// The calling thread's stripe: threads take the next one as they first count.
+/// The calling thread's stripe: threads take the next one as they first count. A `const`
+/// thread-local (no lazy-init state to check on every count), taken on first use.
 fn stripe() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
-        static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % *STRIPES;
+        static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
     }
-    STRIPE.with(|s| *s)
+    STRIPE.with(|s| match s.get() {
+        usize::MAX => {
+            let taken = NEXT.fetch_add(1, Ordering::Relaxed) % *STRIPES;
+            s.set(taken);
+            taken
+        }
+        taken => taken,
+    })
 }
 
 /// `width` u64 cells, one copy per stripe; clones share them.

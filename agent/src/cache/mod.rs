@@ -166,6 +166,9 @@ pub enum Found {
     Waiting(Waiting),
 }
 
+/// The last-use stamp's resolution (it counts milliseconds).
+const STAMP_EVERY: Duration = Duration::from_millis(1);
+
 /// Where a lookup ends once the entry's lock is given back.
 enum Step {
     /// Fresh credentials, and the entry's generation and their freshness for [`Held`].
@@ -186,6 +189,8 @@ pub struct Held {
     slot: Arc<Slot>,
     generation: u64,
     fresh_until: Instant,
+    /// When the entry's last-use stamp (ms) is next due: not worked out on every repeat.
+    next_stamp: Instant,
 }
 
 impl Held {
@@ -590,6 +595,7 @@ impl Cache {
                     slot,
                     generation,
                     fresh_until,
+                    next_stamp: now + STAMP_EVERY,
                 }),
             ),
             Step::Wait(rx) => Found::Waiting(Waiting(Wait::Call {
@@ -600,8 +606,11 @@ impl Cache {
     }
 
     /// A [`Held`] hit answered again at `now`: counted, and the entry's use stamped.
-    pub fn reused(&self, held: &Held, now: Instant) {
-        self.stamp(&held.slot, now);
+    pub fn reused(&self, held: &mut Held, now: Instant) {
+        if now >= held.next_stamp {
+            self.stamp(&held.slot, now);
+            held.next_stamp = now + STAMP_EVERY;
+        }
         self.metrics.count_cache_hit();
     }
 

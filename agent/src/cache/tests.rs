@@ -748,8 +748,22 @@ async fn held(c: &Arc<Cache>, l: Lookup) -> (Arc<Credentials>, Held) {
 async fn a_held_hit_ends_when_its_credentials_are_replaced_stale_or_evicted() {
     let (up, c) = bounded(1);
     // Replaced by the refresh ahead of expiry; stale (past the refresh point) before that.
-    let (first, h) = held(&c, lookup(pod("a"), "tok")).await;
+    let (first, mut h) = held(&c, lookup(pod("a"), "tok")).await;
     assert!(h.holds(Instant::now()));
+    // A repeat keeps the entry's last use current (the LRU's clock), a stamp a millisecond.
+    let used = || {
+        c.entries
+            .get(&pod("a"))
+            .unwrap()
+            .last_used
+            .load(Ordering::Relaxed)
+    };
+    let before = used();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    c.reused(&mut h, Instant::now());
+    assert_eq!(used(), before + 10);
+    c.reused(&mut h, Instant::now());
+    assert_eq!(used(), before + 10);
     let fresh_until = c
         .entries
         .get(&pod("a"))

@@ -294,7 +294,7 @@ fn repeat(
     let Caller::Pod(_) = caller else {
         return None;
     };
-    let admit = |uid: &str, kept: &mut Kept, held: &Held| {
+    let admit = |uid: &str, kept: &mut Kept, held: &mut Held| {
         let admitted = state.admission.admit_kept(|| uid, kept);
         if admitted {
             state

@@ -159,7 +159,7 @@ impl ConnMemo {
         header: Option<&HeaderValue>,
         now: Instant,
         epoch: impl FnOnce() -> i64,
-        admit: impl FnOnce(&str, &mut Kept, &Held) -> bool,
+        admit: impl FnOnce(&str, &mut Kept, &mut Held) -> bool,
     ) -> Option<Repeated> {
         let mut memo = self.lock();
         let Memo {
@@ -181,7 +181,7 @@ impl ConnMemo {
         {
             return None;
         }
-        if !admit(uid, budget, &repeat.held) {
+        if !admit(uid, budget, &mut repeat.held) {
             return Some(Repeated::OverBudget);
         }
         let creds = &repeat.creds;
