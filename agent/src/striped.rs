@@ -29,6 +29,7 @@ static STRIPES: LazyLock<usize> = LazyLock::new(|| {
 
 /// The calling thread's stripe: threads take the next one as they first count. A `const`
 /// thread-local (no lazy-init state to check on every count), taken on first use.
+#[inline]
 fn stripe() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
@@ -70,6 +71,7 @@ impl Cells {
     }
 
     /// Cell `i` of `stripe`.
+    #[inline]
     fn at(&self, stripe: usize, i: usize) -> &AtomicU64 {
         debug_assert!(i < self.0.width);
         let line = stripe * self.0.lines_per_stripe + i / PER_LINE;
@@ -77,11 +79,13 @@ impl Cells {
     }
 
     /// The calling thread's copy of cell `i`.
+    #[inline]
     pub fn mine(&self, i: usize) -> &AtomicU64 {
         self.at(stripe(), i)
     }
 
     /// Adds `v` to cell `i`.
+    #[inline]
     pub fn add(&self, i: usize, v: u64) {
         self.mine(i).fetch_add(v, Ordering::Relaxed);
     }
@@ -111,6 +115,7 @@ impl Default for Counter {
 
 impl Counter {
     /// Adds one.
+    #[inline]
     pub fn inc(&self) {
         self.0.add(0, 1);
     }
