@@ -149,11 +149,11 @@ impl ConnMemo {
 
     /// The last answer again, for a request presenting the same token (`header`) while
     /// everything the full path would check still says what it said then: the pod's cgroup
-    /// is within its recheck, the token within its window, the cache's credentials
-    /// the same and fresh at `now` (`epoch` reads the wall clock, only when it is needed).
-    /// Then `admit` charges the pod's budget (its uid, the kept
-    /// bucket; with the hit, so the cache can count it) and decides; `None` (nothing charged) sends the
-    /// request down the full path, which gives each refusal its own answer.
+    /// is within its recheck, the token within its window (`epoch` reads the wall clock, only
+    /// when it is needed), the cache's credentials the same and fresh at `now`. Then `admit`
+    /// charges the pod's budget (its uid, the kept bucket; with the hit, so the cache can
+    /// count it) and decides. `None` (nothing charged) sends the request down the full path,
+    /// which gives each refusal its own answer.
     pub fn repeat(
         &self,
         header: Option<&HeaderValue>,
