@@ -59,14 +59,9 @@ impl Admission {
         self.rate
     }
 
-    /// Takes one token from `key`'s bucket; false when it is empty.
-    pub fn admit(&self, key: &str) -> bool {
-        self.admit_kept(|| key, &mut Kept::default())
-    }
-
     /// Takes one token from the caller's bucket: the one in `kept` while the map still holds
     /// it, else `key`'s (then kept); false when it is empty.
-    pub fn admit_kept<K: AsRef<str>>(&self, key: impl FnOnce() -> K, kept: &mut Kept) -> bool {
+    pub fn admit<K: AsRef<str>>(&self, key: impl FnOnce() -> K, kept: &mut Kept) -> bool {
         if self.rate <= 0.0 {
             return true;
         }
@@ -116,11 +111,16 @@ mod tests {
     #[test]
     fn each_caller_has_its_own_budget() {
         let a = Admission::new(1.0, 5.0);
-        let admitted = (0..20).filter(|_| a.admit("flooder")).count();
+        let admitted = (0..20)
+            .filter(|_| a.admit(|| "flooder", &mut Kept::default()))
+            .count();
         assert_eq!(admitted, 5, "the burst, then nothing until tokens refill");
-        assert!(a.admit("quiet"), "another caller is unaffected");
+        assert!(
+            a.admit(|| "quiet", &mut Kept::default()),
+            "another caller is unaffected"
+        );
         let unlimited = Admission::new(0.0, 1.0);
-        assert!((0..1000).all(|_| unlimited.admit("x")));
+        assert!((0..1000).all(|_| unlimited.admit(|| "x", &mut Kept::default())));
     }
 
     #[tokio::test(start_paused = true)]
@@ -128,14 +128,14 @@ mod tests {
         let a = Admission::new(1.0, 3.0);
         let (mut one, mut two) = (Kept::default(), Kept::default());
         // Two connections of one pod draw on one bucket.
-        assert!(a.admit_kept(|| "pod", &mut one));
-        assert!(a.admit_kept(|| "pod", &mut two));
-        assert!(a.admit_kept(|| "pod", &mut one));
+        assert!(a.admit(|| "pod", &mut one));
+        assert!(a.admit(|| "pod", &mut two));
+        assert!(a.admit(|| "pod", &mut one));
         assert!(
-            !a.admit_kept(|| "pod", &mut two),
+            !a.admit(|| "pod", &mut two),
             "the pod's burst of 3 is spent"
         );
-        assert!(!a.admit("pod"));
+        assert!(!a.admit(|| "pod", &mut Kept::default()));
         // Idle and full: pruned once the map is over its bound; the kept bucket is dropped
         // with it, and the connection charges the pod's new one, shared with new connections.
         tokio::time::advance(Duration::from_secs(10)).await;
@@ -146,11 +146,8 @@ mod tests {
         a.budget("trigger");
         assert!(!a.buckets.contains_key("pod"), "pruned");
         assert!(one.0.as_ref().unwrap().forgotten.load(Ordering::Acquire));
-        assert!((0..3).all(|_| a.admit_kept(|| "pod", &mut one)));
-        assert!(
-            !a.admit_kept(|| "pod", &mut two),
-            "one bucket for the pod again"
-        );
+        assert!((0..3).all(|_| a.admit(|| "pod", &mut one)));
+        assert!(!a.admit(|| "pod", &mut two), "one bucket for the pod again");
         assert!(Arc::ptr_eq(
             one.0.as_ref().unwrap(),
             two.0.as_ref().unwrap()

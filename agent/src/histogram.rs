@@ -2,9 +2,9 @@
 //! writes. prometheus-client's `Histogram` keeps its buckets behind a mutex; every credential
 //! request observes its latency, from every worker thread, and on the keep-alive path that
 //! lock, and then the shared atomics that replaced it, were among the few things the agent
-//! did per request that a bare server does not. Buckets, count and sum are per-thread
-//! [`Cells`] here, added up at scrape; the exposition is prometheus-client's own
-//! (`encode_histogram`).
+//! did per request that a bare server does not. Buckets and sum are per-thread [`Cells`]
+//! here (the count is the buckets' sum), added up at scrape; the exposition is
+//! prometheus-client's own (`encode_histogram`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -45,12 +45,9 @@ fn stripe() -> usize {
     })
 }
 
-/// `width` u64 cells, one copy per stripe; clones share them.
-#[derive(Debug, Clone)]
-pub struct Cells(Arc<CellsInner>);
-
+/// `width` u64 cells, one copy per stripe.
 #[derive(Debug)]
-struct CellsInner {
+pub struct Cells {
     lines: Box<[Line]>,
     width: usize,
     lines_per_stripe: usize,
@@ -63,19 +60,19 @@ impl Cells {
         let lines = (0..lines_per_stripe * *STRIPES)
             .map(|_| Line::default())
             .collect();
-        Self(Arc::new(CellsInner {
+        Self {
             lines,
             width,
             lines_per_stripe,
-        }))
+        }
     }
 
     /// Cell `i` of `stripe`.
     #[inline]
     fn at(&self, stripe: usize, i: usize) -> &AtomicU64 {
-        debug_assert!(i < self.0.width);
-        let line = stripe * self.0.lines_per_stripe + i / PER_LINE;
-        &self.0.lines[line].0[i % PER_LINE]
+        debug_assert!(i < self.width);
+        let line = stripe * self.lines_per_stripe + i / PER_LINE;
+        &self.lines[line].0[i % PER_LINE]
     }
 
     /// The calling thread's copy of cell `i`.
@@ -103,13 +100,14 @@ impl Cells {
     }
 }
 
-/// A monotonic counter over [`Cells`], exposed as prometheus-client's `Counter` is.
+/// A monotonic counter over [`Cells`], exposed as prometheus-client's `Counter` is; clones
+/// share the count.
 #[derive(Debug, Clone)]
-pub struct Counter(Cells);
+pub struct Counter(Arc<Cells>);
 
 impl Default for Counter {
     fn default() -> Self {
-        Self(Cells::new(1))
+        Self(Arc::new(Cells::new(1)))
     }
 }
 
@@ -118,11 +116,6 @@ impl Counter {
     #[inline]
     pub fn inc(&self) {
         self.0.add(0, 1);
-    }
-
-    /// Adds `v`.
-    pub fn inc_by(&self, v: u64) {
-        self.0.add(0, v);
     }
 
     /// The count so far.
@@ -160,8 +153,6 @@ mod tests {
             .collect();
         threads.into_iter().for_each(|t| t.join().unwrap());
         assert_eq!(c.get(), 80_000);
-        c.inc_by(5);
-        assert_eq!(c.get(), 80_005);
     }
 
     #[test]
@@ -179,7 +170,7 @@ mod tests {
     #[test]
     fn wide_cells_keep_each_stripe_in_its_own_lines() {
         let cells = Cells::new(21);
-        assert_eq!(cells.0.lines_per_stripe, 2);
+        assert_eq!(cells.lines_per_stripe, 2);
         let a = cells.at(0, 20) as *const AtomicU64 as usize;
         let b = cells.at(1, 0) as *const AtomicU64 as usize;
         assert!(

@@ -295,7 +295,7 @@ fn repeat(
         return None;
     };
     let admit = |uid: &str, kept: &mut Kept, held: &mut Held| {
-        let admitted = state.admission.admit_kept(|| uid, kept);
+        let admitted = state.admission.admit(|| uid, kept);
         if admitted {
             state
                 .cache
@@ -429,8 +429,8 @@ fn check(
     // Who is calling, per the kernel, before the token is even looked at.
     let identity = identify(state, caller, memo, started)?;
     let admitted = memo.admit(|kept| match &identity {
-        Identity::Pod { uid, .. } => state.admission.admit_kept(|| uid.clone(), kept),
-        Identity::Peer(ip) => state.admission.admit_kept(|| ip.to_string(), kept),
+        Identity::Pod { uid, .. } => state.admission.admit(|| uid.clone(), kept),
+        Identity::Peer(ip) => state.admission.admit(|| ip.to_string(), kept),
     });
     if !admitted {
         return Err(over_budget(state, caller));
